@@ -1,0 +1,658 @@
+"""Candidate detection: PSF-matched-filter S/N maps, segmentation, candidate tables.
+
+Detection on a difference image uses the optimal point-source statistic: at
+every pixel the PSF-weighted flux estimate and its error,
+
+    F = corr(D / V, P),   W = corr(1 / V, P**2),
+    flux = F / W,   flux_err = 1 / sqrt(W),   snr = F / sqrt(W),
+
+with ``P`` the (unit-sum) PSF and masked pixels given zero weight.  The S/N
+map is thresholded (default 5) and segmented with photutils; each segment's
+S/N peak, refined to sub-pixel precision, is one candidate.  The same
+statistic on ``-D`` finds negative footprints: a positive candidate with one
+nearby is flagged ``DIPOLE`` (the signature of misregistration or PSF
+mismatch), the negative ones themselves are not reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import warnings
+
+import numpy as np
+from astropy.table import Table
+from astropy.wcs import WCS
+from scipy import ndimage, signal
+
+from dia.masks import BAD_FOR_FIT, MaskBits
+
+__all__ = [
+    "DetectConfig",
+    "CandidateFlags",
+    "CandidateTable",
+    "CANDIDATE_COLUMNS",
+    "PsfFilterResult",
+    "gaussian_psf",
+    "psf_filter",
+    "find_peaks",
+    "detect_difference",
+    "forced_psf_photometry",
+    "psf_aperture_correction",
+    "bright_isolated_stars",
+    "aperture_fluxes",
+    "estimate_background",
+    "DirectDetectConfig",
+    "detect_direct",
+]
+
+
+class CandidateFlags(enum.IntFlag):
+    """Bit flags of the ``flags`` column of a candidate table."""
+
+    DIPOLE = 1
+    """A significant negative footprint lies within ``dipole_radius`` FWHM."""
+    MASKED = 2
+    """The candidate's central pixel (or its 3x3 core) is masked in some input."""
+    EDGE = 4
+    """Within ``edge`` pixels of the image border or of missing data: the stamp is incomplete."""
+    SATURATED = 8
+    """A saturated pixel lies within the PSF footprint."""
+    CONVOLVED = 16
+    """A masked pixel reached the candidate through the PSF-matching kernel."""
+
+
+#: name -> (dtype, unit, description) of every column a candidate table may carry.
+CANDIDATE_COLUMNS: dict[str, tuple[str, str, str]] = {
+    "ccd": ("U32", "", "CCD pair identifier"),
+    "id": ("i8", "", "candidate number within the CCD"),
+    "x": ("f8", "pix", "x position on the search grid (0-based)"),
+    "y": ("f8", "pix", "y position on the search grid (0-based)"),
+    "ra": ("f8", "deg", "right ascension (ICRS)"),
+    "dec": ("f8", "deg", "declination (ICRS)"),
+    "flux": ("f8", "adu", "PSF flux on the search image's photometric scale"),
+    "flux_err": ("f8", "adu", "1-sigma error of flux"),
+    "snr": ("f8", "", "PSF-matched-filter signal-to-noise"),
+    "flags": ("i4", "", "CandidateFlags bits"),
+    "score": ("f4", "", "CNN probability of being real (NaN before scoring)"),
+    "mode": ("U8", "", "pipeline mode: dia or direct"),
+    "model": ("U32", "", "CNN model name"),
+    "truth_id": ("i8", "", "matched truth object id (-1 none)"),
+    "truth_kind": ("U16", "", "matched truth object kind ('' none)"),
+    "truth_mag": ("f8", "mag", "matched truth magnitude (NaN none)"),
+    "truth_sep": ("f8", "pix", "distance to the matched truth object"),
+}
+
+
+class CandidateTable(Table):
+    """An :class:`astropy.table.Table` of candidates with the columns of :data:`CANDIDATE_COLUMNS`.
+
+    Units and descriptions are attached to every known column.
+    """
+
+    @classmethod
+    def from_columns(cls, **columns) -> "CandidateTable":
+        """Build a table from 1-D arrays, in the documented column order."""
+        n = {len(np.atleast_1d(v)) for v in columns.values()}
+        if len(n) > 1:
+            raise ValueError(f"candidate columns differ in length: { {k: len(np.atleast_1d(v)) for k, v in columns.items()} }")
+        order = [c for c in CANDIDATE_COLUMNS if c in columns] + [c for c in columns if c not in CANDIDATE_COLUMNS]
+        table = cls()
+        for name in order:
+            dtype, unit, desc = CANDIDATE_COLUMNS.get(name, (None, "", ""))
+            data = np.atleast_1d(np.asarray(columns[name], dtype=dtype))
+            table[name] = data
+            table[name].description = desc
+            if unit:
+                table[name].unit = unit
+        return table
+
+    @classmethod
+    def empty(cls, names=("ccd", "id", "x", "y", "ra", "dec", "flux", "flux_err", "snr", "flags")) -> "CandidateTable":
+        """An empty table with the given documented columns."""
+        return cls.from_columns(**{n: np.zeros(0, dtype=CANDIDATE_COLUMNS[n][0]) for n in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectConfig:
+    """Parameters of candidate detection on a difference image.
+
+    Attributes
+    ----------
+    threshold : float
+        Detection threshold on the PSF-matched-filter S/N (default 5).
+    n_pixels : int
+        Minimum number of connected pixels above threshold in the S/N map (default 3;
+        the matched filter already integrates over the PSF).
+    negative_threshold : float
+        S/N threshold for negative footprints used in the dipole flag (default 5).
+    dipole_radius : float
+        A negative footprint within this many FWHM of a positive candidate flags it DIPOLE (default 1.5).
+    edge : int
+        Candidates closer than this to the border or to no-data pixels are flagged EDGE
+        (default 25: half a 51-pixel stamp).
+    psf_radius : float
+        Half-width of the Gaussian detection kernel in FWHM (default 1.5).
+    max_candidates : int
+        At most this many candidates per image, the highest S/N kept (default 5000), a guard
+        against a pathological image flooding the classifier.
+    """
+
+    threshold: float = 5.0
+    n_pixels: int = 3
+    negative_threshold: float = 5.0
+    dipole_radius: float = 1.5
+    edge: int = 25
+    psf_radius: float = 1.5
+    max_candidates: int = 5000
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "negative_threshold", "dipole_radius", "psf_radius"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"DetectConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.n_pixels < 1 or self.max_candidates < 1 or self.edge < 0:
+            raise ValueError("DetectConfig.n_pixels and max_candidates must be >= 1 and edge >= 0")
+
+
+def gaussian_psf(fwhm: float, radius_fwhm: float = 1.5) -> np.ndarray:
+    """Unit-sum circular Gaussian PSF image of the given FWHM (pixels)."""
+    if not np.isfinite(fwhm) or fwhm <= 0:
+        raise ValueError(f"PSF FWHM must be a positive number of pixels, got {fwhm}")
+    sigma = fwhm / 2.3548
+    r = max(2, int(np.ceil(radius_fwhm * fwhm)))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    psf = np.exp(-0.5 * (xx**2 + yy**2) / sigma**2)
+    return psf / psf.sum()
+
+
+@dataclasses.dataclass
+class PsfFilterResult:
+    """PSF-weighted flux, its error and S/N at every pixel."""
+
+    flux: np.ndarray
+    flux_err: np.ndarray
+    snr: np.ndarray
+
+
+def psf_filter(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, psf: np.ndarray,
+               bad_bits: int = int(BAD_FOR_FIT)) -> PsfFilterResult:
+    """Optimal PSF-fit flux of a point source centred at every pixel.
+
+    Pixels with ``mask & bad_bits`` or non-finite values get zero weight.
+
+    Parameters
+    ----------
+    image, variance : ndarray
+        Image (ADU) and variance (ADU^2).
+    mask : ndarray or None
+        Bit mask.
+    psf : ndarray
+        Unit-sum PSF image (odd size).
+    bad_bits : int
+        Mask bits that zero a pixel's weight.
+    """
+    good = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
+    if mask is not None:
+        good &= (mask & bad_bits) == 0
+    ivar = np.where(good, 1.0 / np.where(good, variance, 1.0), 0.0).astype(np.float32)
+    data = np.where(good, image, 0.0).astype(np.float32) * ivar
+    psf = psf.astype(np.float32)
+    num = signal.fftconvolve(data, psf[::-1, ::-1], mode="same")
+    den = signal.fftconvolve(ivar, (psf**2)[::-1, ::-1], mode="same")
+    ok = den > 1e-3 * np.median(den[den > 0]) if (den > 0).any() else den > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        flux = np.where(ok, num / den, 0.0)
+        err = np.where(ok, 1.0 / np.sqrt(np.where(ok, den, 1.0)), np.inf)
+        snr = np.where(ok, num / np.sqrt(np.where(ok, den, 1.0)), 0.0)
+    return PsfFilterResult(flux=flux.astype(np.float32), flux_err=err.astype(np.float32), snr=snr.astype(np.float32))
+
+
+def find_peaks(snr: np.ndarray, threshold: float, n_pixels: int, max_peaks: int | None = None,
+               min_separation: int = 0):
+    """Segment ``snr >= threshold`` with photutils and return each segment's sub-pixel peak.
+
+    With ``min_separation > 0`` every local maximum of the S/N map inside the
+    segments that is the highest within ``min_separation`` pixels is returned
+    instead (peaks on galaxies are resolved into separate candidates).
+
+    Returns
+    -------
+    x, y : ndarray
+        Peak positions refined by a 3-point parabola in each axis.
+    peak : ndarray
+        S/N at the peak pixel.
+    """
+    from photutils.segmentation import detect_sources
+
+    segm = detect_sources(snr, threshold, n_pixels=n_pixels)
+    if segm is None or segm.n_labels == 0:
+        e = np.zeros(0)
+        return e, e, e
+    if min_separation > 0:
+        # local maxima, computed only inside the bounding boxes of the segments
+        peaks = np.zeros(snr.shape, bool)
+        size = 2 * min_separation + 1
+        for sl in segm.slices:
+            if sl is None:
+                continue
+            grown = tuple(slice(max(0, a.start - min_separation), a.stop + min_separation) for a in sl)
+            sub = snr[grown]
+            local = (sub == ndimage.maximum_filter(sub, size=size, mode="nearest")) & (segm.data[grown] > 0)
+            peaks[grown] |= local
+        iy, ix = np.nonzero(peaks)
+    else:
+        # peak of each segment: sort only the (few) pixels above threshold by (label, -snr)
+        flat = np.flatnonzero(segm.data)
+        lab = segm.data.ravel()[flat]
+        order = np.lexsort((-snr.ravel()[flat], lab))
+        first = order[np.r_[True, lab[order][1:] != lab[order][:-1]]]
+        iy, ix = np.unravel_index(flat[first], snr.shape)
+    peak = snr[iy, ix]
+    if max_peaks is not None and peak.size > max_peaks:
+        keep = np.argsort(-peak)[:max_peaks]
+        iy, ix, peak = iy[keep], ix[keep], peak[keep]
+    ny, nx = snr.shape
+
+    xm = np.clip(ix - 1, 0, nx - 1); xp = np.clip(ix + 1, 0, nx - 1)
+    ym = np.clip(iy - 1, 0, ny - 1); yp = np.clip(iy + 1, 0, ny - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dx_den = snr[iy, xm] - 2 * peak + snr[iy, xp]
+        dy_den = snr[ym, ix] - 2 * peak + snr[yp, ix]
+        dx = np.where(dx_den < 0, 0.5 * (snr[iy, xm] - snr[iy, xp]) / dx_den, 0.0)
+        dy = np.where(dy_den < 0, 0.5 * (snr[ym, ix] - snr[yp, ix]) / dy_den, 0.0)
+    dx = np.clip(np.nan_to_num(dx), -0.5, 0.5)
+    dy = np.clip(np.nan_to_num(dy), -0.5, 0.5)
+    return ix + dx, iy + dy, peak
+
+
+def forced_psf_photometry(
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray | None,
+    x: np.ndarray,
+    y: np.ndarray,
+    fwhm: float,
+    radius_fwhm: float = 1.5,
+    bad_bits: int = int(BAD_FOR_FIT),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian-PSF-fit fluxes at fixed sub-pixel positions.
+
+    The model is a circular Gaussian of the given FWHM centred exactly on
+    ``(x, y)`` and normalised to unit integral, fitted with inverse-variance
+    weights inside ``radius_fwhm`` FWHM; masked pixels get zero weight.
+
+    Returns
+    -------
+    flux, flux_err : ndarray
+        Fluxes (ADU) and 1-sigma errors; NaN where no pixel was usable.
+    """
+    x = np.atleast_1d(np.asarray(x, float))
+    y = np.atleast_1d(np.asarray(y, float))
+    if x.size == 0:
+        return np.zeros(0), np.zeros(0)
+    from pipeline.stamps import cut_stamps
+
+    r = max(2, int(np.ceil(radius_fwhm * fwhm)))
+    size = 2 * r + 1
+    planes = {"image": image, "variance": variance}
+    cut = cut_stamps(planes, {"image": mask} if mask is not None else None, x, y, size=size)
+    data, var = cut.data[:, 0].astype(np.float64), cut.data[:, 1].astype(np.float64)
+    good = np.isfinite(data) & np.isfinite(var) & (var > 0) & ((cut.mask[:, 0] & bad_bits) == 0)
+    sigma = fwhm / 2.3548
+    offs = np.arange(-r, r + 1)
+    dx = offs[None, None, :] - (x - cut.x)[:, None, None]
+    dy = offs[None, :, None] - (y - cut.y)[:, None, None]
+    psf = np.exp(-0.5 * (dx**2 + dy**2) / sigma**2) / (2 * np.pi * sigma**2)
+    w = np.where(good, 1.0 / np.where(good, var, 1.0), 0.0)
+    num = (psf * np.where(good, data, 0.0) * w).sum(axis=(1, 2))
+    den = (psf**2 * w).sum(axis=(1, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        flux = np.where(den > 0, num / den, np.nan)
+        err = np.where(den > 0, 1.0 / np.sqrt(den), np.nan)
+    return flux, err
+
+
+def bright_isolated_stars(
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray,
+    fwhm: float,
+    *,
+    min_snr: float = 100.0,
+    isolation: float = 12.0,
+    max_stars: int = 400,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of bright, unmasked point-like peaks with no neighbour within ``isolation`` FWHM.
+
+    ``image`` must be background-subtracted.
+    """
+    psf = gaussian_psf(fwhm)
+    filt = psf_filter(image, variance, mask, psf)
+    x, y, _ = find_peaks(filt.snr, min_snr, 3, max_peaks=max_stars)
+    if x.size == 0:
+        return x, y
+    reach = 0.5 * isolation * fwhm
+    ny, nx = image.shape
+    inside = (x > reach) & (x < nx - reach) & (y > reach) & (y < ny - reach)
+    bad = _near_mask(mask, int(BAD_FOR_FIT), int(np.ceil(reach)))
+    ix = np.clip(np.rint(x).astype(int), 0, nx - 1)
+    iy = np.clip(np.rint(y).astype(int), 0, ny - 1)
+    ok = inside & ~bad[iy, ix]
+    if x.size > 1:
+        from scipy.spatial import cKDTree
+
+        d, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([x, y]), k=2)
+        ok &= d[:, 1] > isolation * fwhm
+    return x[ok], y[ok]
+
+
+def aperture_fluxes(image, variance, mask, x, y, radius, *, annulus: tuple[float, float] | None = None):
+    """Aperture sums (and errors) at positions; optional local background from an annulus.
+
+    Returns
+    -------
+    flux, flux_err, bad : ndarray
+        Background-subtracted aperture flux, its error, and whether a flagged pixel is in the aperture.
+    """
+    from photutils.aperture import CircularAnnulus, CircularAperture, aperture_photometry
+
+    x = np.atleast_1d(np.asarray(x, float))
+    y = np.atleast_1d(np.asarray(y, float))
+    if x.size == 0:
+        e = np.zeros(0)
+        return e, e, e.astype(bool)
+    pos = np.column_stack([x, y])
+    ap = CircularAperture(pos, r=radius)
+    flagged = ((mask & int(BAD_FOR_FIT)) != 0).astype(np.float32)
+    tab = aperture_photometry(np.nan_to_num(image), ap, error=np.sqrt(np.clip(variance, 0, None)))
+    bad = np.asarray(aperture_photometry(flagged, ap, method="center")["aperture_sum"]) > 0
+    flux = np.asarray(tab["aperture_sum"], float)
+    err = np.asarray(tab["aperture_sum_err"], float)
+    if annulus is not None:
+        ann = CircularAnnulus(pos, r_in=annulus[0], r_out=annulus[1])
+        bkg = np.asarray(aperture_photometry(np.nan_to_num(image), ann)["aperture_sum"]) / ann.area
+        flux = flux - bkg * ap.area
+    return flux, err, bad
+
+
+def psf_aperture_correction(
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray,
+    fwhm: float,
+    *,
+    radius: float | None = None,
+    min_snr: float = 100.0,
+    total_fwhm: float = 3.0,
+    min_stars: int = 5,
+) -> tuple[float, int]:
+    """Ratio of total (large-aperture) flux to a smaller flux measure, from bright isolated stars.
+
+    Real PSFs have wings a Gaussian model or a small aperture misses;
+    multiplying by this ratio puts fluxes on a total-flux scale (the classic
+    aperture correction).  With ``radius=None`` the smaller measure is the
+    Gaussian-PSF fit of :func:`forced_psf_photometry`; otherwise an aperture
+    of that radius.  Measure it on a background-subtracted image with the
+    same PSF as the one being photometered.
+
+    Returns
+    -------
+    correction : float
+        Median ratio (1.0 if fewer than ``min_stars`` usable stars).
+    n_stars : int
+        Stars used.
+    """
+    rad = total_fwhm * fwhm
+    x, y = bright_isolated_stars(image, variance, mask, fwhm, min_snr=min_snr, isolation=4 * total_fwhm)
+    if x.size < min_stars:
+        return 1.0, int(x.size)
+    annulus = (rad + 2, rad + 2 + 2 * fwhm)
+    total, _, _ = aperture_fluxes(image, variance, mask, x, y, rad, annulus=annulus)
+    if radius is None:
+        small, _ = forced_psf_photometry(image, variance, mask, x, y, fwhm)
+    else:
+        small, _, _ = aperture_fluxes(image, variance, mask, x, y, radius, annulus=annulus)
+    ratio = total / small
+    ratio = ratio[np.isfinite(ratio) & (ratio > 0.5) & (ratio < 2.0)]
+    if ratio.size < min_stars:
+        return 1.0, int(ratio.size)
+    return float(np.median(ratio)), int(ratio.size)
+
+
+def estimate_background(image: np.ndarray, mask: np.ndarray | None = None, cell: int = 128) -> np.ndarray:
+    """Smooth sky background: sigma-clipped medians in ``cell`` x ``cell`` boxes, bilinearly interpolated."""
+    ny, nx = image.shape
+    cy, cx = max(1, ny // cell), max(1, nx // cell)
+    hy, hx = ny // cy, nx // cx
+    data = np.where(np.isfinite(image), image, np.nan).astype(np.float32)
+    if mask is not None:
+        data = np.where((mask & int(BAD_FOR_FIT)) != 0, np.nan, data)
+    step = 2 if min(hy, hx) >= 32 else 1  # every other pixel is plenty for a median
+    boxes = data[: cy * hy, : cx * hx].reshape(cy, hy, cx, hx)[:, ::step, :, ::step]
+    boxes = boxes.transpose(0, 2, 1, 3).reshape(cy, cx, -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(boxes, axis=2)
+        mad = 1.4826 * np.nanmedian(np.abs(boxes - med[..., None]), axis=2)
+        clipped = np.where(np.abs(boxes - med[..., None]) <= 3 * mad[..., None], boxes, np.nan)
+        grid = np.nanmedian(clipped, axis=2)
+    if not np.isfinite(grid).any():
+        return np.zeros_like(image, dtype=np.float32)
+    grid = np.where(np.isfinite(grid), grid, np.nanmedian(grid))
+    grid = ndimage.median_filter(grid, size=3, mode="nearest") if min(cy, cx) >= 3 else grid
+    # bilinear interpolation from box centres to every pixel
+    yc = (np.arange(cy) + 0.5) * hy - 0.5
+    xc = (np.arange(cx) + 0.5) * hx - 0.5
+    fy = np.clip(np.interp(np.arange(ny), yc, np.arange(cy)), 0, cy - 1)
+    fx = np.clip(np.interp(np.arange(nx), xc, np.arange(cx)), 0, cx - 1)
+    return ndimage.map_coordinates(grid, np.meshgrid(fy, fx, indexing="ij"), order=1, mode="nearest").astype(np.float32)
+
+
+def _near_mask(mask: np.ndarray, bits: int, radius: int) -> np.ndarray:
+    hit = (mask & bits) != 0
+    if radius > 0 and hit.any():
+        hit = ndimage.maximum_filter(hit, size=2 * radius + 1)
+    return hit
+
+
+def _edge_distance_ok(mask: np.ndarray, edge: int) -> np.ndarray:
+    """True where the pixel is at least ``edge`` px from the border and from NO_DATA."""
+    ny, nx = mask.shape
+    ok = np.zeros(mask.shape, bool)
+    if ny > 2 * edge and nx > 2 * edge:
+        ok[edge : ny - edge, edge : nx - edge] = True
+    nodata = (mask & int(MaskBits.NO_DATA)) != 0
+    if nodata.any() and edge > 0:
+        # distance transform on a coarse grid would do; the maximum filter is exact and fast enough
+        ok &= ~ndimage.maximum_filter(nodata, size=2 * edge + 1)
+    return ok
+
+
+def detect_difference(
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray,
+    fwhm: float,
+    wcs: WCS | None = None,
+    config: DetectConfig = DetectConfig(),
+    ccd: str = "",
+    aperture_correction: float = 1.0,
+) -> CandidateTable:
+    """Detect positive point-source candidates on a difference image.
+
+    Parameters
+    ----------
+    image, variance, mask : ndarray
+        Difference image (ADU, search scale), its variance and mask.
+    fwhm : float
+        PSF FWHM of the difference image in pixels (that of the wider PSF after matching).
+    wcs : astropy.wcs.WCS, optional
+        Search WCS for ``ra``/``dec`` (NaN without one).
+    config : DetectConfig
+        Thresholds and flag radii.
+    ccd : str
+        CCD identifier written into the ``ccd`` column.
+    aperture_correction : float
+        Factor from Gaussian-fit to total flux (:func:`psf_aperture_correction`).
+
+    Returns
+    -------
+    CandidateTable
+        One row per positive candidate, sorted by decreasing S/N.
+    """
+    psf = gaussian_psf(fwhm, config.psf_radius)
+    filt = psf_filter(image, variance, mask, psf)
+    x, y, peak = find_peaks(filt.snr, config.threshold, config.n_pixels, config.max_candidates)
+    nx_, ny_, _ = find_peaks(-filt.snr, config.negative_threshold, config.n_pixels)
+    ix = np.clip(np.rint(x).astype(int), 0, image.shape[1] - 1)
+    iy = np.clip(np.rint(y).astype(int), 0, image.shape[0] - 1)
+    flags = np.zeros(x.size, dtype=np.int32)
+    if nx_.size and x.size:
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(np.column_stack([nx_, ny_]))
+        dist, _ = tree.query(np.column_stack([x, y]), k=1)
+        flags[dist <= config.dipole_radius * fwhm] |= CandidateFlags.DIPOLE
+    core = max(1, int(round(0.5 * fwhm)))
+    if x.size:
+        flags[_near_mask(mask, int(BAD_FOR_FIT & ~MaskBits.SAT & ~MaskBits.EDGE), 1)[iy, ix]] |= CandidateFlags.MASKED
+        flags[_near_mask(mask, int(MaskBits.SAT), core + 1)[iy, ix]] |= CandidateFlags.SATURATED
+        flags[_near_mask(mask, int(MaskBits.CONVOLVED), 0)[iy, ix]] |= CandidateFlags.CONVOLVED
+        flags[~_edge_distance_ok(mask, config.edge)[iy, ix]] |= CandidateFlags.EDGE
+    if wcs is not None and x.size:
+        ra, dec = wcs.pixel_to_world_values(x, y)
+    else:
+        ra = dec = np.full(x.size, np.nan)
+    flux, flux_err = forced_psf_photometry(image, variance, mask, x, y, fwhm, config.psf_radius)
+    flux, flux_err = flux * aperture_correction, flux_err * aperture_correction
+    order = np.argsort(-peak, kind="stable")
+    return CandidateTable.from_columns(
+        ccd=np.full(x.size, str(ccd), dtype="U32")[order],
+        id=np.arange(x.size),
+        x=x[order], y=y[order], ra=np.asarray(ra)[order], dec=np.asarray(dec)[order],
+        flux=flux[order], flux_err=flux_err[order], snr=peak[order],
+        flags=flags[order],
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectDetectConfig:
+    """Parameters of candidate detection without a difference image (direct mode).
+
+    Candidates are local maxima of the search image's PSF-matched-filter S/N
+    (peaks on galaxies resolved separately) whose flux in a common sky
+    aperture rose significantly with respect to the template at the same sky
+    position (forced photometry through the WCS; no resampling, no PSF
+    matching, no difference image).  What survives is scored by the two-image CNN.
+
+    Attributes
+    ----------
+    threshold : float
+        S/N threshold of a search-image peak (default 5).
+    n_pixels : int
+        Minimum connected pixels above threshold (default 3).
+    min_separation_fwhm : float
+        Local maxima closer than this many search FWHM are merged (default 1.0).
+    brightening_sigma : float
+        Keep a peak when search minus scaled template aperture flux exceeds this many
+        sigma (default 3; the CNN does the rest).
+    aperture_fwhm : float
+        Aperture radius in units of the larger of the two FWHMs (default 1.0).
+    systematic : float
+        Fractional flux error added in quadrature to the comparison, for residual
+        aperture-correction and calibration errors (default 0.03).
+    background_cell : int
+        Box size of the sky background estimate in pixels (default 128).
+    edge : int
+        Edge distance below which candidates are flagged EDGE (default 25).
+    max_candidates : int
+        At most this many candidates, the most significant brightenings kept (default 5000).
+    """
+
+    threshold: float = 5.0
+    n_pixels: int = 3
+    min_separation_fwhm: float = 1.0
+    brightening_sigma: float = 3.0
+    aperture_fwhm: float = 1.0
+    systematic: float = 0.03
+    background_cell: int = 128
+    edge: int = 25
+    max_candidates: int = 5000
+
+
+def detect_direct(search, template, config: DirectDetectConfig = DirectDetectConfig(), ccd: str = "") -> CandidateTable:
+    """Find candidates without a difference image.
+
+    Parameters
+    ----------
+    search, template : pipeline.io.Exposure
+        The pair on their own pixel grids (the template is NOT resampled).
+        Both need a PSF FWHM (pixels), zero point and WCS.
+    config : DirectDetectConfig
+    ccd : str
+        CCD identifier for the ``ccd`` column.
+
+    Returns
+    -------
+    CandidateTable
+        Columns as for the dia mode; ``flux`` is the brightening (search minus
+        template, search ADU), ``snr`` the search-image peak S/N, plus
+        ``search_flux``, ``template_flux`` and ``delta_snr``.
+    """
+    fs, ft = float(search.fwhm), float(template.fwhm)
+    for label, value in (("search", fs), ("template", ft)):
+        if not np.isfinite(value) or value <= 0:
+            raise ValueError(f"detect_direct: {label} exposure has no valid PSF FWHM ({value})")
+    img_s = search.image - estimate_background(search.image, search.mask, config.background_cell)
+    filt = psf_filter(img_s, search.variance, search.mask, gaussian_psf(fs))
+    sep = max(1, int(round(config.min_separation_fwhm * fs)))
+    x, y, peak = find_peaks(filt.snr, config.threshold, config.n_pixels, None, min_separation=sep)
+    if x.size == 0:
+        return CandidateTable.empty()
+    radius = config.aperture_fwhm * max(fs, ft)
+    # aperture corrections put both images on a total-flux scale for point sources
+    corr_s, _ = psf_aperture_correction(img_s, search.variance, search.mask, fs, radius=radius)
+    f_s, e_s, bad_s = aperture_fluxes(img_s, search.variance, search.mask, x, y, radius)
+    world = search.wcs.pixel_to_world_values(x, y)
+    tx, ty = template.wcs.world_to_pixel_values(*world)
+    tx, ty = np.asarray(tx, float), np.asarray(ty, float)
+    tny, tnx = template.shape
+    in_t = (tx > radius) & (tx < tnx - 1 - radius) & (ty > radius) & (ty < tny - 1 - radius)
+    img_t = template.image - estimate_background(template.image, template.mask, config.background_cell)
+    # template pixels are (generally) a different size on the sky only through distortion: same-radius
+    # apertures in pixels are used, scaled by the ratio of pixel areas
+    scale_px = np.sqrt(abs(np.linalg.det(template.wcs.pixel_scale_matrix)) / abs(np.linalg.det(search.wcs.pixel_scale_matrix)))
+    r_t = radius / scale_px
+    corr_t, _ = psf_aperture_correction(img_t, template.variance, template.mask, ft, radius=r_t)
+    f_t, e_t, bad_t = aperture_fluxes(img_t, template.variance, template.mask,
+                                      np.where(in_t, tx, r_t + 1), np.where(in_t, ty, r_t + 1), r_t)
+    zp_scale = 10.0 ** (0.4 * (search.zero_point - template.zero_point))
+    f_s, e_s = f_s * corr_s, e_s * corr_s
+    f_t, e_t = f_t * corr_t * zp_scale, e_t * corr_t * zp_scale
+    f_t = np.where(in_t, f_t, 0.0)
+    e_t = np.where(in_t, e_t, 0.0)
+    delta = f_s - f_t
+    err = np.sqrt(e_s**2 + e_t**2 + (config.systematic * np.maximum(f_s, f_t)) ** 2)
+    delta_snr = delta / err
+    keep = delta_snr >= config.brightening_sigma
+    if keep.sum() > config.max_candidates:
+        keep &= delta_snr >= np.sort(delta_snr[keep])[-config.max_candidates]
+    x, y, peak, delta, err, delta_snr = x[keep], y[keep], peak[keep], delta[keep], err[keep], delta_snr[keep]
+    f_s, f_t, in_t, bad = f_s[keep], f_t[keep], in_t[keep], (bad_s | bad_t)[keep]
+    ix = np.clip(np.rint(x).astype(int), 0, search.shape[1] - 1)
+    iy = np.clip(np.rint(y).astype(int), 0, search.shape[0] - 1)
+    flags = np.zeros(x.size, np.int32)
+    if x.size:
+        flags[bad] |= CandidateFlags.MASKED
+        flags[_near_mask(search.mask, int(MaskBits.SAT), int(np.ceil(fs)) + 1)[iy, ix]] |= CandidateFlags.SATURATED
+        flags[~_edge_distance_ok(search.mask, config.edge)[iy, ix] | ~in_t] |= CandidateFlags.EDGE
+        ra, dec = search.wcs.pixel_to_world_values(x, y)
+    else:
+        ra = dec = np.zeros(0)
+    order = np.argsort(-delta_snr, kind="stable")
+    return CandidateTable.from_columns(
+        ccd=np.full(x.size, str(ccd), dtype="U32")[order], id=np.arange(x.size),
+        x=x[order], y=y[order], ra=np.asarray(ra)[order], dec=np.asarray(dec)[order],
+        flux=delta[order], flux_err=err[order], snr=peak[order], flags=flags[order],
+        search_flux=f_s[order], template_flux=f_t[order], delta_snr=delta_snr[order],
+    )
