@@ -1,0 +1,98 @@
+"""Configuration of Alard-Lupton PSF matching and subtraction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+__all__ = ["PsfMatchConfig"]
+
+_CONVOLVE_CHOICES = ("auto", "template", "search")
+
+
+@dataclasses.dataclass(frozen=True)
+class PsfMatchConfig:
+    """Parameters of the PSF-matching kernel fit and the subtraction.
+
+    Defaults follow Rubin's ip_diffim AlardLuptonSubtractTask where it has a
+    counterpart (basis widths from the two PSFs, degrees (4, 2, 2), kernel
+    size 6 x the widest sigma clipped to 21..35 px, spatial kernel order 2,
+    background order 1).  A HOTPANTS-like basis is obtained with
+    ``kernel_sigmas=(0.7, 1.5, 3.0)``, ``kernel_degrees=(6, 4, 2)``,
+    ``kernel_size=21``.
+    """
+
+    kernel_degrees: tuple[int, ...] = (4, 2, 2)
+    """Polynomial degree of each Gaussian of the basis (one entry per Gaussian)."""
+    kernel_sigmas: tuple[float, ...] | None = None
+    """Fixed Gaussian widths [px]; ``None`` derives them from the two PSF FWHMs."""
+    sigma_beta: float = 2.0
+    """Ratio between successive basis Gaussian widths when derived from the FWHMs."""
+    min_sigma: float = 0.7
+    """Floor on the narrowest derived basis sigma [px]."""
+    kernel_size: int | None = None
+    """Kernel side [px, odd]; ``None``: ``kernel_size_factor`` x widest sigma, clipped."""
+    kernel_size_factor: float = 6.0
+    """Kernel side in units of the widest basis sigma (when ``kernel_size`` is None)."""
+    kernel_size_min: int = 21
+    """Smallest automatic kernel side [px]."""
+    kernel_size_max: int = 35
+    """Largest automatic kernel side [px]."""
+    spatial_order: int = 2
+    """Polynomial order of the spatial variation of the kernel."""
+    background_order: int = 1
+    """Polynomial order of the differential background."""
+    convolve: str = "auto"
+    """Which image is convolved: ``"auto"`` (the one with the narrower PSF), ``"template"`` or ``"search"``."""
+
+    max_stars: int = 120
+    """Maximum number of kernel-fit stars."""
+    grid_cells: int = 32
+    """Approximate number of cells of the grid that spreads the stars over the image."""
+    min_stars: int = 10
+    """Fewest usable stars (after clipping) for a fit; fewer raises StarSelectionError."""
+    stamp_half_width: int | None = None
+    """Half-width of the fitted stamp core [px]; ``None``: the kernel half-width + 1."""
+    detect_snr: float = 5.0
+    """Per-pixel S/N of the local maxima considered (also used for the isolation test)."""
+    min_peak_snr: float = 25.0
+    """Least peak S/N (per pixel, above background) in both images for a kernel-fit star."""
+    isolation_ratio: float = 0.05
+    """A neighbour peak brighter than this fraction of the star's peak within the stamp makes it not isolated."""
+    saturation: float = math.inf
+    """Pixels at or above this value (ADU) in either image count as saturated, besides the SAT bit."""
+    clip_sigma: float = 3.0
+    """Stars whose reduced chi^2 exceeds median + clip_sigma x robust std are rejected."""
+    clip_iterations: int = 3
+    """Iterations of the spatial fit / clipping loop."""
+    regularization: float = 1e-9
+    """Ridge added to the normal equations, relative to their mean diagonal."""
+    grow_bits: int = 1 | 2 | 4 | 8
+    """Mask bits of the convolved image that are grown by the kernel footprint (BAD|SAT|NO_DATA|CR)."""
+    decorrelate: bool = False
+    """Apply the Reiss & Lupton (2016) noise decorrelation afterburner to the difference."""
+    float32: bool = True
+    """Full-frame convolutions in float32 (the fit is always float64)."""
+    fft_workers: int | None = None
+    """Threads for scipy.fft on CPU (None: all cores)."""
+
+    def __post_init__(self) -> None:
+        if self.convolve not in _CONVOLVE_CHOICES:
+            raise ValueError(f"PsfMatchConfig.convolve must be one of {_CONVOLVE_CHOICES}, got {self.convolve!r}")
+        if not self.kernel_degrees or any(d < 0 for d in self.kernel_degrees):
+            raise ValueError(f"PsfMatchConfig.kernel_degrees must be non-negative integers, got {self.kernel_degrees}")
+        if self.kernel_sigmas is not None:
+            if len(self.kernel_sigmas) != len(self.kernel_degrees):
+                raise ValueError("PsfMatchConfig.kernel_sigmas must have one entry per kernel_degrees entry")
+            if any(s <= 0 for s in self.kernel_sigmas):
+                raise ValueError(f"PsfMatchConfig.kernel_sigmas must be positive, got {self.kernel_sigmas}")
+        if self.kernel_size is not None and (self.kernel_size < 3 or self.kernel_size % 2 == 0):
+            raise ValueError(f"PsfMatchConfig.kernel_size must be odd and >= 3, got {self.kernel_size}")
+        if self.spatial_order < 0 or self.background_order < 0:
+            raise ValueError("PsfMatchConfig.spatial_order and background_order must be >= 0")
+        if self.background_order > max(self.spatial_order, 1) + 1:
+            pass
+        if self.min_stars < 1 or self.max_stars < self.min_stars:
+            raise ValueError("PsfMatchConfig needs 1 <= min_stars <= max_stars")
+        if self.sigma_beta <= 1.0 or self.min_sigma <= 0:
+            raise ValueError("PsfMatchConfig.sigma_beta must be > 1 and min_sigma > 0")

@@ -1,0 +1,272 @@
+"""Least-squares fit of a spatially varying Alard-Lupton kernel and differential background.
+
+Model, for the image ``X`` to be convolved and the reference ``Y``::
+
+    Y(x, y) ~ sum_k sum_s a_ks P_s(x, y) (b_k * X)(x, y) + sum_t c_t P_t(x, y)
+
+with ``b_k`` the basis functions and ``P_s`` the spatial polynomials of the
+normalised pixel coordinates.  Within one stamp the polynomials are taken at
+the stamp centre, so each stamp contributes small normal equations
+``M_i = C_i^T W_i C_i``, ``v_i = C_i^T W_i Y_i`` (``C_i`` the basis-convolved
+stamp plus a constant column); the global system is the sum of
+``M_i (x) p_i p_i^T``.  Per-stamp chi^2 of any trial solution is
+``a^T M_i a - 2 a.v_i + Y_i^T W_i Y_i``, so clipping never revisits pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import scipy.fft
+
+from .backend import Backend
+from .basis import KernelBasis, spatial_terms, spatial_vector
+from .config import PsfMatchConfig
+from .masks import BAD_FOR_FIT
+from .stars import StarSelection, StarSelectionError, describe_rejections
+
+__all__ = ["KernelSolution", "FitStats", "fit_kernel", "stamp_equations"]
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSolution:
+    """A fitted spatially varying kernel and differential background.
+
+    Attributes
+    ----------
+    basis : KernelBasis
+        Basis (sigmas, degrees, half-width, images).
+    spatial_order, background_order : int
+        Polynomial orders in the normalised coordinates ``xn, yn`` in [-1, 1].
+    shape : tuple
+        ``(ny, nx)`` of the image the polynomials are normalised to.
+    coefficients : numpy.ndarray
+        ``(n_basis, n_spatial)``: kernel = sum_k sum_s coefficients[k, s] P_s b_k.
+    background_coefficients : numpy.ndarray
+        ``(n_background,)``: background = sum_t c_t P_t.
+    kernel_sum_centre : float
+        Kernel sum (photometric scale) at the image centre.
+    """
+
+    basis: KernelBasis
+    spatial_order: int
+    background_order: int
+    shape: tuple[int, int]
+    coefficients: np.ndarray
+    background_coefficients: np.ndarray
+    kernel_sum_centre: float
+
+    @property
+    def spatial_terms(self) -> list[tuple[int, int]]:
+        return spatial_terms(self.spatial_order)
+
+    @property
+    def background_terms(self) -> list[tuple[int, int]]:
+        return spatial_terms(self.background_order)
+
+    def spatial_kernels(self) -> np.ndarray:
+        """The ``n_spatial`` kernel images K_s = sum_k a_ks b_k, shape ``(n_spatial, size, size)``."""
+        return np.einsum("ks,kuv->suv", self.coefficients, self.basis.images)
+
+    def kernel_at(self, x: float, y: float) -> np.ndarray:
+        """The 2-D kernel at pixel position ``(x, y)``."""
+        p = spatial_vector(x, y, self.shape, self.spatial_order)
+        return np.einsum("s,suv->uv", p, self.spatial_kernels())
+
+    def kernel_sum_at(self, x: float, y: float) -> float:
+        """Photometric scale (kernel sum) at ``(x, y)``."""
+        p = spatial_vector(x, y, self.shape, self.spatial_order)
+        return float(self.coefficients[0] @ p * self.basis.images[0].sum())
+
+    def background_at(self, x: float, y: float) -> float:
+        """Differential background at ``(x, y)``."""
+        p = spatial_vector(x, y, self.shape, self.background_order)
+        return float(p @ self.background_coefficients)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitStats:
+    """Bookkeeping and quality of the kernel fit.
+
+    ``found``: candidate peaks; ``selected``: stars fitted at first; ``used``:
+    stars left after clipping; ``rejected``: count per reason (see
+    ``dia.stars.REJECT_REASONS``; ``clipped`` = removed by the residual clip);
+    ``chi2_median``/``chi2_max``: reduced chi^2 of the used stamps under the
+    final spatial solution; ``residual_rms``: sqrt of their mean reduced chi^2;
+    ``local_chi2_median``: the same for independent per-stamp fits.
+    """
+
+    found: int
+    selected: int
+    used: int
+    rejected: dict[str, int]
+    chi2_median: float
+    chi2_max: float
+    residual_rms: float
+    local_chi2_median: float
+    iterations: int
+
+
+def _basis_fft(be: Backend, basis: KernelBasis, n: int):
+    """rfft2 of the basis images placed with their centre at pixel (0, 0) (wrapped) on an n x n grid."""
+    hw = basis.half_width
+    pad = np.zeros((basis.n_basis, n, n))
+    pad[:, : basis.size, : basis.size] = basis.images
+    pad = np.roll(pad, (-hw, -hw), axis=(1, 2))
+    return be.fft.rfft2(be.xp.asarray(pad))
+
+
+def stamp_equations(be: Backend, basis: KernelBasis, conv_img, conv_var, ref_img, ref_var, ref_mask, ys, xs, core_hw: int, chunk: int = 32):
+    """Normal equations of every stamp (device work, small host results).
+
+    Returns ``M (n, m, m)``, ``v (n, m)``, ``c (n,)``, ``npix (n,)`` as NumPy
+    float64, with ``m = n_basis + 1`` (last column: constant background).
+    """
+    xp = be.xp
+    hw = basis.half_width
+    full = core_hw + hw
+    size = 2 * full + 1
+    n = scipy.fft.next_fast_len(size, real=True)
+    fb = _basis_fft(be, basis, n)
+    cs = 2 * core_hw + 1
+    off_full = xp.arange(-full, full + 1)
+    off_core = xp.arange(-core_hw, core_hw + 1)
+    out_m, out_v, out_c, out_n = [], [], [], []
+    for start in range(0, len(ys), chunk):
+        yy = xp.asarray(ys[start : start + chunk])
+        xx = xp.asarray(xs[start : start + chunk])
+        cut = conv_img[(yy[:, None] + off_full)[:, :, None], (xx[:, None] + off_full)[:, None, :]].astype(xp.float64)
+        fx = be.fft.rfft2(cut, s=(n, n))
+        conv = be.fft.irfft2(fx[:, None] * fb[None], s=(n, n))[:, :, hw : hw + cs, hw : hw + cs]
+        k = cut.shape[0]
+        design = xp.concatenate([conv.reshape(k, basis.n_basis, cs * cs), xp.ones((k, 1, cs * cs))], axis=1)
+        cy = (yy[:, None] + off_core)[:, :, None]
+        cx = (xx[:, None] + off_core)[:, None, :]
+        target = ref_img[cy, cx].astype(xp.float64).reshape(k, -1)
+        var = (ref_var[cy, cx].astype(xp.float64) + conv_var[cy, cx].astype(xp.float64)).reshape(k, -1)
+        good = ((ref_mask[cy, cx] & BAD_FOR_FIT) == 0).reshape(k, -1) & xp.isfinite(target) & xp.isfinite(var) & (var > 0)
+        w = xp.where(good, 1.0 / xp.where(good, var, 1.0), 0.0)
+        target = xp.where(good, target, 0.0)
+        dw = design * w[:, None, :]
+        out_m.append(be.asnumpy(xp.einsum("nkp,nlp->nkl", dw, design)))
+        out_v.append(be.asnumpy(xp.einsum("nkp,np->nk", dw, target)))
+        out_c.append(be.asnumpy((w * target * target).sum(axis=1)))
+        out_n.append(be.asnumpy(good.sum(axis=1)))
+    return (np.concatenate(out_m), np.concatenate(out_v), np.concatenate(out_c), np.concatenate(out_n).astype(float))
+
+
+def _chi2(a: np.ndarray, m: np.ndarray, v: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return np.einsum("nk,nkl,nl->n", a, m, a) - 2.0 * np.einsum("nk,nk->n", a, v) + c
+
+
+def _clip(red: np.ndarray, keep: np.ndarray, nsig: float) -> np.ndarray:
+    """Stars (among ``keep``) whose reduced chi^2 is above median + nsig x robust std."""
+    vals = red[keep]
+    med = np.median(vals)
+    mad = 1.4826 * np.median(np.abs(vals - med))
+    # floor the spread: with few stars or perfect data the MAD can be ~0
+    spread = max(mad, 0.05 * med, 1e-12)
+    return keep & (red > med + nsig * spread)
+
+
+def _ridge_solve(a: np.ndarray, b: np.ndarray, reg: float) -> np.ndarray:
+    d = np.diag(a)
+    # Jacobi scaling keeps the (badly scaled) normal equations well conditioned
+    s = 1.0 / np.sqrt(np.where(d > 0, d, 1.0))
+    a2 = a * s[:, None] * s[None, :]
+    a2[np.diag_indices_from(a2)] += reg
+    try:
+        x = np.linalg.solve(a2, b * s)
+    except np.linalg.LinAlgError:
+        x = np.linalg.lstsq(a2, b * s, rcond=None)[0]
+    return x * s
+
+
+def fit_kernel(
+    be: Backend,
+    basis: KernelBasis,
+    stars: StarSelection,
+    conv_img,
+    conv_var,
+    ref_img,
+    ref_var,
+    ref_mask,
+    *,
+    core_hw: int,
+    config: PsfMatchConfig,
+) -> tuple[KernelSolution, FitStats]:
+    """Fit the spatial kernel and background to the selected stars, clipping outliers.
+
+    Raises
+    ------
+    StarSelectionError
+        If fewer than ``max(config.min_stars, n_unknown_spatial_terms + 1)`` stars remain.
+    """
+    shape = tuple(int(v) for v in conv_img.shape)
+    s_terms = spatial_terms(config.spatial_order)
+    b_terms = spatial_terms(config.background_order)
+    n_s, n_b = len(s_terms), len(b_terms)
+    needed = max(config.min_stars, n_s + 1, n_b + 1)
+    rejected = dict(stars.rejected)
+    if stars.y.size < needed:
+        raise StarSelectionError(describe_rejections(stars.found, int(stars.y.size), rejected, needed), stars.found, int(stars.y.size), rejected)
+
+    m_i, v_i, c_i, npix = stamp_equations(be, basis, conv_img, conv_var, ref_img, ref_var, ref_mask, stars.y, stars.x, core_hw)
+    nb = basis.n_basis
+    m = nb + 1
+    n = len(npix)
+
+    # independent per-stamp fits: a first, cheap screen of bad stamps (variables, blends, CRs)
+    local = np.array([_ridge_solve(m_i[i], v_i[i], config.regularization) for i in range(n)])
+    local_red = _chi2(local, m_i, v_i, c_i) / np.maximum(npix - m, 1)
+    keep = np.ones(n, bool)
+    keep &= ~_clip(local_red, keep, config.clip_sigma)
+
+    order = max(config.spatial_order, config.background_order)
+    all_terms = spatial_terms(order)
+    p = spatial_vector(stars.x, stars.y, shape, order)  # (n, n_all)
+    n_all = len(all_terms)
+    # unknowns: kernel rows k < nb use the first n_s terms, the background row the first n_b terms
+    sel = [k * n_all + s for k in range(nb) for s in range(n_s)] + [nb * n_all + s for s in range(n_b)]
+    sel = np.array(sel)
+    iterations = 0
+    for iterations in range(1, config.clip_iterations + 2):
+        if keep.sum() < needed:
+            break
+        g = np.einsum("ikl,is,it->kslt", m_i[keep], p[keep], p[keep]).reshape(m * n_all, m * n_all)
+        h = np.einsum("ik,is->ks", v_i[keep], p[keep]).reshape(m * n_all)
+        theta_sel = _ridge_solve(g[np.ix_(sel, sel)], h[sel], config.regularization)
+        theta = np.zeros(m * n_all)
+        theta[sel] = theta_sel
+        coef = theta.reshape(m, n_all)
+        a = p @ coef.T  # (n, m): local coefficients implied by the spatial solution
+        red = _chi2(a, m_i, v_i, c_i) / np.maximum(npix, 1)
+        if iterations > config.clip_iterations:
+            break
+        clip = _clip(red, keep, config.clip_sigma)
+        if not clip.any():
+            break
+        keep &= ~clip
+    rejected["clipped"] = int(n - keep.sum())
+    if keep.sum() < needed:
+        raise StarSelectionError(describe_rejections(stars.found, int(keep.sum()), rejected, needed), stars.found, int(keep.sum()), rejected)
+
+    coefficients = coef[:nb, :n_s].copy()
+    bg = coef[nb, :n_b].copy()
+    centre = spatial_vector((shape[1] - 1) / 2, (shape[0] - 1) / 2, shape, config.spatial_order)
+    ksum = float(coefficients[0] @ centre * basis.images[0].sum())
+    solution = KernelSolution(basis, config.spatial_order, config.background_order, shape, coefficients, bg, ksum)
+    used_red = red[keep]
+    stats = FitStats(
+        found=stars.found,
+        selected=n,
+        used=int(keep.sum()),
+        rejected=rejected,
+        chi2_median=float(np.median(used_red)),
+        chi2_max=float(np.max(used_red)),
+        residual_rms=float(np.sqrt(np.mean(used_red))),
+        local_chi2_median=float(np.median(local_red[keep])),
+        iterations=iterations,
+    )
+    return solution, stats

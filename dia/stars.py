@@ -1,0 +1,184 @@
+"""Automatic choice of kernel-fit stars: bright, isolated, unsaturated, unmasked, spread out."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from .backend import Backend
+from .config import PsfMatchConfig
+from .masks import BAD_FOR_FIT, MaskBits
+
+__all__ = ["StarSelectionError", "StarSelection", "select_stars", "REJECT_REASONS"]
+
+#: Rejection reasons, in the order they are tested (a star counts under its first failing test).
+REJECT_REASONS = ("edge", "too_faint", "saturated", "masked", "not_isolated", "no_counterpart", "clipped")
+
+
+class StarSelectionError(ValueError):
+    """Too few usable kernel-fit stars; the message and attributes say how many were found and why rejected."""
+
+    def __init__(self, message: str, found: int = 0, usable: int = 0, rejected: dict[str, int] | None = None):
+        super().__init__(message)
+        self.found = found
+        self.usable = usable
+        self.rejected = dict(rejected or {})
+
+
+@dataclasses.dataclass
+class StarSelection:
+    """Pixel positions (host int arrays) of the chosen stars and the bookkeeping of the choice."""
+
+    y: np.ndarray
+    x: np.ndarray
+    found: int
+    rejected: dict[str, int]
+    not_selected: int
+
+
+def describe_rejections(found: int, usable: int, rejected: dict[str, int], needed: int) -> str:
+    """Human-readable summary used in StarSelectionError messages."""
+    reasons = ", ".join(f"{k}: {v}" for k, v in rejected.items() if v) or "none"
+    return (
+        f"too few usable kernel-fit stars: {usable} usable, {needed} needed; "
+        f"{found} candidate peaks found, rejected by reason ({reasons})"
+    )
+
+
+def _level(be: Backend, img, var, mask) -> tuple[float, float]:
+    """Background level and typical per-pixel noise of an image, from a sub-sample of good pixels."""
+    xp = be.xp
+    sub, vsub, msub = img[::3, ::3], var[::3, ::3], mask[::3, ::3]
+    good = ((msub & BAD_FOR_FIT) == 0) & xp.isfinite(sub) & xp.isfinite(vsub) & (vsub > 0)
+    vals = sub[good]
+    if int(vals.size) == 0:
+        return 0.0, 1.0
+    return float(xp.median(vals)), float(xp.sqrt(xp.median(vsub[good])))
+
+
+def _gather(xp, img, ys, xs, hw: int):
+    """Cut ``(n, 2hw+1, 2hw+1)`` stamps centred on integer positions (all inside the image)."""
+    off = xp.arange(-hw, hw + 1)
+    yy = xp.asarray(ys)[:, None] + off[None, :]
+    xx = xp.asarray(xs)[:, None] + off[None, :]
+    return img[yy[:, :, None], xx[:, None, :]]
+
+
+def select_stars(
+    be: Backend,
+    conv_img,
+    conv_var,
+    conv_mask,
+    ref_img,
+    ref_var,
+    ref_mask,
+    *,
+    core_hw: int,
+    kernel_hw: int,
+    config: PsfMatchConfig,
+) -> StarSelection:
+    """Find kernel-fit stars.
+
+    Peaks are found in the image to be convolved (the sharper one), then
+    tested in order: the stamp and its kernel margin inside the image
+    (``edge``), peak S/N >= ``min_peak_snr`` (``too_faint``), no SAT pixel or
+    value >= ``config.saturation`` in either stamp (``saturated``), no other
+    BAD_FOR_FIT or non-finite pixel (``masked``), no neighbour peak brighter than
+    ``isolation_ratio`` x its peak within the core (``not_isolated``), a peak
+    with S/N >= ``min_peak_snr`` in the other image (``no_counterpart``, e.g. a
+    transient or a bad pixel).  Survivors are spread over a grid of about
+    ``grid_cells`` cells, brightest first per cell, up to ``max_stars``.
+    """
+    xp, nd = be.xp, be.ndimage
+    ny, nx = conv_img.shape
+    bg_c, noise_c = _level(be, conv_img, conv_var, conv_mask)
+    bg_r, noise_r = _level(be, ref_img, ref_var, ref_mask)
+
+    # local maxima above detect_snr (non-finite pixels can't be peaks)
+    work = xp.where(xp.isfinite(conv_img), conv_img, -xp.inf).astype(xp.float32)
+    peaks = (work == nd.maximum_filter(work, size=5, mode="nearest")) & (work > bg_c + config.detect_snr * noise_c)
+    py, px = (be.asnumpy(a) for a in xp.nonzero(peaks))
+    amp = be.asnumpy(work[xp.asarray(py), xp.asarray(px)]).astype(np.float64) - bg_c
+    found = int(py.size)
+    rejected = {k: 0 for k in REJECT_REASONS}
+    if found == 0:
+        return StarSelection(np.zeros(0, int), np.zeros(0, int), 0, rejected, 0)
+
+    full = core_hw + kernel_hw
+    alive = np.ones(found, bool)
+
+    def reject(bad: np.ndarray, reason: str) -> None:
+        bad = bad & alive
+        rejected[reason] += int(bad.sum())
+        alive[bad] = False
+
+    reject((py < full) | (px < full) | (py >= ny - full) | (px >= nx - full), "edge")
+    reject(amp < config.min_peak_snr * noise_c, "too_faint")
+
+    idx = np.nonzero(alive)[0]
+    if idx.size:
+        ys, xs = py[idx], px[idx]
+        mc = _gather(xp, conv_mask, ys, xs, full)
+        mr = _gather(xp, ref_mask, ys, xs, core_hw)
+        vc = _gather(xp, conv_img, ys, xs, full)
+        vr = _gather(xp, ref_img, ys, xs, core_hw)
+        varc = _gather(xp, conv_var, ys, xs, full)
+        varr = _gather(xp, ref_var, ys, xs, core_hw)
+        sat = (
+            ((mc & MaskBits.SAT) != 0).any(axis=(1, 2))
+            | ((mr & MaskBits.SAT) != 0).any(axis=(1, 2))
+            | (vc >= config.saturation).any(axis=(1, 2))
+            | (vr >= config.saturation).any(axis=(1, 2))
+        )
+        bad = (
+            ((mc & BAD_FOR_FIT) != 0).any(axis=(1, 2))
+            | ((mr & BAD_FOR_FIT) != 0).any(axis=(1, 2))
+            | ~xp.isfinite(vc).all(axis=(1, 2))
+            | ~xp.isfinite(vr).all(axis=(1, 2))
+            | ~(xp.isfinite(varc) & (varc > 0)).all(axis=(1, 2))
+            | ~(xp.isfinite(varr) & (varr > 0)).all(axis=(1, 2))
+        )
+        c = core_hw
+        ref_peak = vr[:, c - 1 : c + 2, c - 1 : c + 2].max(axis=(1, 2)) - bg_r
+        flags = np.zeros(found, bool)
+        flags[idx] = be.asnumpy(sat)
+        reject(flags, "saturated")
+        flags[:] = False
+        flags[idx] = be.asnumpy(bad)
+        reject(flags, "masked")
+
+        # isolation against every detected peak (a small host-side search)
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(np.column_stack([py, px]))
+        alive_idx = np.nonzero(alive)[0]
+        notiso = np.zeros(found, bool)
+        for i, neigh in zip(alive_idx, tree.query_ball_point(np.column_stack([py[alive_idx], px[alive_idx]]), r=core_hw)):
+            others = [j for j in neigh if j != i]
+            if others and np.any(amp[others] > config.isolation_ratio * amp[i]):
+                notiso[i] = True
+        reject(notiso, "not_isolated")
+
+        flags[:] = False
+        rp = np.full(found, np.inf)
+        rp[idx] = be.asnumpy(ref_peak)
+        reject(~(rp >= config.min_peak_snr * noise_r), "no_counterpart")
+
+    good = np.nonzero(alive)[0]
+    # spread over a grid: brightest per cell first, then fill with the brightest left
+    gx = max(1, int(round(math.sqrt(config.grid_cells * nx / ny))))
+    gy = max(1, int(round(config.grid_cells / gx)))
+    per_cell = max(1, math.ceil(config.max_stars / (gx * gy)))
+    order = good[np.argsort(-amp[good], kind="stable")]
+    cell = (py[order] * gy // ny) * gx + (px[order] * gx // nx)
+    rank = np.zeros(order.size, int)
+    seen: dict[int, int] = {}
+    for n, cid in enumerate(cell):
+        rank[n] = seen.get(int(cid), 0)
+        seen[int(cid)] = rank[n] + 1
+    first = order[rank < per_cell]
+    rest = order[rank >= per_cell]
+    chosen = np.concatenate([first, rest])[: config.max_stars]
+    return StarSelection(py[chosen].astype(int), px[chosen].astype(int), found, rejected, int(good.size - chosen.size))

@@ -1,0 +1,371 @@
+"""Tests of dia/: Alard-Lupton PSF matching and subtraction on synthetic star fields made here."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from scipy.special import erf
+
+import dia
+from dia import MaskBits, PsfMatchConfig, StarSelectionError, estimate_fwhm, subtract
+from dia.backend import get_backend
+from dia.basis import make_basis
+from dia.subtract import subtract_on_backend
+
+SIG = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+
+def _render(shape, xs, ys, fluxes, fwhm_at, hw=15):
+    """Pixel-integrated Gaussian stars; the FWHM varies over the image as ``fwhm_at(x, y)``."""
+    ny, nx = shape
+    img = np.zeros(shape)
+    for x0, y0, f in zip(xs, ys, fluxes):
+        s = fwhm_at(x0, y0) * SIG
+        ix, iy = int(round(x0)), int(round(y0))
+        x1, x2 = max(ix - hw, 0), min(ix + hw + 1, nx)
+        y1, y2 = max(iy - hw, 0), min(iy + hw + 1, ny)
+        ex = np.arange(x1, x2 + 1) - 0.5 - x0
+        ey = np.arange(y1, y2 + 1) - 0.5 - y0
+        px = np.diff(erf(ex / (math.sqrt(2) * s))) / 2
+        py = np.diff(erf(ey / (math.sqrt(2) * s))) / 2
+        img[y1:y2, x1:x2] += f * np.outer(py, px)
+    return img
+
+
+@dataclasses.dataclass
+class Pair:
+    search: np.ndarray
+    search_var: np.ndarray
+    search_mask: np.ndarray
+    template: np.ndarray
+    template_var: np.ndarray
+    template_mask: np.ndarray
+    search_fwhm: float
+    template_fwhm: float
+    star_xy: np.ndarray
+    star_flux: np.ndarray  # in search ADU
+    trans_xy: np.ndarray
+    trans_flux: np.ndarray  # in search ADU
+    search_fwhm_at: object
+    template_fwhm_at: object
+
+
+def make_pair(seed=1, shape=(512, 512), search_fwhm=4.0, template_fwhm=2.8, template_scale=1.4, n_stars=260, n_trans=6, saturation=30000.0):
+    """A search/template pair with known truth.
+
+    Stars with log-uniform fluxes, PSF widths that vary linearly across the
+    image (differently in the two images), template flux scale ``template_scale``
+    and a sky gradient, Gaussian noise with the variance stored in the variance
+    plane, saturated pixels clipped and flagged SAT, transients in the search only.
+    """
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    xs = rng.uniform(5, nx - 5, n_stars)
+    ys = rng.uniform(5, ny - 5, n_stars)
+    flux = np.exp(rng.uniform(np.log(300), np.log(3e5), n_stars))
+    # transients away from the stars
+    tx, ty = [], []
+    while len(tx) < n_trans:
+        x, y = rng.uniform(40, nx - 40), rng.uniform(40, ny - 40)
+        if np.min(np.hypot(xs - x, ys - y)) > 15 and all(np.hypot(x - a, y - b) > 30 for a, b in zip(tx, ty)):
+            tx.append(x)
+            ty.append(y)
+    tflux = rng.uniform(3000, 12000, n_trans)
+
+    def s_fwhm(x, y):
+        return search_fwhm * (1 + 0.08 * (2 * x / nx - 1) - 0.05 * (2 * y / ny - 1))
+
+    def t_fwhm(x, y):
+        return template_fwhm * (1 - 0.04 * (2 * x / nx - 1) + 0.08 * (2 * y / ny - 1))
+
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    s_model = _render(shape, xs, ys, flux, s_fwhm) + _render(shape, tx, ty, tflux, s_fwhm) + 300.0
+    t_model = template_scale * _render(shape, xs, ys, flux, t_fwhm) + 500.0 + 0.1 * xx - 0.05 * yy
+    s_var = s_model / 1.0 + 25.0
+    t_var = t_model / 4.0 + 6.0
+    s_img = s_model + rng.normal(size=shape) * np.sqrt(s_var)
+    t_img = t_model + rng.normal(size=shape) * np.sqrt(t_var)
+    masks = []
+    for img in (s_img, t_img):
+        m = np.zeros(shape, np.int32)
+        sat = img >= saturation
+        m[sat] = MaskBits.SAT
+        img[sat] = saturation
+        masks.append(m)
+    return Pair(
+        s_img.astype(np.float32), s_var.astype(np.float32), masks[0],
+        t_img.astype(np.float32), t_var.astype(np.float32), masks[1],
+        search_fwhm, template_fwhm, np.column_stack([xs, ys]), flux, np.column_stack([tx, ty]), tflux, s_fwhm, t_fwhm,
+    )
+
+
+def swapped(p: Pair) -> Pair:
+    """The same field with the roles swapped: the template now has the wider PSF."""
+    return make_pair(seed=2, search_fwhm=2.8, template_fwhm=4.0, template_scale=0.7)
+
+
+def run(p: Pair, **cfg):
+    return subtract(p.search, p.search_var, p.search_mask, p.template, p.template_var, p.template_mask,
+                    search_fwhm=p.search_fwhm, template_fwhm=p.template_fwhm, config=PsfMatchConfig(**cfg))
+
+
+def _blank(p: Pair, d, radius=14.0):
+    ny, nx = d.image.shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    ok = d.mask == 0
+    pts = np.vstack([p.star_xy, p.trans_xy])
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(pts).query(np.column_stack([xx.ravel(), yy.ravel()]))
+    return ok & (dist.reshape(ny, nx) > radius)
+
+
+def _aperture(d, x, y, r):
+    ny, nx = d.image.shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    ap = np.hypot(xx - x, yy - y) <= r
+    return float(d.image[ap].sum()), ap
+
+
+def _blank_aperture_std(p, d, r, n=300, seed=5):
+    """Empirical std of aperture sums on blank sky (includes the noise correlation of the convolution)."""
+    rng = np.random.default_rng(seed)
+    blank = _blank(p, d, radius=r + 8)
+    ny, nx = d.image.shape
+    sums = []
+    tries = 0
+    while len(sums) < n and tries < 20000:
+        tries += 1
+        x, y = rng.integers(r + 1, nx - r - 1), rng.integers(r + 1, ny - r - 1)
+        if blank[y, x]:
+            sl = (slice(y - int(r), y + int(r) + 1), slice(x - int(r), x + int(r) + 1))
+            if blank[sl].all():
+                sums.append(_aperture(d, x, y, r)[0])
+    assert len(sums) > 50
+    return float(np.std(sums))
+
+
+def check_quality(p: Pair, d, fwhm_out):
+    """(a) blank-sky normalised noise, (b) bright-star residuals, (c) transient fluxes."""
+    blank = _blank(p, d)
+    z = d.image[blank] / np.sqrt(d.variance[blank])
+    assert 0.95 <= np.std(z) <= 1.10, np.std(z)
+    assert abs(np.mean(z)) < 0.05, np.mean(z)
+
+    r = 2.0 * fwhm_out
+    sig_ap = _blank_aperture_std(p, d, r)
+    ny, nx = d.image.shape
+    # (b) brightest stars whose aperture is unmasked
+    order = np.argsort(-p.star_flux)
+    checked = 0
+    for i in order:
+        x, y = p.star_xy[i]
+        if not (r + 2 < x < nx - r - 2 and r + 2 < y < ny - r - 2):
+            continue
+        res, ap = _aperture(d, x, y, r)
+        if (d.mask[ap] != 0).any():
+            continue
+        # noise: blank-sky aperture noise plus the star's own extra variance
+        extra = float(d.variance[ap].sum() - np.median(d.variance[blank]) * ap.sum())
+        sigma = math.sqrt(sig_ap**2 + max(extra, 0.0) * (sig_ap**2 / (np.median(d.variance[blank]) * ap.sum())))
+        assert abs(res) < 0.02 * p.star_flux[i], (res, p.star_flux[i])
+        assert abs(res) < 4.0 * sigma, (res, sigma, p.star_flux[i])
+        checked += 1
+        if checked == 5:
+            break
+    assert checked == 5
+    # (c) transients: aperture flux in search ADU within 3 sigma of the truth
+    for (x, y), f in zip(p.trans_xy, p.trans_flux):
+        got, ap = _aperture(d, x, y, r)
+        # aperture loss of a Gaussian of the difference's PSF width inside radius r
+        s = fwhm_out * SIG
+        frac = 1 - math.exp(-0.5 * (r / s) ** 2)
+        sigma = math.sqrt(sig_ap**2 + f * frac)
+        assert abs(got - f * frac) < 3.0 * sigma, (got, f * frac, sigma)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_pair()
+
+
+@pytest.fixture(scope="module")
+def diff(pair):
+    return run(pair)
+
+
+def test_basis_sums_and_size():
+    cfg = PsfMatchConfig()
+    b = make_basis(4.0, 2.8, cfg)
+    assert b.n_basis == 15 + 6 + 6
+    assert abs(b.images[0].sum() - 1) < 1e-12
+    assert np.all(np.abs(b.images[1:].sum(axis=(1, 2))) < 1e-10)
+    assert b.size % 2 == 1 and 21 <= b.size <= 35
+    # widths from the PSFs: sigma_K = sqrt(s_wide^2 - s_narrow^2), beta = 2 steps
+    sk = math.sqrt((4.0 * SIG) ** 2 - (2.8 * SIG) ** 2)
+    assert b.sigmas[1] == pytest.approx(max(sk / 2, 0.7) * 2)
+    wide = make_basis(12.0, 3.0, cfg)
+    assert wide.size == 35
+    hot = make_basis(4.0, 2.8, PsfMatchConfig(kernel_sigmas=(0.7, 1.5, 3.0), kernel_degrees=(6, 4, 2), kernel_size=21))
+    assert hot.n_basis == 49 and hot.size == 21
+
+
+def test_quality_template_convolved(pair, diff):
+    assert diff.convolved == "template"
+    assert diff.stats.used >= 10
+    check_quality(pair, diff, pair.search_fwhm)
+    assert set(diff.timings) >= {"select", "fit", "convolve", "variance"}
+
+
+def test_photometric_scale_and_spatial_kernel(pair, diff):
+    sol = diff.solution
+    # template fluxes are 1.4 x search: the kernel sum must be 1/1.4
+    assert sol.kernel_sum_centre == pytest.approx(1 / 1.4, rel=0.01)
+    # the kernel at two corners differs as the truth does: its second moment is
+    # sigma_S^2 - sigma_T^2, which varies across the image
+    ny, nx = pair.search.shape
+    for x, y in ((60, 60), (nx - 60, ny - 60)):
+        k = sol.kernel_at(x, y)
+        hw = k.shape[0] // 2
+        u = np.arange(-hw, hw + 1)
+        m2 = (k * (u[None, :] ** 2 + u[:, None] ** 2)).sum() / k.sum() / 2
+        truth = (pair.search_fwhm_at(x, y) * SIG) ** 2 - (pair.template_fwhm_at(x, y) * SIG) ** 2
+        assert m2 == pytest.approx(truth, rel=0.1)
+    k1, k2 = sol.kernel_at(60, 60), sol.kernel_at(nx - 60, ny - 60)
+    assert np.abs(k1 - k2).max() > 0.05 * k1.max()
+
+
+def test_mask_is_or_and_grown(pair, diff):
+    assert diff.mask.dtype == np.int32
+    sat_t = (pair.template_mask & MaskBits.SAT) != 0
+    assert np.all((diff.mask[sat_t] & MaskBits.SAT) != 0)
+    assert np.all((diff.mask[(pair.search_mask & MaskBits.SAT) != 0] & MaskBits.SAT) != 0)
+    hw = diff.solution.basis.half_width
+    ys, xs = np.nonzero(sat_t)
+    y, x = ys[0], xs[0]
+    assert diff.mask[min(y + hw, 511), x] & MaskBits.CONVOLVED
+    assert diff.mask[0, 256] & MaskBits.CONVOLVED  # the border is incomplete
+
+
+def test_swapped_psfs_both_directions():
+    p = swapped(None)
+    auto = run(p)
+    assert auto.convolved == "search"
+    check_quality(p, auto, p.template_fwhm)
+    # flux scale 0.7 means the kernel taking the search to the template sums to 0.7
+    assert auto.solution.kernel_sum_centre == pytest.approx(0.7, rel=0.02)
+    # forcing the template to be convolved with its wider PSF is a deconvolution: the fit
+    # must still run, but quality is not physically meaningful; only check it runs
+    forced = run(p, convolve="template")
+    assert forced.convolved == "template"
+    assert np.isfinite(forced.image[forced.mask == 0]).all()
+
+
+def test_forced_search_on_normal_pair(pair):
+    # search convolved although its PSF is the wider one: a mild deconvolution; noise and
+    # transient fluxes stay on the search scale
+    d = run(pair, convolve="search")
+    assert d.convolved == "search"
+    blank = _blank(pair, d)
+    z = d.image[blank] / np.sqrt(d.variance[blank])
+    assert abs(np.mean(z)) < 0.1
+
+
+def test_too_few_stars_and_bad_inputs(pair):
+    rng = np.random.default_rng(3)
+    shape = (256, 256)
+    sky = lambda: (100 + rng.normal(size=shape) * 10).astype(np.float32)
+    var = np.full(shape, 100, np.float32)
+    m = np.zeros(shape, np.int32)
+    with pytest.raises(StarSelectionError) as exc:
+        subtract(sky(), var, m, sky(), var, m, search_fwhm=3.0, template_fwhm=2.0)
+    msg = str(exc.value)
+    assert "too few usable kernel-fit stars" in msg and "found" in msg
+    # a few stars, most saturated: reasons are counted
+    p = make_pair(seed=4, n_stars=12, saturation=2000.0)
+    with pytest.raises(StarSelectionError) as exc:
+        run(p)
+    assert "saturated:" in str(exc.value)
+    assert exc.value.rejected["saturated"] > 0
+    allm = np.full(pair.search.shape, MaskBits.NO_DATA, np.int32)
+    with pytest.raises(ValueError, match="template: every pixel is masked"):
+        subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var, allm, search_fwhm=4, template_fwhm=2.8)
+    with pytest.raises(ValueError, match="template_variance has shape"):
+        subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var[:10], pair.template_mask, search_fwhm=4, template_fwhm=2.8)
+    with pytest.raises(ValueError, match="search_fwhm must be a positive"):
+        subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var, pair.template_mask, search_fwhm=0, template_fwhm=2.8)
+    with pytest.raises(ValueError, match="device must be"):
+        subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var, pair.template_mask, search_fwhm=4, template_fwhm=2.8, device="tpu")
+
+
+def test_gpu_without_cupy_is_clear(pair):
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"pip install transient-pipeline\[gpu\]"):
+            subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var, pair.template_mask, search_fwhm=4, template_fwhm=2.8, device="gpu")
+    else:
+        pytest.skip("CuPy is installed")
+
+
+def test_one_fft_per_spatial_term(pair):
+    """Full-frame cost: 1 forward + one inverse per spatial term for the image, 2 for the variance."""
+    calls = []
+    be = get_backend("cpu")
+    be.fft_hook = calls.append
+    planes = dict(search=pair.search, search_variance=pair.search_var, search_mask=pair.search_mask,
+                  template=pair.template, template_variance=pair.template_var, template_mask=pair.template_mask)
+    d = subtract_on_backend(be, planes, search_fwhm=4.0, template_fwhm=2.8, config=PsfMatchConfig())
+    n_spatial = len(d.solution.spatial_terms)
+    assert n_spatial == 6
+    assert calls.count("spatial-term") == n_spatial
+    assert calls.count("image-forward") == 1
+    assert len(calls) == n_spatial + 3  # + variance forward and inverse
+    assert d.solution.basis.n_basis == 27  # far fewer FFTs than basis functions
+
+
+def test_estimate_fwhm(pair):
+    got = estimate_fwhm(pair.search, pair.search_mask, saturation=30000)
+    assert got == pytest.approx(pair.search_fwhm, rel=0.08)
+    got_t = estimate_fwhm(pair.template, pair.template_mask, saturation=30000)
+    assert got_t == pytest.approx(pair.template_fwhm, rel=0.08)
+    with pytest.raises(ValueError, match="every pixel is masked"):
+        estimate_fwhm(pair.search, np.full(pair.search.shape, MaskBits.BAD, np.int32))
+
+
+def test_decorrelation_whitens(pair):
+    d = run(pair, decorrelate=True)
+    assert d.decorrelated
+    blank = _blank(pair, d, radius=18)
+    z = d.image / np.sqrt(d.variance)
+    zb = z[blank]
+    assert 0.95 <= np.std(zb) <= 1.10
+    # neighbour correlation of the noise: small after decorrelation
+    zz = np.where(blank, z, np.nan)
+    a, b = zz[:, :-1].ravel(), zz[:, 1:].ravel()
+    ok = np.isfinite(a) & np.isfinite(b)
+    assert abs(np.corrcoef(a[ok], b[ok])[0, 1]) < 0.05
+
+
+def test_xp_generic_numpy_and_gpu_agree(pair, diff):
+    """The CuPy path runs the same functions; here they run with xp=numpy, on GPU they are compared."""
+    be = get_backend("cpu")
+    assert be.xp is np
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError
+    except Exception:
+        pytest.skip("CuPy with a CUDA device is not available")
+    g = run_gpu = subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var, pair.template_mask,
+                           search_fwhm=4.0, template_fwhm=2.8, device="gpu").to_numpy()
+    ok = diff.mask == 0
+    scale = np.sqrt(np.median(diff.variance[ok]))
+    assert np.max(np.abs(g.image[ok] - diff.image[ok])) / scale < 1e-2
+    rel = np.abs(g.image[ok] - diff.image[ok]) / np.maximum(np.abs(diff.image[ok]), scale)
+    assert np.max(rel) < 1e-4 or np.median(rel) < 1e-4
+    assert np.array_equal(g.mask, diff.mask)
