@@ -421,7 +421,7 @@ def simulate_pair(config: SimulationConfig | None = None, seed: int = 0, ccd_ind
     gal_id = np.full(ng, -1)
     gal_id[gal_in] = np.arange(len(gal_in))
     add("galaxy", gal_x[gal_in], gal_y[gal_in], gal_mag[gal_in], flux_s(gal_mag[gal_in]), nan, -1, 0.0, "both")
-    host_ids = np.where(tr_host >= 0, gal_id[np.maximum(tr_host, 0)], -1)
+    host_ids = np.array([gal_id[h] if h >= 0 else -1 for h in tr_host], dtype=np.int64)
     ftr = flux_s(tr_mag)
     add("transient", tr_x, tr_y, tr_mag, ftr, psf_snr(tr_x, tr_y, ftr), host_ids, ftr, "search")
     st_in = np.flatnonzero(inside(star_x, star_y))
