@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["config_to_dict", "config_from_dict", "load_toml"]
+__all__ = ["config_to_dict", "config_from_dict", "load_toml", "RunConfig"]
 
 C = TypeVar("C")
 
@@ -87,7 +87,10 @@ def config_from_dict(cls: type[C], data: dict[str, Any] | None, *, where: str = 
         If ``data`` holds keys that ``cls`` does not define.
     """
     data = dict(data or {})
-    hints = typing.get_type_hints(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except NameError:  # forward references resolved by the class itself (e.g. RunConfig)
+        hints = {f.name: f.type for f in dataclasses.fields(cls)}
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -110,3 +113,79 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"configuration file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not valid TOML: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- the run configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides what ``pipeline run`` computes (written into ``run.json``).
+
+    Attributes
+    ----------
+    mode : str
+        ``"dia"`` (align, PSF-match, subtract, detect on the difference, triplet CNN) or
+        ``"direct"`` (detect without a difference image, two-image CNN).
+    device : str
+        ``"cpu"`` or ``"gpu"`` (CuPy for the DIA, CUDA for the CNN).
+    model_dia, model_direct : str
+        Shipped model name (``classifier/weights/<name>.pt``) or a path, per mode.
+    score_threshold : float
+        Operating threshold on the CNN's P(real) (default 0.5).
+    batch_size : int
+        CNN inference batch.
+    torch_threads : int
+        Threads torch may use in each task (default 1: one per Dask worker thread, so
+        workers do not oversubscribe the cores; raise it for a threads scheduler on one CCD).
+    aperture_correction : bool
+        Put dia-mode fluxes on a total-flux scale with an aperture correction measured on
+        bright stars of the unconvolved image (default True).
+    save_diff : bool
+        Keep difference images (``diff/<ccd>.fits``).
+    align, psf_match, detect, direct, match : configs
+        Parameters of each stage (see their classes).
+    """
+
+    mode: str = "dia"
+    device: str = "cpu"
+    model_dia: str = "triplet"
+    model_direct: str = "pair"
+    score_threshold: float = 0.5
+    batch_size: int = 1024
+    torch_threads: int = 1
+    aperture_correction: bool = True
+    save_diff: bool = False
+    align: "AlignConfig" = None  # type: ignore[assignment]
+    psf_match: "PsfMatchConfig" = None  # type: ignore[assignment]
+    detect: "DetectConfig" = None  # type: ignore[assignment]
+    direct: "DirectDetectConfig" = None  # type: ignore[assignment]
+    match: "MatchConfig" = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        from dia import PsfMatchConfig
+        from pipeline.align import AlignConfig
+        from pipeline.detect import DetectConfig, DirectDetectConfig
+        from pipeline.truth import MatchConfig
+
+        defaults = {"align": AlignConfig, "psf_match": PsfMatchConfig, "detect": DetectConfig,
+                    "direct": DirectDetectConfig, "match": MatchConfig}
+        for name, cls in defaults.items():
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, cls())
+            elif isinstance(value, dict):
+                object.__setattr__(self, name, config_from_dict(cls, value, where=name))
+        if self.mode not in ("dia", "direct"):
+            raise ValueError(f"RunConfig.mode must be 'dia' or 'direct', got {self.mode!r}")
+        if self.device not in ("cpu", "gpu"):
+            raise ValueError(f"RunConfig.device must be 'cpu' or 'gpu', got {self.device!r}")
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError(f"RunConfig.score_threshold must be in [0, 1], got {self.score_threshold}")
+        if self.torch_threads < 1 or self.batch_size < 1:
+            raise ValueError("RunConfig.torch_threads and batch_size must be >= 1")
+
+    @property
+    def model(self) -> str:
+        """The model used by this run's mode."""
+        return self.model_dia if self.mode == "dia" else self.model_direct

@@ -38,7 +38,8 @@ __all__ = [
     "find_peaks",
     "detect_difference",
     "forced_psf_photometry",
-    "psf_aperture_correction",
+    "PsfModel",
+    "fit_psf_model",
     "bright_isolated_stars",
     "aperture_fluxes",
     "estimate_background",
@@ -271,13 +272,13 @@ def forced_psf_photometry(
     mask: np.ndarray | None,
     x: np.ndarray,
     y: np.ndarray,
-    fwhm: float,
+    fwhm: "float | np.ndarray",
     radius_fwhm: float = 1.5,
     bad_bits: int = int(BAD_FOR_FIT),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian-PSF-fit fluxes at fixed sub-pixel positions.
 
-    The model is a circular Gaussian of the given FWHM centred exactly on
+    The model is a circular Gaussian of the given FWHM (scalar or one per position) centred exactly on
     ``(x, y)`` and normalised to unit integral, fitted with inverse-variance
     weights inside ``radius_fwhm`` FWHM; masked pixels get zero weight.
 
@@ -292,17 +293,20 @@ def forced_psf_photometry(
         return np.zeros(0), np.zeros(0)
     from pipeline.stamps import cut_stamps
 
-    r = max(2, int(np.ceil(radius_fwhm * fwhm)))
+    fwhm = np.broadcast_to(np.asarray(fwhm, float), x.shape)
+    r = max(2, int(np.ceil(radius_fwhm * fwhm.max())))
     size = 2 * r + 1
     planes = {"image": image, "variance": variance}
     cut = cut_stamps(planes, {"image": mask} if mask is not None else None, x, y, size=size)
     data, var = cut.data[:, 0].astype(np.float64), cut.data[:, 1].astype(np.float64)
     good = np.isfinite(data) & np.isfinite(var) & (var > 0) & ((cut.mask[:, 0] & bad_bits) == 0)
-    sigma = fwhm / 2.3548
+    sigma = (fwhm / 2.3548)[:, None, None]
     offs = np.arange(-r, r + 1)
     dx = offs[None, None, :] - (x - cut.x)[:, None, None]
     dy = offs[None, :, None] - (y - cut.y)[:, None, None]
-    psf = np.exp(-0.5 * (dx**2 + dy**2) / sigma**2) / (2 * np.pi * sigma**2)
+    rr = dx**2 + dy**2
+    psf = np.exp(-0.5 * rr / sigma**2) / (2 * np.pi * sigma**2)
+    good &= rr <= (radius_fwhm * fwhm[:, None, None]) ** 2
     w = np.where(good, 1.0 / np.where(good, var, 1.0), 0.0)
     num = (psf * np.where(good, data, 0.0) * w).sum(axis=(1, 2))
     den = (psf**2 * w).sum(axis=(1, 2))
@@ -375,48 +379,130 @@ def aperture_fluxes(image, variance, mask, x, y, radius, *, annulus: tuple[float
     return flux, err, bad
 
 
-def psf_aperture_correction(
+@dataclasses.dataclass(frozen=True)
+class PsfModel:
+    """Gaussian-core PSF model with a FWHM varying linearly across the image, and a flux correction.
+
+    ``fwhm_at(x, y) = c0 + c1 * u + c2 * v`` with ``u, v`` the position scaled to
+    [-1, 1] over ``shape``.  ``correction`` is the ratio of total flux (a
+    5-FWHM aperture) to the flux measure the model was fitted for (the
+    Gaussian fit at the local FWHM, or an aperture): real PSFs have wings a
+    Gaussian misses -- the classic aperture correction.
+    """
+
+    fwhm_coeffs: tuple[float, float, float]
+    correction: float = 1.0
+    shape: tuple[int, int] = (1, 1)
+    n_stars: int = 0
+    aperture_radius: float | None = None
+
+    def fwhm_at(self, x, y) -> np.ndarray:
+        """Local FWHM in pixels."""
+        u = 2.0 * np.asarray(x, float) / max(self.shape[1] - 1, 1) - 1.0
+        v = 2.0 * np.asarray(y, float) / max(self.shape[0] - 1, 1) - 1.0
+        return self.fwhm_coeffs[0] + self.fwhm_coeffs[1] * u + self.fwhm_coeffs[2] * v
+
+    def photometry(self, image, variance, mask, x, y) -> tuple[np.ndarray, np.ndarray]:
+        """Total fluxes and errors: Gaussian fits at the local FWHM times the correction."""
+        flux, err = forced_psf_photometry(image, variance, mask, x, y, self.fwhm_at(x, y))
+        return flux * self.correction, err * self.correction
+
+
+def _best_fwhm(image, variance, mask, x, y, fwhm, factors=np.arange(0.7, 1.42, 0.02)):
+    """Per star, the Gaussian FWHM (on a grid) that fits the core best (least chi^2)."""
+    chi2 = []
+    for f in factors:
+        w = fwhm * f
+        flux, err = forced_psf_photometry(image, variance, mask, x, y, w, radius_fwhm=1.0)
+        from pipeline.stamps import cut_stamps
+
+        r = max(2, int(np.ceil(1.0 * fwhm * factors[-1])))
+        cut = cut_stamps({"i": image, "v": variance}, None, x, y, size=2 * r + 1)
+        offs = np.arange(-r, r + 1)
+        dx = offs[None, None, :] - (x - cut.x)[:, None, None]
+        dy = offs[None, :, None] - (y - cut.y)[:, None, None]
+        rr = dx**2 + dy**2
+        sig = w / 2.3548
+        model = flux[:, None, None] * np.exp(-0.5 * rr / sig**2) / (2 * np.pi * sig**2)
+        inside = rr <= (1.0 * w) ** 2
+        res = np.where(inside, (cut.data[:, 0] - model) ** 2 / np.maximum(cut.data[:, 1], 1e-12), 0.0)
+        chi2.append(np.nansum(res, axis=(1, 2)) / inside.sum(axis=(1, 2)))
+    chi2 = np.array(chi2)
+    return fwhm * factors[np.argmin(chi2, axis=0)]
+
+
+def fit_psf_model(
     image: np.ndarray,
     variance: np.ndarray,
     mask: np.ndarray,
     fwhm: float,
     *,
-    radius: float | None = None,
+    aperture_radius: float | None = None,
     min_snr: float = 100.0,
-    total_fwhm: float = 3.0,
+    total_fwhm: float = 5.0,
     min_stars: int = 5,
-) -> tuple[float, int]:
-    """Ratio of total (large-aperture) flux to a smaller flux measure, from bright isolated stars.
+    min_stars_linear: int = 12,
+) -> PsfModel:
+    """Measure the PSF width field and the flux correction on bright isolated stars.
 
-    Real PSFs have wings a Gaussian model or a small aperture misses;
-    multiplying by this ratio puts fluxes on a total-flux scale (the classic
-    aperture correction).  With ``radius=None`` the smaller measure is the
-    Gaussian-PSF fit of :func:`forced_psf_photometry`; otherwise an aperture
-    of that radius.  Measure it on a background-subtracted image with the
-    same PSF as the one being photometered.
-
-    Returns
-    -------
-    correction : float
-        Median ratio (1.0 if fewer than ``min_stars`` usable stars).
-    n_stars : int
-        Stars used.
+    Parameters
+    ----------
+    image : ndarray
+        Background-subtracted image whose PSF is wanted.
+    variance, mask : ndarray
+        Its variance and mask.
+    fwhm : float
+        Nominal FWHM (pixels), the starting point.
+    aperture_radius : float, optional
+        Fit the correction for aperture fluxes of this radius instead of PSF fits.
+    min_snr : float
+        Least matched-filter S/N of a star used.
+    total_fwhm : float
+        Radius (in FWHM) of the aperture that defines "total" flux.
+    min_stars, min_stars_linear : int
+        Fewer usable stars than ``min_stars``: the nominal FWHM and no correction;
+        at least ``min_stars_linear``: a FWHM plane, else a constant.
     """
-    rad = total_fwhm * fwhm
-    x, y = bright_isolated_stars(image, variance, mask, fwhm, min_snr=min_snr, isolation=4 * total_fwhm)
+    shape = image.shape
+    nominal = PsfModel((float(fwhm), 0.0, 0.0), 1.0, shape, 0, aperture_radius)
+    x, y = bright_isolated_stars(image, variance, mask, fwhm, min_snr=min_snr, isolation=2 * total_fwhm)
     if x.size < min_stars:
-        return 1.0, int(x.size)
-    annulus = (rad + 2, rad + 2 + 2 * fwhm)
-    total, _, _ = aperture_fluxes(image, variance, mask, x, y, rad, annulus=annulus)
-    if radius is None:
-        small, _ = forced_psf_photometry(image, variance, mask, x, y, fwhm)
+        return nominal
+    local = _best_fwhm(image, variance, mask, x, y, fwhm)
+    med = np.median(local)
+    keep = np.abs(local - med) < 0.15 * med  # galaxies fit wide
+    coeffs = (float(np.median(local[keep])) if keep.any() else float(fwhm), 0.0, 0.0)
+    if keep.sum() >= min_stars_linear:
+        u = 2.0 * x / max(shape[1] - 1, 1) - 1.0
+        v = 2.0 * y / max(shape[0] - 1, 1) - 1.0
+        design = np.column_stack([np.ones_like(u), u, v])
+        for _ in range(3):
+            coef, *_ = np.linalg.lstsq(design[keep], local[keep], rcond=None)
+            resid = local - design @ coef
+            scale = 1.4826 * np.median(np.abs(resid[keep])) + 1e-3
+            new = keep & (np.abs(resid) < 3 * scale)
+            if new.sum() < min_stars_linear or np.array_equal(new, keep):
+                break
+            keep = new
+        coeffs = tuple(float(c) for c in coef)
+    x, y = x[keep], y[keep]
+    if x.size < min_stars:
+        return nominal
+    model = PsfModel(coeffs, 1.0, shape, int(x.size), aperture_radius)
+    # the image is background-subtracted: a local annulus would eat the PSF wings
+    total, _, _ = aperture_fluxes(image, variance, mask, x, y, total_fwhm * fwhm)
+    if aperture_radius is None:
+        small, _ = model.photometry(image, variance, mask, x, y)
     else:
-        small, _, _ = aperture_fluxes(image, variance, mask, x, y, radius, annulus=annulus)
+        small, _, _ = aperture_fluxes(image, variance, mask, x, y, aperture_radius)
     ratio = total / small
-    ratio = ratio[np.isfinite(ratio) & (ratio > 0.5) & (ratio < 2.0)]
+    ratio = ratio[np.isfinite(ratio) & (ratio > 0.5) & (ratio < 3.0)]
     if ratio.size < min_stars:
-        return 1.0, int(ratio.size)
-    return float(np.median(ratio)), int(ratio.size)
+        return dataclasses.replace(model, n_stars=int(ratio.size))
+    med = np.median(ratio)
+    mad = 1.4826 * np.median(np.abs(ratio - med)) + 1e-3
+    ratio = ratio[np.abs(ratio - med) < 4 * mad]
+    return dataclasses.replace(model, correction=float(np.median(ratio)), n_stars=int(ratio.size))
 
 
 def estimate_background(image: np.ndarray, mask: np.ndarray | None = None, cell: int = 128) -> np.ndarray:
@@ -476,7 +562,7 @@ def detect_difference(
     wcs: WCS | None = None,
     config: DetectConfig = DetectConfig(),
     ccd: str = "",
-    aperture_correction: float = 1.0,
+    psf_model: "PsfModel | None" = None,
 ) -> CandidateTable:
     """Detect positive point-source candidates on a difference image.
 
@@ -492,8 +578,9 @@ def detect_difference(
         Thresholds and flag radii.
     ccd : str
         CCD identifier written into the ``ccd`` column.
-    aperture_correction : float
-        Factor from Gaussian-fit to total flux (:func:`psf_aperture_correction`).
+    psf_model : PsfModel, optional
+        PSF of the difference (:func:`fit_psf_model` on the unconvolved image): fluxes are then
+        Gaussian fits at the local FWHM put on a total-flux scale; without it, fits at ``fwhm``.
 
     Returns
     -------
@@ -523,8 +610,10 @@ def detect_difference(
         ra, dec = wcs.pixel_to_world_values(x, y)
     else:
         ra = dec = np.full(x.size, np.nan)
-    flux, flux_err = forced_psf_photometry(image, variance, mask, x, y, fwhm, config.psf_radius)
-    flux, flux_err = flux * aperture_correction, flux_err * aperture_correction
+    if psf_model is not None:
+        flux, flux_err = psf_model.photometry(image, variance, mask, x, y)
+    else:
+        flux, flux_err = forced_psf_photometry(image, variance, mask, x, y, fwhm, config.psf_radius)
     order = np.argsort(-peak, kind="stable")
     return CandidateTable.from_columns(
         ccd=np.full(x.size, str(ccd), dtype="U32")[order],
@@ -611,7 +700,7 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
         return CandidateTable.empty()
     radius = config.aperture_fwhm * max(fs, ft)
     # aperture corrections put both images on a total-flux scale for point sources
-    corr_s, _ = psf_aperture_correction(img_s, search.variance, search.mask, fs, radius=radius)
+    corr_s = fit_psf_model(img_s, search.variance, search.mask, fs, aperture_radius=radius).correction
     f_s, e_s, bad_s = aperture_fluxes(img_s, search.variance, search.mask, x, y, radius)
     world = search.wcs.pixel_to_world_values(x, y)
     tx, ty = template.wcs.world_to_pixel_values(*world)
@@ -623,7 +712,7 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
     # apertures in pixels are used, scaled by the ratio of pixel areas
     scale_px = np.sqrt(abs(np.linalg.det(template.wcs.pixel_scale_matrix)) / abs(np.linalg.det(search.wcs.pixel_scale_matrix)))
     r_t = radius / scale_px
-    corr_t, _ = psf_aperture_correction(img_t, template.variance, template.mask, ft, radius=r_t)
+    corr_t = fit_psf_model(img_t, template.variance, template.mask, ft, aperture_radius=r_t).correction
     f_t, e_t, bad_t = aperture_fluxes(img_t, template.variance, template.mask,
                                       np.where(in_t, tx, r_t + 1), np.where(in_t, ty, r_t + 1), r_t)
     zp_scale = 10.0 ** (0.4 * (search.zero_point - template.zero_point))

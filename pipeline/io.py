@@ -25,7 +25,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from astropy.io import fits
@@ -43,6 +43,7 @@ __all__ = [
     "read_manifest",
     "PairEntry",
     "MANIFEST_COLUMNS",
+    "write_difference",
 ]
 
 IMAGE_HDU_NAMES = ("IMAGE", "SCI", "SCIENCE")
@@ -547,3 +548,51 @@ def read_manifest(path: str | Path) -> list[PairEntry]:
     if unknown:
         warnings.warn(f"{path}: ignoring unknown manifest column(s) {unknown}", stacklevel=2)
     return entries
+
+
+def _summary_cards(obj, prefix: str) -> list[tuple[str, Any, str]]:
+    """Scalar fields of a (dataclass) result as HIERARCH header cards."""
+    cards = []
+    if obj is None:
+        return cards
+    fields = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+    for key, value in fields.items():
+        if isinstance(value, (bool, np.bool_)):
+            value = bool(value)
+        elif isinstance(value, (int, np.integer)):
+            value = int(value)
+        elif isinstance(value, (float, np.floating)):
+            value = float(value)
+            if not np.isfinite(value):
+                continue
+        elif isinstance(value, str) and len(value) < 60:
+            pass
+        elif isinstance(value, (tuple, list)) and len(value) <= 8 and all(isinstance(v, (int, float, np.number)) for v in value):
+            value = ",".join(f"{float(v):.4g}" for v in value)
+        elif isinstance(value, dict) and len(value) <= 10 and all(isinstance(v, (int, np.integer)) for v in value.values()):
+            value = ",".join(f"{k}={int(v)}" for k, v in value.items())[:60]
+        else:
+            continue
+        cards.append((f"HIERARCH {prefix} {key.upper()}", value, ""))
+    return cards
+
+
+def write_difference(difference, search: Exposure, path: str | Path) -> Path:
+    """Write a difference image (IMAGE, VARIANCE, MASK on the search WCS) with the kernel summary.
+
+    The header carries the search exposure's metadata, which image was
+    convolved, and the scalar fields of the kernel solution and fit
+    statistics as ``HIERARCH DIA ...`` cards.  Atomic.
+    """
+    diff = difference.to_numpy() if hasattr(difference, "to_numpy") else difference
+    exposure = dataclasses.replace(
+        search, image=np.asarray(diff.image, np.float32), variance=np.asarray(diff.variance, np.float32),
+        mask=np.asarray(diff.mask, np.int32), name=f"difference of {search.name}", header=search.header.copy(),
+    )
+    hdr = exposure.header
+    hdr["IMAGETYP"] = ("difference", "search minus PSF-matched template")
+    hdr["CONVOLV"] = (str(diff.convolved), "which image was convolved with the kernel")
+    for key, value, comment in _summary_cards(getattr(diff, "solution", None), "DIA KERNEL") + \
+            _summary_cards(getattr(diff, "stats", None), "DIA FIT"):
+        hdr[key] = value
+    return write_exposure(exposure, path)

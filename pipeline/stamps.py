@@ -16,7 +16,7 @@ import numpy as np
 
 from dia.masks import MaskBits
 
-__all__ = ["STAMP_SIZE", "Stamps", "cut_stamps", "stack_channels"]
+__all__ = ["STAMP_SIZE", "Stamps", "cut_stamps", "stack_channels", "ring_background"]
 
 #: Stamp side in pixels (the paper's 51 x 51).
 STAMP_SIZE = 51
@@ -127,3 +127,21 @@ def stack_channels(*stamps: Stamps) -> Stamps:
         x=stamps[0].x,
         y=stamps[0].y,
     )
+
+
+def ring_background(data: np.ndarray, width: int = 5) -> np.ndarray:
+    """Median of the outer ``width``-pixel ring of each stamp, shape ``data.shape[:-2]``.
+
+    The ring of a 51-pixel stamp lies >= 20 px from the centre: sky, unless a
+    large galaxy fills the stamp (then the median is the local galaxy light,
+    which is also what a classifier should not see as signal).
+    """
+    ring = np.ones(data.shape[-2:], bool)
+    ring[width:-width, width:-width] = False
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            bkg = np.nanmedian(data[..., ring], axis=-1)
+    return np.nan_to_num(bkg)

@@ -1,0 +1,127 @@
+"""``pipeline run``: the transient pipeline on CCD pairs, in dia or direct mode, as a Dask graph."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_arguments", "main", "DEFAULT_FIELD"]
+
+#: The embedded default field: simulated on the fly when no --input is given.
+DEFAULT_FIELD = {"ccds": 2, "seed": 2026, "instrument": "decam", "shape": None}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the options of ``pipeline run``."""
+    from pipeline.simulate.command import parse_shape
+
+    parser.add_argument("--mode", choices=("dia", "direct"), default=None, help="pipeline mode (default dia)")
+    parser.add_argument("--input", default=None,
+                        help="manifest of CCD pairs (ECSV; see README). Default: simulate a small field on the fly")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default=None, help="cpu (default) or gpu (CuPy + CUDA)")
+    parser.add_argument("--scheduler", default=None,
+                        help="threads (default), local (LocalCluster + dashboard) or tcp://HOST:PORT")
+    parser.add_argument("--workers", type=int, default=None, help="workers / threads (default 2)")
+    parser.add_argument("--workflow", default=None, help="workflow TOML (workflows/*.toml): scheduler + run settings")
+    parser.add_argument("--config", default=None, help="TOML with RunConfig parameters (a [run] table or top level)")
+    parser.add_argument("--model", default=None, help="model name or weights file for this mode")
+    parser.add_argument("--threshold", type=float, default=None, help="score threshold (default 0.5)")
+    parser.add_argument("--resume", action="store_true", help="skip CCDs whose outputs are complete")
+    parser.add_argument("--save-diff", action="store_true", help="keep difference images (dia mode)")
+    parser.add_argument("--ccds", type=int, default=None, help=f"embedded default: CCDs (default {DEFAULT_FIELD['ccds']})")
+    parser.add_argument("--seed", type=int, default=None, help=f"embedded default: seed (default {DEFAULT_FIELD['seed']})")
+    parser.add_argument("--instrument", choices=("decam", "ztf", "lsst"), default=None, help="embedded default: instrument")
+    parser.add_argument("--shape", type=parse_shape, default=None, help="embedded default: CCD shape NYxNX")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_config(args):
+    import dataclasses
+
+    from pipeline.cluster import SchedulerConfig, load_workflow
+    from pipeline.config import RunConfig, config_from_dict, load_toml
+
+    overrides: dict = {}
+    scheduler = SchedulerConfig()
+    if args.workflow:
+        scheduler, overrides = load_workflow(args.workflow)
+    if args.config:
+        data = load_toml(args.config)
+        overrides.update(data.get("run", data))
+    config = config_from_dict(RunConfig, overrides, where=args.config or args.workflow or "")
+    changes = {}
+    if args.mode:
+        changes["mode"] = args.mode
+    if args.device:
+        changes["device"] = args.device
+    if args.threshold is not None:
+        changes["score_threshold"] = args.threshold
+    if args.save_diff:
+        changes["save_diff"] = True
+    if args.model:
+        changes["model_dia" if (args.mode or config.mode) == "dia" else "model_direct"] = args.model
+    config = dataclasses.replace(config, **changes)
+    sched = {}
+    if args.scheduler:
+        if args.scheduler.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
+            sched.update(kind="address", address=args.scheduler)
+        elif args.scheduler in ("threads", "local"):
+            sched["kind"] = args.scheduler
+        else:
+            raise SystemExit(f"pipeline run: --scheduler must be threads, local or tcp://HOST:PORT, got {args.scheduler!r}")
+    if args.workers:
+        sched["workers"] = args.workers
+    if config.device == "gpu" and scheduler.gpus_per_worker == 0 and (sched.get("kind", scheduler.kind) == "local"):
+        sched["gpus_per_worker"] = 1
+    scheduler = dataclasses.replace(scheduler, **sched)
+    return config, scheduler
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the pipeline and print the summary; exit 3 if some CCDs failed, 4 if all did."""
+    import time
+    from pathlib import Path
+
+    from pipeline.io import InputError, read_manifest
+    from pipeline.runner import format_summary, run_pipeline
+
+    try:
+        config, scheduler = _run_config(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"pipeline run: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if args.input:
+        try:
+            entries = read_manifest(args.input)
+        except InputError as exc:
+            print(f"pipeline run: {exc}", file=sys.stderr)
+            return 2
+    else:
+        import dataclasses
+
+        from pipeline.simulate import SimulationConfig, write_simulation
+
+        sim = SimulationConfig()
+        if args.instrument:
+            sim = dataclasses.replace(sim, instrument=args.instrument)
+        if args.shape:
+            sim = dataclasses.replace(sim, shape=args.shape)
+        n = args.ccds or DEFAULT_FIELD["ccds"]
+        seed = DEFAULT_FIELD["seed"] if args.seed is None else args.seed
+        t0 = time.perf_counter()
+        manifest = out / "input" / "manifest.ecsv"
+        if not (args.resume and manifest.exists()):
+            manifest = write_simulation(out / "input", n, seed, sim)
+        print(f"embedded default field: {n} simulated {sim.instrument} CCD pair(s), seed {seed} "
+              f"({time.perf_counter() - t0:.1f} s) -> {manifest}")
+        entries = read_manifest(manifest)
+
+    def show_dashboard(link):
+        print(f"Dask dashboard: {link}", flush=True)
+
+    result = run_pipeline(entries, config, out, scheduler, resume=args.resume,
+                          progress=not args.no_progress, on_dashboard=show_dashboard)
+    print(format_summary(result, config))
+    return result.exit_status
