@@ -134,5 +134,7 @@ def eval_poly_image(coeffs: dict[tuple[int, int], float], shape: tuple[int, int]
     yn = normalised_coords(ny, xp)
     xpow = xp.stack([xn**i for i in range(deg)], axis=1)  # (nx, deg)
     ypow = xp.stack([yn**j for j in range(deg)], axis=1)  # (ny, deg)
-    out = ypow @ xp.asarray(cmat) @ xpow.T
-    return out.astype(dtype) if dtype is not None else out
+    left = ypow @ xp.asarray(cmat)  # small products in float64, the full-frame one in the output dtype
+    if dtype is not None:
+        left, xpow = left.astype(dtype), xpow.astype(dtype)
+    return left @ xpow.T

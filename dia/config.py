@@ -73,6 +73,8 @@ class PsfMatchConfig:
     """Apply the Reiss & Lupton (2016) noise decorrelation afterburner to the difference."""
     float32: bool = True
     """Full-frame convolutions in float32 (the fit is always float64)."""
+    fft_band_rows: int | None = 512
+    """On CPU, full-frame convolutions run in bands of this many rows (overlap-save; cache-sized FFTs); None: one band. The GPU always uses one band."""
     fft_workers: int | None = None
     """Threads for scipy.fft on CPU (None: all cores)."""
 

@@ -15,7 +15,7 @@ from .backend import Backend
 from .basis import eval_poly_image, normalised_coords
 from .fit import KernelSolution
 
-__all__ = ["fft_shape", "kernel_spectra", "convolve_spatial", "convolve_variance", "grow_mask", "kernel_sum_image", "background_image"]
+__all__ = ["fft_shape", "kernel_spectra", "convolve_terms", "convolve_spatial", "convolve_variance", "grow_mask", "kernel_sum_image", "background_image"]
 
 
 def fft_shape(shape: tuple[int, int], half_width: int) -> tuple[int, int]:
@@ -28,8 +28,7 @@ def kernel_spectra(be: Backend, kernels: np.ndarray, fshape: tuple[int, int], dt
     """rfft2 of small kernels ``(n, size, size)`` zero-padded (top-left) to ``fshape``.
 
     Done as a short real FFT along x of the ``size`` non-zero rows, then a
-    complex FFT along y; the kernels are small so this costs less than a
-    padded rfft2.
+    complex FFT along y.
     """
     xp = be.xp
     k = xp.asarray(kernels.astype(dtype))
@@ -40,29 +39,52 @@ def kernel_spectra(be: Backend, kernels: np.ndarray, fshape: tuple[int, int], dt
     return be.fft.fft(pad, axis=1, overwrite_x=True, **kw)
 
 
-def convolve_spatial(be: Backend, image, solution: KernelSolution, dtype):
-    """Convolve ``image`` (bad pixels already replaced) with the spatially varying kernel.
+def convolve_terms(be: Backend, image, kernels: np.ndarray, terms, dtype, band_rows: int | None, tag: str = "image"):
+    """``sum_s xn^i_s yn^j_s (image conv kernels[s])`` on the image grid.
 
-    Returns ``sum_s P_s(x, y) (image conv K_s)(x, y)`` on the image grid
-    (pixels within the kernel half-width of the border see zeros outside).
+    The image is processed in bands of ``band_rows`` output rows (overlap-save:
+    each band reads ``2 * hw`` extra rows), which keeps the FFTs cache-sized
+    and makes the kernel spectra small; ``band_rows=None`` is one full-frame
+    band.  Per band: one forward FFT and one inverse FFT per kernel (spatial
+    term).  Outside the image the input counts as zero.
     """
     xp = be.xp
     ny, nx = image.shape
-    hw = solution.basis.half_width
-    fshape = fft_shape((ny, nx), hw)
-    fimg = be.rfft2(image.astype(dtype, copy=False), s=fshape, tag="image-forward")
-    fker = kernel_spectra(be, solution.spatial_kernels(), fshape, dtype)
+    hw = kernels.shape[-1] // 2
+    band = ny if not band_rows or band_rows >= ny else int(band_rows)
+    fshape = (scipy.fft.next_fast_len(band + 2 * hw), scipy.fft.next_fast_len(nx + 2 * hw, real=True))
+    fker = kernel_spectra(be, kernels, fshape, dtype)
+    padded = xp.zeros((ny + 2 * hw, nx + 2 * hw), dtype=dtype)
+    padded[hw : hw + ny, hw : hw + nx] = image
     xn = normalised_coords(nx, xp).astype(dtype)
     yn = normalised_coords(ny, xp).astype(dtype)
-    out = xp.zeros((ny, nx), dtype=dtype)
-    for s, (i, j) in enumerate(solution.spatial_terms):
-        conv = be.irfft2(fimg * fker[s], s=fshape, tag="spatial-term")[hw : hw + ny, hw : hw + nx]
-        if i:
-            conv = conv * (xn**i)[None, :]
-        if j:
-            conv = conv * (yn**j)[:, None]
-        out += conv
+    xpows = {i: (xn**i)[None, :] for i in {i for i, _ in terms} if i}
+    out = xp.empty((ny, nx), dtype=dtype)
+    for r0 in range(0, ny, band):
+        r1 = min(r0 + band, ny)
+        fimg = be.rfft2(padded[r0 : r1 + 2 * hw], s=fshape, tag=f"{tag}-forward")
+        acc = None
+        for s, (i, j) in enumerate(terms):
+            conv = be.irfft2(fimg * fker[s], s=fshape, tag=f"{tag}-term")[2 * hw : 2 * hw + r1 - r0, 2 * hw : 2 * hw + nx]
+            if i:
+                conv = conv * xpows[i]
+            if j:
+                conv = conv * (yn[r0:r1] ** j)[:, None]
+            if acc is None:
+                acc = conv  # a view of a fresh irfft2 output: safe to accumulate into
+            else:
+                acc += conv
+        out[r0:r1] = acc
     return out
+
+
+def convolve_spatial(be: Backend, image, solution: KernelSolution, dtype, band_rows: int | None = None):
+    """Convolve ``image`` (bad pixels already replaced) with the spatially varying kernel.
+
+    Returns ``sum_s P_s(x, y) (image conv K_s)(x, y)``: one inverse FFT per
+    spatial term (per band), never one per basis function.
+    """
+    return convolve_terms(be, image, solution.spatial_kernels(), solution.spatial_terms, dtype, band_rows, "image")
 
 
 def kernel_sum_image(be: Backend, solution: KernelSolution, dtype):
@@ -91,7 +113,7 @@ def kernel_power_coeffs(solution: KernelSolution) -> dict[tuple[int, int], float
     return out
 
 
-def convolve_variance(be: Backend, variance, solution: KernelSolution, dtype):
+def convolve_variance(be: Backend, variance, solution: KernelSolution, dtype, band_rows: int | None = None):
     """Propagate a variance plane through the spatially varying kernel.
 
     Exact would be ``sum_uv K(x, y; u, v)^2 V(x - u, y - v)``, which needs one
@@ -104,15 +126,12 @@ def convolve_variance(be: Backend, variance, solution: KernelSolution, dtype):
     variance structure within one kernel footprint (bright-star cores).
     """
     ny, nx = variance.shape
-    hw = solution.basis.half_width
-    fshape = fft_shape((ny, nx), hw)
     kc = solution.kernel_at((nx - 1) / 2, (ny - 1) / 2)
     k2 = kc * kc
-    fv = be.rfft2(variance.astype(dtype, copy=False), s=fshape, tag="variance-forward")
-    fk = kernel_spectra(be, k2[None], fshape, dtype)[0]
-    conv = be.irfft2(fv * fk, s=fshape, tag="variance-inverse")[hw : hw + ny, hw : hw + nx]
+    conv = convolve_terms(be, variance, k2[None], [(0, 0)], dtype, band_rows, "variance")
     ratio = eval_poly_image({k: v / float(k2.sum()) for k, v in kernel_power_coeffs(solution).items()}, (ny, nx), be.xp, dtype)
-    return conv * ratio
+    conv *= ratio
+    return conv
 
 
 def grow_mask(be: Backend, flagged, half_width: int):

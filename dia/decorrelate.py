@@ -11,6 +11,9 @@ from .masks import BAD_FOR_FIT
 
 __all__ = ["decorrelation_kernel", "decorrelate_difference"]
 
+# plain int: CuPy kernels do not take enum scalars
+_BAD = int(BAD_FOR_FIT)
+
 
 def decorrelation_kernel(kernel: np.ndarray, var_ref: float, var_conv: float, size: int | None = None) -> np.ndarray:
     """Real-space decorrelation kernel for a difference ``Y - K * X``.
@@ -42,7 +45,7 @@ def decorrelate_difference(be: Backend, image, variance, y_var, x_var, solution:
     """
     xp = be.xp
     ny, nx = image.shape
-    good = (mask & BAD_FOR_FIT) == 0
+    good = (mask & _BAD) == 0
     vy = float(xp.median(y_var[good]))
     vx = float(xp.median(x_var[good]))
     kc = solution.kernel_at((nx - 1) / 2, (ny - 1) / 2)

@@ -28,6 +28,9 @@ from .stars import StarSelection, StarSelectionError, describe_rejections
 
 __all__ = ["KernelSolution", "FitStats", "fit_kernel", "stamp_equations"]
 
+# plain int: CuPy kernels do not take enum scalars
+_BAD = int(BAD_FOR_FIT)
+
 
 @dataclasses.dataclass(frozen=True)
 class KernelSolution:
@@ -145,7 +148,7 @@ def stamp_equations(be: Backend, basis: KernelBasis, conv_img, conv_var, ref_img
         cx = (xx[:, None] + off_core)[:, None, :]
         target = ref_img[cy, cx].astype(xp.float64).reshape(k, -1)
         var = (ref_var[cy, cx].astype(xp.float64) + conv_var[cy, cx].astype(xp.float64)).reshape(k, -1)
-        good = ((ref_mask[cy, cx] & BAD_FOR_FIT) == 0).reshape(k, -1) & xp.isfinite(target) & xp.isfinite(var) & (var > 0)
+        good = ((ref_mask[cy, cx] & _BAD) == 0).reshape(k, -1) & xp.isfinite(target) & xp.isfinite(var) & (var > 0)
         w = xp.where(good, 1.0 / xp.where(good, var, 1.0), 0.0)
         target = xp.where(good, target, 0.0)
         dw = design * w[:, None, :]
@@ -171,15 +174,20 @@ def _clip(red: np.ndarray, keep: np.ndarray, nsig: float) -> np.ndarray:
 
 
 def _ridge_solve(a: np.ndarray, b: np.ndarray, reg: float) -> np.ndarray:
-    d = np.diag(a)
+    """Solve ``a x = b`` (or a stack of them) with Jacobi scaling and a small relative ridge."""
+    d = np.diagonal(a, axis1=-2, axis2=-1)
     # Jacobi scaling keeps the (badly scaled) normal equations well conditioned
     s = 1.0 / np.sqrt(np.where(d > 0, d, 1.0))
-    a2 = a * s[:, None] * s[None, :]
-    a2[np.diag_indices_from(a2)] += reg
+    a2 = a * s[..., :, None] * s[..., None, :]
+    idx = np.arange(a.shape[-1])
+    a2[..., idx, idx] += reg
     try:
-        x = np.linalg.solve(a2, b * s)
+        x = np.linalg.solve(a2, (b * s)[..., None])[..., 0]
     except np.linalg.LinAlgError:
-        x = np.linalg.lstsq(a2, b * s, rcond=None)[0]
+        if a.ndim == 2:
+            x = np.linalg.lstsq(a2, b * s, rcond=None)[0]
+        else:
+            x = np.stack([np.linalg.lstsq(a2[i], b[i] * s[i], rcond=None)[0] for i in range(a.shape[0])])
     return x * s
 
 
@@ -218,7 +226,7 @@ def fit_kernel(
     n = len(npix)
 
     # independent per-stamp fits: a first, cheap screen of bad stamps (variables, blends, CRs)
-    local = np.array([_ridge_solve(m_i[i], v_i[i], config.regularization) for i in range(n)])
+    local = _ridge_solve(m_i, v_i, config.regularization)
     local_red = _chi2(local, m_i, v_i, c_i) / np.maximum(npix - m, 1)
     keep = np.ones(n, bool)
     keep &= ~_clip(local_red, keep, config.clip_sigma)

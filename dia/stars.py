@@ -13,6 +13,10 @@ from .masks import BAD_FOR_FIT, MaskBits
 
 __all__ = ["StarSelectionError", "StarSelection", "select_stars", "REJECT_REASONS"]
 
+# plain ints: CuPy kernels do not take enum scalars
+_BAD = int(BAD_FOR_FIT)
+_SAT = int(MaskBits.SAT)
+
 #: Rejection reasons, in the order they are tested (a star counts under its first failing test).
 REJECT_REASONS = ("edge", "too_faint", "saturated", "masked", "not_isolated", "no_counterpart", "clipped")
 
@@ -47,15 +51,30 @@ def describe_rejections(found: int, usable: int, rejected: dict[str, int], neede
     )
 
 
-def _level(be: Backend, img, var, mask) -> tuple[float, float]:
-    """Background level and typical per-pixel noise of an image, from a sub-sample of good pixels."""
+def _level(be: Backend, img, var, mask, block: int = 128):
+    """Coarse background map (median per ``block`` x ``block`` cell, from every 4th pixel) and typical noise.
+
+    Returns ``(bg_blocks, noise)``: per-cell medians (device array; cells
+    without good pixels take the global median) and sqrt(median variance).
+    """
     xp = be.xp
-    sub, vsub, msub = img[::3, ::3], var[::3, ::3], mask[::3, ::3]
-    good = ((msub & BAD_FOR_FIT) == 0) & xp.isfinite(sub) & xp.isfinite(vsub) & (vsub > 0)
-    vals = sub[good]
-    if int(vals.size) == 0:
-        return 0.0, 1.0
-    return float(xp.median(vals)), float(xp.sqrt(xp.median(vsub[good])))
+    step = 4
+    sub = img[::step, ::step].astype(xp.float32)
+    vsub, msub = var[::step, ::step], mask[::step, ::step]
+    good = ((msub & _BAD) == 0) & xp.isfinite(sub) & xp.isfinite(vsub) & (vsub > 0)
+    if not bool(good.any()):
+        return xp.zeros((1, 1), xp.float32), 1.0
+    noise = float(xp.sqrt(xp.median(vsub[good])))
+    b = block // step
+    sy, sx = sub.shape
+    by, bx = -(-sy // b), -(-sx // b)
+    padded = xp.full((by * b, bx * b), xp.nan, dtype=xp.float32)
+    padded[:sy, :sx] = xp.where(good, sub, xp.float32(xp.nan))
+    cells = padded.reshape(by, b, bx, b).transpose(0, 2, 1, 3).reshape(by, bx, b * b)
+    finite = xp.isfinite(cells).any(axis=-1)
+    med = xp.nanmedian(xp.where(finite[..., None], cells, 0), axis=-1)
+    med = xp.where(finite, med, xp.median(sub[good]))
+    return med.astype(xp.float32), noise
 
 
 def _gather(xp, img, ys, xs, hw: int):
@@ -91,16 +110,26 @@ def select_stars(
     transient or a bad pixel).  Survivors are spread over a grid of about
     ``grid_cells`` cells, brightest first per cell, up to ``max_stars``.
     """
-    xp, nd = be.xp, be.ndimage
+    xp = be.xp
     ny, nx = conv_img.shape
-    bg_c, noise_c = _level(be, conv_img, conv_var, conv_mask)
-    bg_r, noise_r = _level(be, ref_img, ref_var, ref_mask)
+    block = 128
+    bgb_c, noise_c = _level(be, conv_img, conv_var, conv_mask, block)
+    bgb_r, noise_r = _level(be, ref_img, ref_var, ref_mask, block)
+    bg_c = xp.repeat(xp.repeat(bgb_c, block, axis=0), block, axis=1)[:ny, :nx]
 
     # local maxima above detect_snr (non-finite pixels can't be peaks)
-    work = xp.where(xp.isfinite(conv_img), conv_img, -xp.inf).astype(xp.float32)
-    peaks = (work == nd.maximum_filter(work, size=5, mode="nearest")) & (work > bg_c + config.detect_snr * noise_c)
-    py, px = (be.asnumpy(a) for a in xp.nonzero(peaks))
-    amp = be.asnumpy(work[xp.asarray(py), xp.asarray(px)]).astype(np.float64) - bg_c
+    # threshold first (sparse), then test the 5x5 local maximum only there
+    work = xp.where(xp.isfinite(conv_img), conv_img, -xp.inf).astype(xp.float32, copy=False)
+    cy, cx = xp.nonzero(work - bg_c > config.detect_snr * noise_c)
+    val = work[cy, cx]
+    is_peak = xp.ones(val.shape, dtype=bool)
+    for dy in range(-2, 3):
+        for dx in range(-2, 3):
+            if dy or dx:
+                ny_, nx_ = xp.clip(cy + dy, 0, ny - 1), xp.clip(cx + dx, 0, nx - 1)
+                is_peak &= val >= work[ny_, nx_]
+    py, px = be.asnumpy(cy[is_peak]), be.asnumpy(cx[is_peak])
+    amp = be.asnumpy(val[is_peak] - bg_c[cy[is_peak], cx[is_peak]]).astype(np.float64)
     found = int(py.size)
     rejected = {k: 0 for k in REJECT_REASONS}
     if found == 0:
@@ -127,21 +156,21 @@ def select_stars(
         varc = _gather(xp, conv_var, ys, xs, full)
         varr = _gather(xp, ref_var, ys, xs, core_hw)
         sat = (
-            ((mc & MaskBits.SAT) != 0).any(axis=(1, 2))
-            | ((mr & MaskBits.SAT) != 0).any(axis=(1, 2))
+            ((mc & _SAT) != 0).any(axis=(1, 2))
+            | ((mr & _SAT) != 0).any(axis=(1, 2))
             | (vc >= config.saturation).any(axis=(1, 2))
             | (vr >= config.saturation).any(axis=(1, 2))
         )
         bad = (
-            ((mc & BAD_FOR_FIT) != 0).any(axis=(1, 2))
-            | ((mr & BAD_FOR_FIT) != 0).any(axis=(1, 2))
+            ((mc & _BAD) != 0).any(axis=(1, 2))
+            | ((mr & _BAD) != 0).any(axis=(1, 2))
             | ~xp.isfinite(vc).all(axis=(1, 2))
             | ~xp.isfinite(vr).all(axis=(1, 2))
             | ~(xp.isfinite(varc) & (varc > 0)).all(axis=(1, 2))
             | ~(xp.isfinite(varr) & (varr > 0)).all(axis=(1, 2))
         )
         c = core_hw
-        ref_peak = vr[:, c - 1 : c + 2, c - 1 : c + 2].max(axis=(1, 2)) - bg_r
+        ref_peak = vr[:, c - 1 : c + 2, c - 1 : c + 2].max(axis=(1, 2)) - bgb_r[xp.asarray(ys) // block, xp.asarray(xs) // block]
         flags = np.zeros(found, bool)
         flags[idx] = be.asnumpy(sat)
         reject(flags, "saturated")

@@ -20,6 +20,10 @@ from .stars import select_stars
 
 __all__ = ["Difference", "subtract", "subtract_on_backend", "choose_convolved"]
 
+# plain ints: CuPy kernels do not take enum scalars
+_BAD = int(BAD_FOR_FIT)
+_SAT = int(MaskBits.SAT)
+
 
 @dataclasses.dataclass
 class Difference:
@@ -164,7 +168,7 @@ def subtract_on_backend(be: Backend, planes: dict[str, Any], *, search_fwhm: flo
     s_mask = xp.asarray(planes["search_mask"]).astype(xp.int32, copy=False)
     t_mask = xp.asarray(planes["template_mask"]).astype(xp.int32, copy=False)
     for name, img, var, mask in (("search", s_img, s_var, s_mask), ("template", t_img, t_var, t_mask)):
-        usable = ((mask & BAD_FOR_FIT) == 0) & xp.isfinite(img) & xp.isfinite(var)
+        usable = ((mask & _BAD) == 0) & xp.isfinite(img) & xp.isfinite(var)
         if not bool(usable.any()):
             raise ValueError(f"{name}: every pixel is masked (mask & BAD_FOR_FIT) or non-finite; nothing to subtract")
     lap("transfer")
@@ -187,18 +191,21 @@ def subtract_on_backend(be: Backend, planes: dict[str, Any], *, search_fwhm: flo
 
     # pixels that must not spread through the kernel: flagged bits and non-finite values
     bad_x = ((x_mask & config.grow_bits) != 0) | ~xp.isfinite(x_img) | ~xp.isfinite(x_var)
-    x_clean = xp.where(bad_x, 0, x_img).astype(dtype)
-    conv = convolve_spatial(be, x_clean, solution, dtype)
+    x_clean = xp.where(bad_x, dtype(0), x_img).astype(dtype, copy=False)
+    band = config.fft_band_rows if be.name == "cpu" else None
+    conv = convolve_spatial(be, x_clean, solution, dtype, band)
     conv += background_image(be, solution, dtype)
     if convolved == "template":
-        image = y_img.astype(dtype) - conv
+        image = y_img.astype(dtype, copy=False) - conv
     else:
         ksum = kernel_sum_image(be, solution, dtype)
-        image = (conv - y_img.astype(dtype)) / ksum
+        image = conv - y_img.astype(dtype, copy=False)
+        image /= ksum
     lap("convolve")
 
-    var_conv = convolve_variance(be, xp.where(bad_x, 0, x_var).astype(dtype), solution, dtype)
-    variance = y_var.astype(dtype) + var_conv
+    var_conv = convolve_variance(be, xp.where(bad_x, dtype(0), x_var).astype(dtype, copy=False), solution, dtype, band)
+    variance = var_conv
+    variance += y_var.astype(dtype, copy=False)
     if convolved == "search":
         variance /= ksum * ksum
     lap("variance")

@@ -312,7 +312,7 @@ def test_gpu_without_cupy_is_clear(pair):
 
 
 def test_one_fft_per_spatial_term(pair):
-    """Full-frame cost: 1 forward + one inverse per spatial term for the image, 2 for the variance."""
+    """Full-frame cost: per band, 1 forward + one inverse per spatial term for the image, 2 for the variance."""
     calls = []
     be = get_backend("cpu")
     be.fft_hook = calls.append
@@ -321,9 +321,11 @@ def test_one_fft_per_spatial_term(pair):
     d = subtract_on_backend(be, planes, search_fwhm=4.0, template_fwhm=2.8, config=PsfMatchConfig())
     n_spatial = len(d.solution.spatial_terms)
     assert n_spatial == 6
-    assert calls.count("spatial-term") == n_spatial
-    assert calls.count("image-forward") == 1
-    assert len(calls) == n_spatial + 3  # + variance forward and inverse
+    n_bands = calls.count("image-forward")
+    assert n_bands == math.ceil(pair.search.shape[0] / PsfMatchConfig().fft_band_rows)
+    assert calls.count("image-term") == n_spatial * n_bands
+    assert calls.count("variance-forward") == calls.count("variance-term") == n_bands
+    assert len(calls) == (n_spatial + 3) * n_bands
     assert d.solution.basis.n_basis == 27  # far fewer FFTs than basis functions
 
 
