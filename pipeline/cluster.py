@@ -116,7 +116,7 @@ def start_client(config: SchedulerConfig):
         return Client(cluster), cluster
     import dask_jobqueue
 
-    kwargs = dict(config.cluster)
+    kwargs = {k: v for k, v in config.cluster.items() if v not in ("", None)}  # empty: site default
     kwargs.setdefault("cores", config.threads_per_worker)
     kwargs.setdefault("processes", 1)
     kwargs.setdefault("memory", "4GB")

@@ -137,6 +137,9 @@ class DetectConfig:
     max_candidates : int
         At most this many candidates per image, the highest S/N kept (default 5000), a guard
         against a pathological image flooding the classifier.
+    min_separation_fwhm : float
+        Local S/N maxima at least this many FWHM apart inside one segment are separate
+        candidates (default 1.0; 0 keeps one peak per segment).
     """
 
     threshold: float = 5.0
@@ -146,6 +149,7 @@ class DetectConfig:
     edge: int = 25
     psf_radius: float = 1.5
     max_candidates: int = 5000
+    min_separation_fwhm: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("threshold", "negative_threshold", "dipole_radius", "psf_radius"):
@@ -225,7 +229,9 @@ def find_peaks(snr: np.ndarray, threshold: float, n_pixels: int, max_peaks: int 
     """
     from photutils.segmentation import detect_sources
 
-    segm = detect_sources(snr, threshold, n_pixels=n_pixels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NoDetectionsWarning: an empty result is a valid answer
+        segm = detect_sources(snr, threshold, n_pixels=n_pixels)
     if segm is None or segm.n_labels == 0:
         e = np.zeros(0)
         return e, e, e
@@ -589,7 +595,8 @@ def detect_difference(
     """
     psf = gaussian_psf(fwhm, config.psf_radius)
     filt = psf_filter(image, variance, mask, psf)
-    x, y, peak = find_peaks(filt.snr, config.threshold, config.n_pixels, config.max_candidates)
+    sep = int(round(config.min_separation_fwhm * fwhm))
+    x, y, peak = find_peaks(filt.snr, config.threshold, config.n_pixels, config.max_candidates, min_separation=sep)
     nx_, ny_, _ = find_peaks(-filt.snr, config.negative_threshold, config.n_pixels)
     ix = np.clip(np.rint(x).astype(int), 0, image.shape[1] - 1)
     iy = np.clip(np.rint(y).astype(int), 0, image.shape[0] - 1)
@@ -600,10 +607,9 @@ def detect_difference(
         tree = cKDTree(np.column_stack([nx_, ny_]))
         dist, _ = tree.query(np.column_stack([x, y]), k=1)
         flags[dist <= config.dipole_radius * fwhm] |= CandidateFlags.DIPOLE
-    core = max(1, int(round(0.5 * fwhm)))
     if x.size:
         flags[_near_mask(mask, int(BAD_FOR_FIT & ~MaskBits.SAT & ~MaskBits.EDGE), 1)[iy, ix]] |= CandidateFlags.MASKED
-        flags[_near_mask(mask, int(MaskBits.SAT), core + 1)[iy, ix]] |= CandidateFlags.SATURATED
+        flags[_near_mask(mask, int(MaskBits.SAT), int(np.ceil(config.psf_radius * fwhm)))[iy, ix]] |= CandidateFlags.SATURATED
         flags[_near_mask(mask, int(MaskBits.CONVOLVED), 0)[iy, ix]] |= CandidateFlags.CONVOLVED
         flags[~_edge_distance_ok(mask, config.edge)[iy, ix]] |= CandidateFlags.EDGE
     if wcs is not None and x.size:

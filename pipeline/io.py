@@ -159,7 +159,7 @@ _META_KEYS = {
     "GAIN": ("gain", "[e-/ADU] gain"),
     "RDNOISE": ("read_noise", "[e-] read noise"),
     "SATURATE": ("saturation", "[ADU] saturation level"),
-    "MAGZERO": ("zero_point", "[mag] zero point, mag = MAGZERO - 2.5 log10(ADU)"),
+    "MAGZERO": ("zero_point", "[mag] mag = MAGZERO - 2.5 log10(ADU)"),
     "FWHM": ("fwhm", "[pix] PSF FWHM"),
     "SKYLEVEL": ("sky_level", "[ADU] mean sky level"),
     "EXPTIME": ("exptime", "[s] exposure time"),
