@@ -127,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="4096x2048", help="NYxNX")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="print a host-side cProfile of one device run")
+    ap.add_argument("--float64", action="store_true", help="also time and compare the float64 configuration")
     args = ap.parse_args(argv)
     ny, nx = (int(v) for v in args.shape.lower().split("x"))
     out_json = args.json or (os.path.join(os.environ["OUT"], "gpu_dia_check.json") if os.environ.get("OUT") else None)
@@ -185,6 +187,32 @@ def main(argv=None) -> int:
         report["h2d_s_median"] = float(np.median(h2d))
         report["d2h_s_median"] = float(np.median(d2h))
         report.update(compare(ref, res, pair["search"]))
+        if args.float64:
+            cfg64 = PsfMatchConfig(float32=False)
+            ref64 = subtract(*host, device="cpu", search_fwhm=kw["search_fwhm"], template_fwhm=kw["template_fwhm"], config=cfg64)
+            subtract(*dev, device=args.device, search_fwhm=kw["search_fwhm"], template_fwhm=kw["template_fwhm"], config=cfg64)
+            t64 = []
+            for _ in range(max(3, args.repeat // 2)):
+                sync()
+                t = time.perf_counter()
+                d64 = subtract(*dev, device=args.device, search_fwhm=kw["search_fwhm"], template_fwhm=kw["template_fwhm"], config=cfg64)
+                sync()
+                t64.append(time.perf_counter() - t)
+            report["float64_device_time_per_ccd_s_median"] = float(np.median(t64))
+            report["float64_compare"] = compare(ref64, d64.to_numpy(), pair["search"])
+        if args.profile:
+            import cProfile
+            import io
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            subtract(*dev, device=args.device, **kw)
+            sync()
+            prof.disable()
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+            print(buf.getvalue())
         report["ok"] = True
     except Exception as exc:  # report, don't crash: the JSON says what went wrong
         report["ok"] = False

@@ -178,16 +178,15 @@ def select_stars(
         flags[idx] = be.asnumpy(bad)
         reject(flags, "masked")
 
-        # isolation against every detected peak (a small host-side search)
+        # isolation against every detected peak (a small host-side search, vectorised over pairs)
         from scipy.spatial import cKDTree
 
-        tree = cKDTree(np.column_stack([py, px]))
-        alive_idx = np.nonzero(alive)[0]
+        pairs = cKDTree(np.column_stack([py, px])).query_pairs(r=core_hw, output_type="ndarray")
         notiso = np.zeros(found, bool)
-        for i, neigh in zip(alive_idx, tree.query_ball_point(np.column_stack([py[alive_idx], px[alive_idx]]), r=core_hw)):
-            others = [j for j in neigh if j != i]
-            if others and np.any(amp[others] > config.isolation_ratio * amp[i]):
-                notiso[i] = True
+        if len(pairs):
+            i, j = pairs[:, 0], pairs[:, 1]
+            np.logical_or.at(notiso, i, amp[j] > config.isolation_ratio * amp[i])
+            np.logical_or.at(notiso, j, amp[i] > config.isolation_ratio * amp[j])
         reject(notiso, "not_isolated")
 
         flags[:] = False
