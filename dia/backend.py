@@ -7,7 +7,7 @@ import os
 from types import ModuleType
 from typing import Any, Callable
 
-__all__ = ["Backend", "get_backend", "GPU_INSTALL_HINT"]
+__all__ = ["Backend", "get_backend", "GPU_INSTALL_HINT", "StepClock"]
 
 GPU_INSTALL_HINT = "install the GPU extra: pip install transient-pipeline[gpu] (CuPy for CUDA 12)"
 
@@ -85,3 +85,22 @@ def get_backend(device: str = "cpu", workers: int | None = None) -> Backend:
             raise RuntimeError("device='gpu': CuPy is installed but no CUDA device was found")
         return Backend("gpu", cupy, cupyx.scipy.fft, cupyx.scipy.ndimage)
     raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+
+
+class StepClock:
+    """Records synchronised sub-step times ``"<prefix>.<name>"`` into a dict (no-op without one)."""
+
+    def __init__(self, be: Backend, timings: dict | None, prefix: str):
+        import time
+
+        self._time = time.perf_counter
+        self.be, self.timings, self.prefix = be, timings, prefix
+        self.t = self._time()
+
+    def __call__(self, name: str) -> None:
+        if self.timings is None:
+            return
+        self.be.sync()
+        now = self._time()
+        self.timings[f"{self.prefix}.{name}"] = now - self.t
+        self.t = now

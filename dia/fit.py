@@ -20,7 +20,7 @@ import dataclasses
 import numpy as np
 import scipy.fft
 
-from .backend import Backend
+from .backend import Backend, StepClock
 from .basis import KernelBasis, spatial_terms, spatial_vector
 from .config import PsfMatchConfig
 from .masks import BAD_FOR_FIT
@@ -138,12 +138,13 @@ def stamp_equations(be: Backend, basis: KernelBasis, conv_img, conv_var, ref_img
     out_m, out_v, out_c, out_n = [], [], [], []
     # CPU: chunks keep the (stamps x basis x FFT grid) products cache-sized; GPU: one launch sequence
     chunk = chunk or (32 if be.name == "cpu" else max(len(ys), 1))
+    kw = {"workers": be.workers} if be.name == "cpu" else {}
     for start in range(0, len(ys), chunk):
         yy = xp.asarray(ys[start : start + chunk])
         xx = xp.asarray(xs[start : start + chunk])
         cut = conv_img[(yy[:, None] + off_full)[:, :, None], (xx[:, None] + off_full)[:, None, :]].astype(xp.float64)
-        fx = be.fft.rfft2(cut, s=(n, n))
-        conv = be.fft.irfft2(fx[:, None] * fb[None], s=(n, n))[:, :, hw : hw + cs, hw : hw + cs]
+        fx = be.fft.rfft2(cut, s=(n, n), **kw)
+        conv = be.fft.irfft2(fx[:, None] * fb[None], s=(n, n), **kw)[:, :, hw : hw + cs, hw : hw + cs]
         k = cut.shape[0]
         design = xp.concatenate([conv.reshape(k, basis.n_basis, cs * cs), xp.ones((k, 1, cs * cs))], axis=1)
         cy = (yy[:, None] + off_core)[:, :, None]
@@ -175,24 +176,40 @@ def _clip(red: np.ndarray, keep: np.ndarray, nsig: float) -> np.ndarray:
     return keep & (red > med + nsig * spread)
 
 
+def _cholesky_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve SPD systems ``a x = b`` (stacked ``(..., n, n)``, ``(..., n)``) by Cholesky in NumPy.
+
+    The systems are small (n <= a few hundred); a column loop of vector
+    operations avoids multi-threaded LAPACK, whose threads fight the FFT
+    workers for the cores (100x slow-downs seen on a loaded 2-core machine).
+    """
+    n = a.shape[-1]
+    low = np.zeros_like(a)
+    tiny = 1e-300
+    for j in range(n):
+        row = low[..., j, :j]
+        d = np.sqrt(np.maximum(a[..., j, j] - np.einsum("...k,...k->...", row, row), tiny))
+        low[..., j, j] = d
+        if j + 1 < n:
+            low[..., j + 1 :, j] = (a[..., j + 1 :, j] - np.einsum("...ik,...k->...i", low[..., j + 1 :, :j], row)) / d[..., None]
+    y = np.zeros_like(b)
+    for j in range(n):
+        y[..., j] = (b[..., j] - np.einsum("...k,...k->...", low[..., j, :j], y[..., :j])) / low[..., j, j]
+    x = np.zeros_like(b)
+    for j in range(n - 1, -1, -1):
+        x[..., j] = (y[..., j] - np.einsum("...k,...k->...", low[..., j + 1 :, j], x[..., j + 1 :])) / low[..., j, j]
+    return x
+
+
 def _ridge_solve(a: np.ndarray, b: np.ndarray, reg: float) -> np.ndarray:
-    """Solve ``a x = b`` (or a stack of them) with Jacobi scaling and a small relative ridge."""
+    """Solve normal equations ``a x = b`` (or a stack) with Jacobi scaling and a small relative ridge."""
     d = np.diagonal(a, axis1=-2, axis2=-1)
     # Jacobi scaling keeps the (badly scaled) normal equations well conditioned
     s = 1.0 / np.sqrt(np.where(d > 0, d, 1.0))
     a2 = a * s[..., :, None] * s[..., None, :]
     idx = np.arange(a.shape[-1])
-    a2[..., idx, idx] += reg
-    try:
-        # always the stacked (gufunc) path: for one matrix it is also ~100x faster here than the
-        # plain call, whose multi-threaded LAPACK fights the FFT worker threads for the cores
-        x = np.linalg.solve(a2.reshape(-1, *a2.shape[-2:]), (b * s).reshape(-1, b.shape[-1], 1))[..., 0].reshape(b.shape)
-    except np.linalg.LinAlgError:
-        if a.ndim == 2:
-            x = np.linalg.lstsq(a2, b * s, rcond=None)[0]
-        else:
-            x = np.stack([np.linalg.lstsq(a2[i], b[i] * s[i], rcond=None)[0] for i in range(a.shape[0])])
-    return x * s
+    a2[..., idx, idx] += max(reg, 1e-12)
+    return _cholesky_solve(a2, b * s) * s
 
 
 def fit_kernel(
@@ -207,6 +224,7 @@ def fit_kernel(
     *,
     core_hw: int,
     config: PsfMatchConfig,
+    timings: dict | None = None,
 ) -> tuple[KernelSolution, FitStats]:
     """Fit the spatial kernel and background to the selected stars, clipping outliers.
 
@@ -224,7 +242,9 @@ def fit_kernel(
     if stars.y.size < needed:
         raise StarSelectionError(describe_rejections(stars.found, int(stars.y.size), rejected, needed), stars.found, int(stars.y.size), rejected)
 
+    clock = StepClock(be, timings, "fit")
     m_i, v_i, c_i, npix = stamp_equations(be, basis, conv_img, conv_var, ref_img, ref_var, ref_mask, stars.y, stars.x, core_hw)
+    clock("stamps")
     nb = basis.n_basis
     m = nb + 1
     n = len(npix)
@@ -248,7 +268,7 @@ def fit_kernel(
             break
         pk = p[keep]
         pp = (pk[:, :, None] * pk[:, None, :]).reshape(len(pk), -1)
-        g = (m_i[keep].reshape(len(pk), -1).T @ pp).reshape(m, m, n_all, n_all)
+        g = np.einsum("ia,ib->ab", m_i[keep].reshape(len(pk), -1), pp).reshape(m, m, n_all, n_all)
         g = g.transpose(0, 2, 1, 3).reshape(m * n_all, m * n_all)
         h = np.einsum("ik,is->ks", v_i[keep], p[keep]).reshape(m * n_all)
         theta_sel = _ridge_solve(g[np.ix_(sel, sel)], h[sel], config.regularization)
@@ -267,6 +287,7 @@ def fit_kernel(
     if keep.sum() < needed:
         raise StarSelectionError(describe_rejections(stars.found, int(keep.sum()), rejected, needed), stars.found, int(keep.sum()), rejected)
 
+    clock("solve")
     coefficients = coef[:nb, :n_s].copy()
     bg = coef[nb, :n_b].copy()
     centre = spatial_vector((shape[1] - 1) / 2, (shape[0] - 1) / 2, shape, config.spatial_order)

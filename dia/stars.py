@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from .backend import Backend
+from .backend import Backend, StepClock
 from .config import PsfMatchConfig
 from .masks import BAD_FOR_FIT, MaskBits
 
@@ -97,6 +97,8 @@ def select_stars(
     core_hw: int,
     kernel_hw: int,
     config: PsfMatchConfig,
+    peak_method: str | None = None,
+    timings: dict | None = None,
 ) -> StarSelection:
     """Find kernel-fit stars.
 
@@ -109,28 +111,42 @@ def select_stars(
     with S/N >= ``min_peak_snr`` in the other image (``no_counterpart``, e.g. a
     transient or a bad pixel).  Survivors are spread over a grid of about
     ``grid_cells`` cells, brightest first per cell, up to ``max_stars``.
+
+    ``peak_method`` (``"sparse"``: default on CPU, ``"filter"``: default on GPU)
+    only changes how the same 5x5 local maxima are found.
     """
     xp = be.xp
+    clock = StepClock(be, timings, "select")
     ny, nx = conv_img.shape
     block = 128
     bgb_c, noise_c = _level(be, conv_img, conv_var, conv_mask, block)
     bgb_r, noise_r = _level(be, ref_img, ref_var, ref_mask, block)
     bg_c = xp.repeat(xp.repeat(bgb_c, block, axis=0), block, axis=1)[:ny, :nx]
+    clock("level")
 
-    # local maxima above detect_snr (non-finite pixels can't be peaks)
-    # threshold first (sparse), then test the 5x5 local maximum only there
+    # local maxima (5x5) above detect_snr; non-finite pixels can't be peaks
     work = xp.where(xp.isfinite(conv_img), conv_img, -xp.inf).astype(xp.float32, copy=False)
-    cy, cx = xp.nonzero(work - bg_c > config.detect_snr * noise_c)
-    val = work[cy, cx]
-    is_peak = xp.ones(val.shape, dtype=bool)
-    for dy in range(-2, 3):
-        for dx in range(-2, 3):
-            if dy or dx:
-                ny_, nx_ = xp.clip(cy + dy, 0, ny - 1), xp.clip(cx + dx, 0, nx - 1)
-                is_peak &= val >= work[ny_, nx_]
+    method = peak_method or ("sparse" if be.name == "cpu" else "filter")
+    if method == "filter":  # two separable passes over the frame: cheapest on a GPU
+        peak_map = (work == be.ndimage.maximum_filter(work, size=5, mode="nearest")) & (work - bg_c > config.detect_snr * noise_c)
+        cy, cx = xp.nonzero(peak_map)
+        val = work[cy, cx]
+        is_peak = xp.ones(val.shape, dtype=bool)
+    elif method == "sparse":  # threshold first, then test the neighbourhood of the few pixels above it
+        cy, cx = xp.nonzero(work - bg_c > config.detect_snr * noise_c)
+        val = work[cy, cx]
+        is_peak = xp.ones(val.shape, dtype=bool)
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                if dy or dx:
+                    ny_, nx_ = xp.clip(cy + dy, 0, ny - 1), xp.clip(cx + dx, 0, nx - 1)
+                    is_peak &= val >= work[ny_, nx_]
+    else:
+        raise ValueError(f"peak_method must be 'sparse' or 'filter', got {peak_method!r}")
     py, px = be.asnumpy(cy[is_peak]), be.asnumpy(cx[is_peak])
     amp = be.asnumpy(val[is_peak] - bg_c[cy[is_peak], cx[is_peak]]).astype(np.float64)
     found = int(py.size)
+    clock("peaks")
     rejected = {k: 0 for k in REJECT_REASONS}
     if found == 0:
         return StarSelection(np.zeros(0, int), np.zeros(0, int), 0, rejected, 0)
@@ -194,6 +210,7 @@ def select_stars(
         rp[idx] = be.asnumpy(ref_peak)
         reject(~(rp >= config.min_peak_snr * noise_r), "no_counterpart")
 
+    clock("tests")
     good = np.nonzero(alive)[0]
     # spread over a grid: brightest per cell first, then fill with the brightest left
     gx = max(1, int(round(math.sqrt(config.grid_cells * nx / ny))))
@@ -201,11 +218,12 @@ def select_stars(
     per_cell = max(1, math.ceil(config.max_stars / (gx * gy)))
     order = good[np.argsort(-amp[good], kind="stable")]
     cell = (py[order] * gy // ny) * gx + (px[order] * gx // nx)
-    rank = np.zeros(order.size, int)
-    seen: dict[int, int] = {}
-    for n, cid in enumerate(cell):
-        rank[n] = seen.get(int(cid), 0)
-        seen[int(cid)] = rank[n] + 1
+    # rank of each star within its cell (0 = brightest): stable sort by cell keeps brightness order
+    by_cell = np.argsort(cell, kind="stable")
+    sorted_cells = cell[by_cell]
+    starts = np.searchsorted(sorted_cells, sorted_cells, side="left")
+    rank = np.empty(order.size, int)
+    rank[by_cell] = np.arange(order.size) - starts
     first = order[rank < per_cell]
     rest = order[rank >= per_cell]
     chosen = np.concatenate([first, rest])[: config.max_stars]

@@ -43,7 +43,8 @@ class Difference:
     stats : FitStats
         Star counts, rejections and fit residual metrics.
     timings : dict
-        Seconds per step (select, fit, convolve, variance, mask, decorrelate, total).
+        Seconds per step (transfer, select, fit, convolve, variance, mask, decorrelate, total),
+        plus sub-steps named ``step.part`` (already counted in their step).
     decorrelated : bool
         Whether the Reiss & Lupton afterburner was applied.
     """
@@ -184,9 +185,10 @@ def subtract_on_backend(be: Backend, planes: dict[str, Any], *, search_fwhm: flo
     hw = basis.half_width
     core_hw = config.stamp_half_width if config.stamp_half_width is not None else hw + 1
 
-    stars = select_stars(be, x_img, x_var, x_mask, y_img, y_var, y_mask, core_hw=core_hw, kernel_hw=hw, config=config)
+    sub: dict[str, float] = {}
+    stars = select_stars(be, x_img, x_var, x_mask, y_img, y_var, y_mask, core_hw=core_hw, kernel_hw=hw, config=config, timings=sub)
     lap("select")
-    solution, stats = fit_kernel(be, basis, stars, x_img, x_var, y_img, y_var, y_mask, core_hw=core_hw, config=config)
+    solution, stats = fit_kernel(be, basis, stars, x_img, x_var, y_img, y_var, y_mask, core_hw=core_hw, config=config, timings=sub)
     lap("fit")
 
     # pixels that must not spread through the kernel: flagged bits and non-finite values
@@ -221,4 +223,5 @@ def subtract_on_backend(be: Backend, planes: dict[str, Any], *, search_fwhm: flo
         decorrelated = True
         lap("decorrelate")
     timings["total"] = time.perf_counter() - t0
+    timings.update(sub)  # sub-steps ("select.peaks", "fit.stamps", ...), already inside their steps
     return Difference(image, variance, mask, convolved, solution, stats, timings, decorrelated)

@@ -329,6 +329,33 @@ def test_one_fft_per_spatial_term(pair):
     assert d.solution.basis.n_basis == 27  # far fewer FFTs than basis functions
 
 
+def test_peak_methods_agree(pair):
+    """The GPU default (full-frame maximum filter) and the CPU default (sparse) find the same stars."""
+    from dia.stars import select_stars
+
+    be = get_backend("cpu")
+    args = (be, pair.template, pair.template_var, pair.template_mask, pair.search, pair.search_var, pair.search_mask)
+    a = select_stars(*args, core_hw=11, kernel_hw=10, config=PsfMatchConfig(), peak_method="sparse")
+    b = select_stars(*args, core_hw=11, kernel_hw=10, config=PsfMatchConfig(), peak_method="filter")
+    assert a.found == b.found and a.rejected == b.rejected
+    assert np.array_equal(a.x, b.x) and np.array_equal(a.y, b.y)
+    assert a.y.size >= 20
+    # spread over the image: every quadrant has stars
+    quads = {(int(y >= 256), int(x >= 256)) for y, x in zip(a.y, a.x)}
+    assert len(quads) == 4
+
+
+def test_banded_equals_full_frame(pair):
+    """Overlap-save bands give the full-frame convolution (to float32 rounding)."""
+    full = run(pair, fft_band_rows=None)
+    band = run(pair, fft_band_rows=100)
+    ok = full.mask == 0
+    scale = np.sqrt(np.median(full.variance[ok]))
+    assert np.max(np.abs(full.image[ok] - band.image[ok])) < 1e-3 * scale
+    assert np.allclose(full.variance[ok], band.variance[ok], rtol=1e-5)
+    assert np.array_equal(full.mask, band.mask)
+
+
 def test_estimate_fwhm(pair):
     got = estimate_fwhm(pair.search, pair.search_mask, saturation=30000)
     assert got == pytest.approx(pair.search_fwhm, rel=0.08)
