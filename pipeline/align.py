@@ -29,7 +29,7 @@ from scipy import ndimage
 from dia.masks import MaskBits
 from pipeline.io import Exposure, InputError
 
-__all__ = ["AlignConfig", "AlignedPair", "align_pair", "resample_cutouts", "overlap_fraction"]
+__all__ = ["AlignConfig", "AlignedPair", "PixelMap", "align_pair", "resample_cutouts", "overlap_fraction"]
 
 _ORDERS = {"nearest-neighbor": 0, "bilinear": 1, "biquadratic": 2, "bicubic": 3}
 
@@ -47,12 +47,21 @@ class AlignConfig:
     min_overlap : float
         Smallest fraction of search pixels the template must cover (default 0.05);
         below it :class:`~pipeline.io.InputError` is raised ("no overlap").
+    method : str
+        ``grid`` (default): the pixel mapping is computed exactly through both
+        WCSs every 32 pixels and spline-interpolated in between, then the planes
+        are interpolated with scipy; ``reproject``: ``reproject.reproject_interp``
+        transforms every pixel through both WCSs (same interpolation, ~3x slower;
+        the two agree to < 1e-3 of the pixel values, see the tests).
     """
 
     order: str = "bicubic"
     min_overlap: float = 0.05
+    method: str = "grid"
 
     def __post_init__(self) -> None:
+        if self.method not in ("grid", "reproject"):
+            raise ValueError(f"AlignConfig.method must be 'grid' or 'reproject', got {self.method!r}")
         if self.order not in _ORDERS:
             raise ValueError(f"AlignConfig.order must be one of {sorted(_ORDERS)}, got {self.order!r}")
         if not 0.0 <= self.min_overlap <= 1.0:
@@ -75,10 +84,51 @@ class AlignedPair:
 
 
 def _template_pixels(search_wcs: WCS, template_wcs: WCS, xs: np.ndarray, ys: np.ndarray):
-    """Template pixel coordinates of search pixel coordinates (any shape)."""
-    world = search_wcs.pixel_to_world_values(xs.ravel(), ys.ravel())
+    """Template pixel coordinates of search pixel coordinates (any shape), exact through both WCSs."""
+    world = search_wcs.pixel_to_world_values(np.ravel(xs), np.ravel(ys))
     tx, ty = template_wcs.world_to_pixel_values(*world)
-    return np.asarray(tx).reshape(xs.shape), np.asarray(ty).reshape(xs.shape)
+    return np.asarray(tx).reshape(np.shape(xs)), np.asarray(ty).reshape(np.shape(xs))
+
+
+@dataclasses.dataclass
+class PixelMap:
+    """Search-pixel -> template-pixel mapping, exact on a coarse grid and spline-interpolated between.
+
+    Sky projections are smooth on the scale of tens of pixels, so a bicubic
+    spline through the exact mapping every ``step`` pixels reproduces it to
+    well below 1e-3 pixel at a small fraction of the cost of transforming every
+    pixel through two WCSs (the way SWarp resamples).
+    """
+
+    spline_x: object
+    spline_y: object
+
+    @classmethod
+    def build(cls, search_wcs: WCS, template_wcs: WCS, x_range: tuple[float, float],
+              y_range: tuple[float, float], step: int = 32, margin: int = 32) -> "PixelMap":
+        """Exact mapping on a grid covering ``x_range`` x ``y_range`` (search pixels) plus a margin."""
+        from scipy.interpolate import RectBivariateSpline
+
+        gx = np.arange(x_range[0] - margin, x_range[1] + margin + step, step, dtype=float)
+        gy = np.arange(y_range[0] - margin, y_range[1] + margin + step, step, dtype=float)
+        if gx.size < 4:
+            gx = np.linspace(gx[0], gx[-1] + 3 * step, 4)
+        if gy.size < 4:
+            gy = np.linspace(gy[0], gy[-1] + 3 * step, 4)
+        xx, yy = np.meshgrid(gx, gy)
+        tx, ty = _template_pixels(search_wcs, template_wcs, xx, yy)
+        return cls(RectBivariateSpline(gy, gx, tx, kx=3, ky=3), RectBivariateSpline(gy, gx, ty, kx=3, ky=3))
+
+    def grid(self, ny: int, nx: int) -> tuple[np.ndarray, np.ndarray]:
+        """Template coordinates of every pixel of the (ny, nx) search grid starting at (0, 0)."""
+        y, x = np.arange(ny, dtype=float), np.arange(nx, dtype=float)
+        return self.spline_x(y, x, grid=True), self.spline_y(y, x, grid=True)
+
+    def points(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Template coordinates of arbitrary search positions (any shape)."""
+        shape = np.shape(x)
+        xs, ys = np.ravel(x).astype(float), np.ravel(y).astype(float)
+        return (self.spline_x(ys, xs, grid=False).reshape(shape), self.spline_y(ys, xs, grid=False).reshape(shape))
 
 
 def overlap_fraction(search: Exposure, template: Exposure, grid: int = 33) -> float:
@@ -89,6 +139,37 @@ def overlap_fraction(search: Exposure, template: Exposure, grid: int = 33) -> fl
     tny, tnx = template.shape
     inside = (tx >= -0.5) & (tx <= tnx - 0.5) & (ty >= -0.5) & (ty <= tny - 0.5)
     return float(inside.mean())
+
+
+def _bilinear_with_mask(values: np.ndarray, mask: np.ndarray, tx: np.ndarray, ty: np.ndarray):
+    """Bilinear interpolation of ``values`` and the OR of ``mask`` over the 2x2 contributing pixels.
+
+    Equivalent to interpolating each mask bit bilinearly and flagging any
+    non-zero result, in one pass.  Outside the input: NaN and 0.
+    """
+    ny, nx = values.shape
+    x0 = np.floor(tx)
+    y0 = np.floor(ty)
+    fx = (tx - x0).astype(np.float32)
+    fy = (ty - y0).astype(np.float32)
+    inside = (x0 >= -1) & (x0 <= nx - 1) & (y0 >= -1) & (y0 <= ny - 1) & np.isfinite(tx) & np.isfinite(ty)
+    x0 = np.where(inside, x0, 0).astype(np.int64)
+    y0 = np.where(inside, y0, 0).astype(np.int64)
+    out = np.zeros(tx.shape, np.float32)
+    weight = np.zeros(tx.shape, np.float32)
+    omask = np.zeros(tx.shape, np.int32)
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            xi, yi = x0 + dx, y0 + dy
+            ok = inside & (xi >= 0) & (xi < nx) & (yi >= 0) & (yi < ny)
+            xi, yi = np.clip(xi, 0, nx - 1), np.clip(yi, 0, ny - 1)
+            w = np.where(ok, wx * wy, 0.0)
+            out += w * values[yi, xi]
+            weight += w
+            omask |= np.where(ok & (w > 1e-3), mask[yi, xi], 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(weight > 0.999, out, np.nan).astype(np.float32)
+    return out, omask
 
 
 def _mask_bits_present(mask: np.ndarray) -> list[int]:
@@ -127,20 +208,32 @@ def align_pair(search: Exposure, template: Exposure, config: AlignConfig = Align
     shape = search.shape
     bad_in = (template.mask & int(MaskBits.NO_DATA)) != 0
     image_in = np.where(bad_in, 0.0, template.image).astype(np.float32)
-    image, footprint = reproject_interp(
-        (image_in, template.wcs), search.wcs, shape_out=shape, order=config.order, roundtrip_coords=False
-    )
-    # Variance and each mask bit go through one bilinear call (reproject broadcasts leading axes).
     bits = _mask_bits_present(template.mask)
     planes = [np.where(bad_in, np.nanmax(template.variance), template.variance).astype(np.float32)]
     planes += [((template.mask & b) != 0).astype(np.float32) for b in bits]
-    resampled, _ = reproject_interp(
-        (np.stack(planes), template.wcs), search.wcs, shape_out=shape, order="bilinear", roundtrip_coords=False
-    )
-    variance = resampled[0]
-    mask = np.zeros(shape, dtype=np.int32)
-    for plane, b in zip(resampled[1:], bits):
-        mask[np.nan_to_num(plane) > 1e-3] |= b
+    if config.method == "reproject":
+        from reproject import reproject_interp
+
+        image, footprint = reproject_interp(
+            (image_in, template.wcs), search.wcs, shape_out=shape, order=config.order, roundtrip_coords=False
+        )
+        # variance and each mask bit go through one bilinear call (reproject broadcasts leading axes)
+        resampled, _ = reproject_interp(
+            (np.stack(planes), template.wcs), search.wcs, shape_out=shape, order="bilinear", roundtrip_coords=False
+        )
+    else:
+        pmap = PixelMap.build(search.wcs, template.wcs, (0, shape[1] - 1), (0, shape[0] - 1))
+        tx, ty = pmap.grid(*shape)
+        tny, tnx = template.shape
+        footprint = ((tx >= -0.5) & (tx <= tnx - 0.5) & (ty >= -0.5) & (ty <= tny - 0.5)).astype(np.float32)
+        image = ndimage.map_coordinates(image_in, np.array([ty, tx]), order=_ORDERS[config.order],
+                                        mode="constant", cval=np.nan, output=np.float32)
+        variance, mask = _bilinear_with_mask(planes[0], template.mask, tx, ty)
+    if config.method == "reproject":
+        variance = resampled[0]
+        mask = np.zeros(shape, dtype=np.int32)
+        for plane, b in zip(resampled[1:], bits):
+            mask[np.nan_to_num(plane) > 1e-3] |= b
     # bicubic reaches one pixel further than bilinear: grow no-data by one pixel
     nodata = ~(footprint > 0) | ~np.isfinite(image) | ~np.isfinite(variance)
     if config.order in ("bicubic", "biquadratic"):
@@ -211,7 +304,11 @@ def resample_cutouts(
     xs = np.rint(x)[:, None, None] + offs[None, None, :]
     ys = np.rint(y)[:, None, None] + offs[None, :, None]
     xs, ys = np.broadcast_arrays(xs, ys)
-    tx, ty = _template_pixels(search_wcs, template.wcs, xs, ys)
+    if config.method == "grid":  # the mapping is only needed over the cut-outs' bounding box
+        pmap = PixelMap.build(search_wcs, template.wcs, (xs.min(), xs.max()), (ys.min(), ys.max()))
+        tx, ty = pmap.points(xs, ys)
+    else:
+        tx, ty = _template_pixels(search_wcs, template.wcs, xs, ys)
     order = _ORDERS[config.order]
     tny, tnx = template.shape
     # Only the bounding box of all cut-outs is needed from the template.

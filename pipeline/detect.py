@@ -258,18 +258,24 @@ def find_peaks(snr: np.ndarray, threshold: float, n_pixels: int, max_peaks: int 
     if max_peaks is not None and peak.size > max_peaks:
         keep = np.argsort(-peak)[:max_peaks]
         iy, ix, peak = iy[keep], ix[keep], peak[keep]
-    ny, nx = snr.shape
+    x, y = _refine_peaks(snr, ix, iy)
+    return x, y, peak
 
+
+def _refine_peaks(values: np.ndarray, ix: np.ndarray, iy: np.ndarray):
+    """Sub-pixel peak positions from a 3-point parabola through the peak pixel in each axis."""
+    ny, nx = values.shape
+    peak = values[iy, ix]
     xm = np.clip(ix - 1, 0, nx - 1); xp = np.clip(ix + 1, 0, nx - 1)
     ym = np.clip(iy - 1, 0, ny - 1); yp = np.clip(iy + 1, 0, ny - 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        dx_den = snr[iy, xm] - 2 * peak + snr[iy, xp]
-        dy_den = snr[ym, ix] - 2 * peak + snr[yp, ix]
-        dx = np.where(dx_den < 0, 0.5 * (snr[iy, xm] - snr[iy, xp]) / dx_den, 0.0)
-        dy = np.where(dy_den < 0, 0.5 * (snr[ym, ix] - snr[yp, ix]) / dy_den, 0.0)
+        dx_den = values[iy, xm] - 2 * peak + values[iy, xp]
+        dy_den = values[ym, ix] - 2 * peak + values[yp, ix]
+        dx = np.where(dx_den < 0, 0.5 * (values[iy, xm] - values[iy, xp]) / dx_den, 0.0)
+        dy = np.where(dy_den < 0, 0.5 * (values[ym, ix] - values[yp, ix]) / dy_den, 0.0)
     dx = np.clip(np.nan_to_num(dx), -0.5, 0.5)
     dy = np.clip(np.nan_to_num(dy), -0.5, 0.5)
-    return ix + dx, iy + dy, peak
+    return ix + dx, iy + dy
 
 
 def forced_psf_photometry(
@@ -322,6 +328,19 @@ def forced_psf_photometry(
     return flux, err
 
 
+def _segment_peaks(values: np.ndarray, above: np.ndarray):
+    """Peak pixel (iy, ix) of every connected region of ``above``."""
+    labels, n = ndimage.label(above)
+    if n == 0:
+        e = np.zeros(0, int)
+        return e, e
+    flat = np.flatnonzero(labels)
+    lab = labels.ravel()[flat]
+    order = np.lexsort((-values.ravel()[flat], lab))
+    first = order[np.r_[True, lab[order][1:] != lab[order][:-1]]]
+    return np.unravel_index(flat[first], values.shape)
+
+
 def bright_isolated_stars(
     image: np.ndarray,
     variance: np.ndarray,
@@ -331,29 +350,47 @@ def bright_isolated_stars(
     min_snr: float = 100.0,
     isolation: float = 12.0,
     max_stars: int = 400,
+    neighbour_snr: float = 5.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Positions of bright, unmasked point-like peaks with no neighbour within ``isolation`` FWHM.
 
+    Works on the per-pixel S/N (no convolution, so it is cheap): a point
+    source of PSF S/N ``S`` has a peak pixel S/N of about ``S / (sqrt(pi) sigma)``.
+    Neighbours are peaks of regions above ``neighbour_snr`` per pixel.
     ``image`` must be background-subtracted.
     """
-    psf = gaussian_psf(fwhm)
-    filt = psf_filter(image, variance, mask, psf)
-    x, y, _ = find_peaks(filt.snr, min_snr, 3, max_peaks=max_stars)
-    if x.size == 0:
-        return x, y
+    sigma = fwhm / 2.3548
+    good = np.isfinite(image) & (variance > 0)
+    snr = np.where(good, image / np.sqrt(np.where(good, variance, 1.0)), 0.0).astype(np.float32)
+    iy, ix = _segment_peaks(snr, snr > neighbour_snr)
+    if ix.size == 0:
+        return np.zeros(0), np.zeros(0)
+    peak = snr[iy, ix]
+    # sharpness: a cosmic ray or hot pixel towers over its four neighbours, a PSF does not
+    ny, nx = snr.shape
+    around = 0.25 * (snr[iy, np.clip(ix - 1, 0, nx - 1)] + snr[iy, np.clip(ix + 1, 0, nx - 1)]
+                     + snr[np.clip(iy - 1, 0, ny - 1), ix] + snr[np.clip(iy + 1, 0, ny - 1), ix])
+    psf_like = peak < 1.5 * np.exp(0.5 / sigma**2) * np.maximum(around, 1e-3)
+    bright = np.flatnonzero((peak > min_snr / (np.sqrt(np.pi) * sigma)) & psf_like)
+    if bright.size > max_stars:
+        bright = bright[np.argsort(-peak[bright])[:max_stars]]
     reach = 0.5 * isolation * fwhm
-    ny, nx = image.shape
-    inside = (x > reach) & (x < nx - reach) & (y > reach) & (y < ny - reach)
-    bad = _near_mask(mask, int(BAD_FOR_FIT), int(np.ceil(reach)))
-    ix = np.clip(np.rint(x).astype(int), 0, nx - 1)
-    iy = np.clip(np.rint(y).astype(int), 0, ny - 1)
-    ok = inside & ~bad[iy, ix]
-    if x.size > 1:
+    x, y = _refine_peaks(snr, ix[bright], iy[bright])
+    ok = (x > reach) & (x < nx - reach) & (y > reach) & (y < ny - reach)
+    if bright.size and ix.size > 1:
         from scipy.spatial import cKDTree
 
-        d, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([x, y]), k=2)
+        d, _ = cKDTree(np.column_stack([ix, iy])).query(np.column_stack([x, y]), k=2)
         ok &= d[:, 1] > isolation * fwhm
-    return x[ok], y[ok]
+    x, y = x[ok], y[ok]
+    if x.size:  # nothing flagged within the core (saturated stars, bad pixels)
+        from pipeline.stamps import cut_stamps
+
+        core = 2 * int(np.ceil(fwhm)) + 1
+        m = cut_stamps({"m": mask}, {"m": mask}, x, y, size=core).mask[:, 0]
+        clean = ((m & int(BAD_FOR_FIT)) == 0).all(axis=(1, 2))
+        x, y = x[clean], y[clean]
+    return x, y
 
 
 def aperture_fluxes(image, variance, mask, x, y, radius, *, annulus: tuple[float, float] | None = None):
@@ -444,7 +481,7 @@ def fit_psf_model(
     fwhm: float,
     *,
     aperture_radius: float | None = None,
-    min_snr: float = 100.0,
+    min_snr: float = 50.0,
     total_fwhm: float = 5.0,
     min_stars: int = 5,
     min_stars_linear: int = 12,
@@ -471,7 +508,8 @@ def fit_psf_model(
     """
     shape = image.shape
     nominal = PsfModel((float(fwhm), 0.0, 0.0), 1.0, shape, 0, aperture_radius)
-    x, y = bright_isolated_stars(image, variance, mask, fwhm, min_snr=min_snr, isolation=2 * total_fwhm)
+    # neighbours inside the total-flux aperture would bias the ratio; fainter ones beyond are harmless
+    x, y = bright_isolated_stars(image, variance, mask, fwhm, min_snr=min_snr, isolation=total_fwhm + 1)
     if x.size < min_stars:
         return nominal
     local = _best_fwhm(image, variance, mask, x, y, fwhm)
