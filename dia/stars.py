@@ -51,30 +51,44 @@ def describe_rejections(found: int, usable: int, rejected: dict[str, int], neede
     )
 
 
+def _block_median(xp, cells):
+    """Median along the last axis ignoring NaN (sort with NaN last, pick the middle finite value)."""
+    n = xp.isfinite(cells).sum(axis=-1)
+    srt = xp.sort(xp.where(xp.isfinite(cells), cells, xp.inf), axis=-1)
+    lo = xp.take_along_axis(srt, xp.maximum((n - 1) // 2, 0)[..., None], axis=-1)[..., 0]
+    hi = xp.take_along_axis(srt, xp.maximum(n // 2, 0)[..., None], axis=-1)[..., 0]
+    return xp.where(n > 0, 0.5 * (lo + hi), xp.nan), n
+
+
 def _level(be: Backend, img, var, mask, block: int = 128):
     """Coarse background map (median per ``block`` x ``block`` cell, from every 4th pixel) and typical noise.
 
     Returns ``(bg_blocks, noise)``: per-cell medians (device array; cells
-    without good pixels take the global median) and sqrt(median variance).
+    without good pixels take the median of the others) and the square root
+    of the median of the cells' median variance.  Sort-based, no host round trip
+    except the one noise scalar.
     """
     xp = be.xp
     step = 4
     sub = img[::step, ::step].astype(xp.float32)
-    vsub, msub = var[::step, ::step], mask[::step, ::step]
+    vsub, msub = var[::step, ::step].astype(xp.float32), mask[::step, ::step]
     good = ((msub & _BAD) == 0) & xp.isfinite(sub) & xp.isfinite(vsub) & (vsub > 0)
-    if not bool(good.any()):
-        return xp.zeros((1, 1), xp.float32), 1.0
-    noise = float(xp.sqrt(xp.median(vsub[good])))
     b = block // step
     sy, sx = sub.shape
     by, bx = -(-sy // b), -(-sx // b)
-    padded = xp.full((by * b, bx * b), xp.nan, dtype=xp.float32)
-    padded[:sy, :sx] = xp.where(good, sub, xp.float32(xp.nan))
-    cells = padded.reshape(by, b, bx, b).transpose(0, 2, 1, 3).reshape(by, bx, b * b)
-    finite = xp.isfinite(cells).any(axis=-1)
-    med = xp.nanmedian(xp.where(finite[..., None], cells, 0), axis=-1)
-    med = xp.where(finite, med, xp.median(sub[good]))
-    return med.astype(xp.float32), noise
+
+    def cells(a):
+        padded = xp.full((by * b, bx * b), xp.nan, dtype=xp.float32)
+        padded[:sy, :sx] = xp.where(good, a, xp.float32(xp.nan))
+        return padded.reshape(by, b, bx, b).transpose(0, 2, 1, 3).reshape(by * bx, b * b)
+
+    both, n = _block_median(xp, xp.concatenate([cells(sub), cells(vsub)], axis=0))
+    bg, v = both[: by * bx], both[by * bx :]
+    # cells with no good pixel: the median of the others (or 0 / 1 when nothing is good)
+    meds, _ = _block_median(xp, xp.stack([bg, v])[:, None, :])
+    noise = float(xp.sqrt(meds[1, 0])) if bool(xp.isfinite(meds[1, 0])) else 1.0
+    bg = xp.where(xp.isfinite(bg), bg, xp.nan_to_num(meds[0, 0]))
+    return bg.reshape(by, bx).astype(xp.float32), noise
 
 
 def _gather(xp, img, ys, xs, hw: int):

@@ -356,6 +356,30 @@ def test_banded_equals_full_frame(pair):
     assert np.array_equal(full.mask, band.mask)
 
 
+def test_small_solvers_and_block_median():
+    """The host solvers (NumPy Cholesky on CPU, stacked LAPACK as used on GPU) and the sort-based median."""
+    from dia.fit import _ridge_solve
+    from dia.stars import _block_median
+
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(5, 30, 30))
+    a = a @ a.transpose(0, 2, 1) + 30 * np.eye(30)
+    x = rng.normal(size=(5, 30))
+    b = np.einsum("nij,nj->ni", a, x)
+    for lapack in (False, True):
+        assert np.allclose(_ridge_solve(a, b, 0.0, lapack), x, rtol=1e-6, atol=1e-8)
+        assert np.allclose(_ridge_solve(a[0], b[0], 0.0, lapack), x[0], rtol=1e-6, atol=1e-8)
+    cells = rng.normal(size=(6, 101)).astype(np.float32)
+    cells[0, :40] = np.nan
+    cells[1, :] = np.nan
+    cells[2, :100] = np.nan
+    med, n = _block_median(np, cells)
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+        ref = np.nanmedian(cells, axis=1)
+    assert np.allclose(med, ref, equal_nan=True)
+    assert list(n[:3]) == [61, 0, 1]
+
+
 def test_estimate_fwhm(pair):
     got = estimate_fwhm(pair.search, pair.search_mask, saturation=30000)
     assert got == pytest.approx(pair.search_fwhm, rel=0.08)
