@@ -592,7 +592,9 @@ def write_difference(difference, search: Exposure, path: str | Path) -> Path:
     hdr = exposure.header
     hdr["IMAGETYP"] = ("difference", "search minus PSF-matched template")
     hdr["CONVOLV"] = (str(diff.convolved), "which image was convolved with the kernel")
-    for key, value, comment in _summary_cards(getattr(diff, "solution", None), "DIA KERNEL") + \
-            _summary_cards(getattr(diff, "stats", None), "DIA FIT"):
-        hdr[key] = value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)  # long keys become HIERARCH cards
+        for key, value, comment in _summary_cards(getattr(diff, "solution", None), "DIA KERNEL") + \
+                _summary_cards(getattr(diff, "stats", None), "DIA FIT"):
+            hdr[key] = value
     return write_exposure(exposure, path)
