@@ -171,9 +171,12 @@ _META_KEYS = {
 
 def _meta_header(exposure: Exposure) -> fits.Header:
     hdr = fits.Header()
-    for key, value in exposure.header.items():
-        if key not in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "EXTNAME", "COMMENT", "HISTORY", ""):
-            hdr[key] = value
+    skip = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "EXTNAME", "COMMENT", "HISTORY", "",
+            "XTENSION", "PCOUNT", "GCOUNT", "BUNIT"}
+    wcs_keys = set(exposure.wcs.to_header(relax=True).keys())
+    for card in exposure.header.cards:
+        if card.keyword not in skip and card.keyword not in wcs_keys:
+            hdr.append(card)  # cards as they are: HIERARCH keys stay HIERARCH
     for key, (attr, comment) in _META_KEYS.items():
         value = getattr(exposure, attr)
         if isinstance(value, float) and not np.isfinite(value):
