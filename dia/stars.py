@@ -51,22 +51,32 @@ def describe_rejections(found: int, usable: int, rejected: dict[str, int], neede
     )
 
 
-def _block_median(xp, cells):
-    """Median along the last axis ignoring NaN (sort with NaN last, pick the middle finite value)."""
-    n = xp.isfinite(cells).sum(axis=-1)
-    srt = xp.sort(xp.where(xp.isfinite(cells), cells, xp.inf), axis=-1)
-    lo = xp.take_along_axis(srt, xp.maximum((n - 1) // 2, 0)[..., None], axis=-1)[..., 0]
-    hi = xp.take_along_axis(srt, xp.maximum(n // 2, 0)[..., None], axis=-1)[..., 0]
-    return xp.where(n > 0, 0.5 * (lo + hi), xp.nan), n
+def _block_level(xp, cells, clip: float = 2.5, iterations: int = 3):
+    """Sigma-clipped mean along the last axis, ignoring NaN (reductions only: cheap on a GPU).
+
+    Returns ``(level, n_good)``; ``level`` is NaN where a row has no finite value.
+    """
+    ok = xp.isfinite(cells)
+    vals = xp.where(ok, cells, 0)
+    keep = ok
+    for it in range(iterations + 1):
+        n = keep.sum(axis=-1)
+        mean = xp.where(keep, vals, 0).sum(axis=-1) / xp.maximum(n, 1)
+        if it == iterations:
+            break
+        dev = xp.where(keep, vals - mean[..., None], 0)
+        std = xp.sqrt((dev * dev).sum(axis=-1) / xp.maximum(n - 1, 1))
+        keep = ok & (xp.abs(vals - mean[..., None]) <= clip * std[..., None])
+    return xp.where(n > 0, mean, xp.nan), ok.sum(axis=-1)
 
 
 def _level(be: Backend, img, var, mask, block: int = 128):
-    """Coarse background map (median per ``block`` x ``block`` cell, from every 4th pixel) and typical noise.
+    """Coarse background map (clipped mean per ``block`` x ``block`` cell, every 4th pixel) and typical noise.
 
-    Returns ``(bg_blocks, noise)``: per-cell medians (device array; cells
-    without good pixels take the median of the others) and the square root
-    of the median of the cells' median variance.  Sort-based, no host round trip
-    except the one noise scalar.
+    Returns ``(bg_blocks, noise)``: per-cell sigma-clipped means (device
+    array; cells without good pixels take the level of the others) and the
+    square root of the typical cell variance.  Reductions only, no host round
+    trip except the one noise scalar.
     """
     xp = be.xp
     step = 4
@@ -82,10 +92,11 @@ def _level(be: Backend, img, var, mask, block: int = 128):
         padded[:sy, :sx] = xp.where(good, a, xp.float32(xp.nan))
         return padded.reshape(by, b, bx, b).transpose(0, 2, 1, 3).reshape(by * bx, b * b)
 
-    both, n = _block_median(xp, xp.concatenate([cells(sub), cells(vsub)], axis=0))
+    both, n = _block_level(xp, xp.concatenate([cells(sub), cells(vsub)], axis=0))
     bg, v = both[: by * bx], both[by * bx :]
-    # cells with no good pixel: the median of the others (or 0 / 1 when nothing is good)
-    meds, _ = _block_median(xp, xp.stack([bg, v])[:, None, :])
+    # cells with no good pixel: the level of the others (or 0 / 1 when nothing is good)
+    meds, _ = _block_level(xp, xp.stack([bg, v]))
+    meds = meds[:, None]
     noise = float(xp.sqrt(meds[1, 0])) if bool(xp.isfinite(meds[1, 0])) else 1.0
     bg = xp.where(xp.isfinite(bg), bg, xp.nan_to_num(meds[0, 0]))
     return bg.reshape(by, bx).astype(xp.float32), noise
