@@ -189,7 +189,7 @@ def select_stars(
 
     idx = np.nonzero(alive)[0]
     if idx.size:
-        ys, xs = py[idx], px[idx]
+        ys, xs = xp.asarray(py[idx]), xp.asarray(px[idx])  # one small host->device copy
         mc = _gather(xp, conv_mask, ys, xs, full)
         mr = _gather(xp, ref_mask, ys, xs, core_hw)
         vc = _gather(xp, conv_img, ys, xs, full)
@@ -211,12 +211,14 @@ def select_stars(
             | ~(xp.isfinite(varr) & (varr > 0)).all(axis=(1, 2))
         )
         c = core_hw
-        ref_peak = vr[:, c - 1 : c + 2, c - 1 : c + 2].max(axis=(1, 2)) - bgb_r[xp.asarray(ys) // block, xp.asarray(xs) // block]
+        ref_peak = vr[:, c - 1 : c + 2, c - 1 : c + 2].max(axis=(1, 2)) - bgb_r[ys // block, xs // block]
+        # one device->host copy for the three per-star results
+        res = be.asnumpy(xp.stack([sat.astype(xp.float64), bad.astype(xp.float64), ref_peak.astype(xp.float64)]))
         flags = np.zeros(found, bool)
-        flags[idx] = be.asnumpy(sat)
+        flags[idx] = res[0] > 0
         reject(flags, "saturated")
         flags[:] = False
-        flags[idx] = be.asnumpy(bad)
+        flags[idx] = res[1] > 0
         reject(flags, "masked")
 
         # isolation against every detected peak (a small host-side search, vectorised over pairs)
@@ -232,7 +234,7 @@ def select_stars(
 
         flags[:] = False
         rp = np.full(found, np.inf)
-        rp[idx] = be.asnumpy(ref_peak)
+        rp[idx] = res[2]
         reject(~(rp >= config.min_peak_snr * noise_r), "no_counterpart")
 
     clock("tests")
