@@ -1,0 +1,202 @@
+"""Batched real-bogus scoring with a model loaded once.
+
+Weights files are ``{"state_dict", "metadata"}`` dicts written by :func:`classifier.train.save_weights`
+(``model.pt`` of a training run, or a shipped ``classifier/weights/<name>.pt``), read with
+``torch.load(..., weights_only=True)`` so no code is ever unpickled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import CHANNELS
+from .models import MODELS, ModelSpec, build_model, get_spec, prepare_input
+
+__all__ = ["Scorer", "shipped_weights", "load_weights", "WEIGHTS_DIR", "WeightsError"]
+
+#: Folder of the shipped weights (``<name>.pt``).
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+class WeightsError(ValueError):
+    """A weights file that is missing, corrupt or does not match its model."""
+
+
+def shipped_weights(name: str) -> Path:
+    """Path of the shipped weights of model ``name`` (``classifier/weights/<name>.pt``).
+
+    Raises
+    ------
+    WeightsError
+        If no such file is shipped.
+    """
+    path = WEIGHTS_DIR / f"{name}.pt"
+    if not path.is_file():
+        have = sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
+        raise WeightsError(f"no shipped weights for model {name!r} ({path} missing); shipped: {have or 'none'}")
+    return path
+
+
+def _resolve(model: str | Path) -> Path:
+    path = Path(model)
+    if path.is_dir():
+        path = path / "model.pt"
+        if not path.is_file():
+            raise WeightsError(f"{path}: no model.pt in the training folder {model}")
+        return path
+    if path.is_file():
+        return path
+    if isinstance(model, str) and model in MODELS and "/" not in model:
+        return shipped_weights(model)
+    raise WeightsError(f"weights file not found: {path} (give a file, a training folder, or one of "
+                       f"the shipped model names {sorted(MODELS)})")
+
+
+def load_weights(model: str | Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelSpec, dict, Path]:
+    """Load and check a weights file; return ``(module in eval mode, spec, metadata, path)``.
+
+    Raises
+    ------
+    WeightsError
+        Naming the file and the problem: missing, not a torch file, not a weights dict, unknown
+        model, metadata that contradicts the registered model, missing / unexpected keys or
+        mismatched tensor shapes.
+    """
+    path = _resolve(model)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means the file is unusable
+        raise WeightsError(f"{path}: corrupt or not a torch weights file ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(obj, dict) or "state_dict" not in obj or "metadata" not in obj:
+        raise WeightsError(f"{path}: not a weights file of this project (expected a dict with "
+                           f"'state_dict' and 'metadata')")
+    meta = obj["metadata"]
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or "name" not in meta["model"]:
+        raise WeightsError(f"{path}: metadata lacks the model description ('model': {{'name': ...}})")
+    name = meta["model"]["name"]
+    if name not in MODELS:
+        raise WeightsError(f"{path}: unknown model {name!r}; this version knows {sorted(MODELS)}")
+    spec = get_spec(name)
+    expected = spec.metadata()
+    for key in ("channels", "scheme", "layout", "panels"):
+        got = meta["model"].get(key, expected[key])
+        if isinstance(got, (list, tuple)):
+            got = list(got)
+        if got != expected[key]:
+            raise WeightsError(f"{path}: metadata {key}={meta['model'][key]!r} does not match model {name!r} "
+                               f"({expected[key]!r})")
+    net = build_model(name)
+    state = obj["state_dict"]
+    want = net.state_dict()
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    if missing or unexpected:
+        raise WeightsError(f"{path}: weights do not fit architecture {name!r}: missing keys {missing[:5]}"
+                           f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+                           f"{'...' if len(unexpected) > 5 else ''}")
+    bad = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in want.items()
+           if tuple(state[k].shape) != tuple(v.shape)]
+    if bad:
+        raise WeightsError(f"{path}: weights do not fit architecture {name!r}: shape mismatch {'; '.join(bad[:3])}")
+    net.load_state_dict(state)
+    return net.eval(), spec, meta, path
+
+
+class Scorer:
+    """A real-bogus model loaded once, scoring stamp arrays in batches.
+
+    Parameters
+    ----------
+    model : str or Path
+        A weights file, a training folder (its ``model.pt``), or a shipped model name.
+    device : {"cpu", "cuda", "auto"}
+        Where to run (``"auto"``: CUDA if available).
+    batch_size : int
+        Stamps per forward pass.
+    threads : int, optional
+        torch CPU threads to set (default: leave torch's setting alone).
+    precision : {"float32", "bfloat16"}
+        Arithmetic of the network (normalisation is always float32).  ``bfloat16`` is ~2-3x
+        faster on CPUs with AVX512-BF16 / AMX and changes P(real) by ~1e-3.
+
+    Attributes
+    ----------
+    spec : ModelSpec
+    metadata : dict
+        The metadata stored with the weights (training config, provenance, val metrics).
+    path : Path
+        The weights file.
+    """
+
+    def __init__(self, model: str | Path, device: str = "cpu", batch_size: int = 1024,
+                 threads: int | None = None, precision: str = "float32") -> None:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"Scorer: device {device!r} requested but torch sees no CUDA device")
+        if precision not in ("float32", "bfloat16"):
+            raise ValueError(f"Scorer: precision must be 'float32' or 'bfloat16', got {precision!r}")
+        if batch_size < 1:
+            raise ValueError(f"Scorer: batch_size must be >= 1, got {batch_size}")
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.precision = precision
+        net, self.spec, self.metadata, self.path = load_weights(model)
+        self._dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+        # channels_last lets oneDNN / cuDNN pick their fastest convolution kernels
+        self.net = net.to(self.device, dtype=self._dtype).to(memory_format=torch.channels_last)
+
+    @property
+    def name(self) -> str:
+        """Registered model name."""
+        return self.spec.name
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """Canonical channels the model uses."""
+        return self.spec.channels
+
+    def logits(self, stamps: np.ndarray | torch.Tensor, channels: tuple[str, ...] = CHANNELS) -> torch.Tensor:
+        """Raw (N, 2) logits on the scorer's device (no batching; used by saliency)."""
+        if self.device.type == "cuda" and not isinstance(stamps, torch.Tensor):
+            # normalise on the GPU too
+            stamps = torch.from_numpy(np.ascontiguousarray(stamps, dtype=np.float32)).to(self.device)
+        x = prepare_input(stamps, self.spec, channels)
+        x = torch.as_tensor(x).to(self.device, dtype=self._dtype).contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    @torch.inference_mode()
+    def score(self, stamps: np.ndarray | torch.Tensor, channels: tuple[str, ...] = CHANNELS) -> np.ndarray:
+        """P(real) of each stamp.
+
+        Parameters
+        ----------
+        stamps : ndarray or Tensor (N, C, 51, 51)
+            Raw stamps (canonical channels template, search, difference unless ``channels`` says
+            otherwise; a pair model ignores the difference).  NaN = missing pixel.
+        channels : tuple of str
+
+        Returns
+        -------
+        ndarray (N,) float32
+        """
+        n = stamps.shape[0]
+        out = np.empty(n, dtype=np.float32)
+        if isinstance(stamps, torch.Tensor) and stamps.device != self.device:
+            stamps = stamps.to(self.device)
+        for i in range(0, n, self.batch_size):
+            logits = self.logits(stamps[i:i + self.batch_size], channels)
+            out[i:i + self.batch_size] = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """Model name, weights path and stored validation metrics (JSON-able)."""
+        return {"model": self.name, "weights": str(self.path), "device": str(self.device),
+                "precision": self.precision, "val_metrics": self.metadata.get("val_metrics", {})}

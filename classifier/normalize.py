@@ -1,0 +1,186 @@
+"""Stamp normalisation: the paper's scheme and the shared-scale scheme of our own models.
+
+Schemes (``normalize_stamps(stamps, scheme, channels)``):
+
+``"paper"`` (Acero-Cuellar et al. 2023)
+    * difference: z-scored per stamp (mean 0, standard deviation 1);
+    * search and template, each on its own: mapped linearly so that the pixels inside
+      mean +- 3 sigma of the stamp span 0..1 (the minimum of those pixels -> 0, the maximum -> 1);
+      outliers are kept, i.e. bright pixels exceed 1.
+``"shared"`` (our ``triplet`` / ``pair`` models)
+    * template and search: each minus its own background (3-sigma-clipped mean), then both
+      divided by ONE scale, the clipped noise (std) of the search stamp, then ``asinh``.  The common scale keeps the template/search
+      flux ratio (a static star looks the same in both, a new source only in the search), which a
+      per-stamp min-max scaling destroys; ``asinh`` keeps noise linear and bright stars in range.
+    * difference: minus its clipped mean, divided by its own clipped std, then ``asinh``.
+
+Missing pixels (NaN) are ignored by the statistics and set to 0 after normalising, so the
+output is finite and deterministic.  A constant stamp maps to 0.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .data import CHANNELS
+
+__all__ = ["normalize_stamps", "SCHEMES", "paper_minmax", "zscore", "shared_scale"]
+
+#: Normalisation schemes understood by :func:`normalize_stamps`.
+SCHEMES: tuple[str, ...] = ("paper", "shared")
+
+#: Clipping threshold (in std) of the shared scheme's background / noise estimate.
+_CLIP = 3.0
+
+# The arithmetic runs in torch (multi-threaded, and on the GPU for CUDA tensors); NumPy arrays
+# are converted without copies.
+
+
+def _as_tensor(x) -> tuple[torch.Tensor, bool]:
+    if isinstance(x, torch.Tensor):
+        return x.to(torch.float32), False
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), True
+
+
+def _back(t: torch.Tensor, was_numpy: bool):
+    return t.numpy() if was_numpy else t
+
+
+def _mean_std(x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (stamp, channel) mean and population std of (N, K, P) pixels, NaN-aware."""
+    if valid is None:
+        std, mean = torch.std_mean(x, dim=-1, keepdim=True, correction=0)
+        return mean, std
+    n = valid.sum(dim=-1, keepdim=True).clamp_min(1)
+    xz = torch.where(valid, x, 0.0)
+    mean = xz.sum(dim=-1, keepdim=True) / n
+    dev = torch.where(valid, x - mean, 0.0)
+    std = torch.sqrt((dev * dev).sum(dim=-1, keepdim=True) / n)
+    return mean, std
+
+
+def _valid(x: torch.Tensor) -> torch.Tensor | None:
+    nan = torch.isnan(x)
+    return ~nan if bool(nan.any()) else None
+
+
+def _finish(out: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    return out if valid is None else torch.where(valid, out, 0.0)
+
+
+def zscore(x):
+    """Z-score each ``(N, K, H, W)`` stamp plane: mean 0, std 1 over its valid pixels.
+
+    Accepts and returns a NumPy array or a torch tensor.
+    """
+    t, was_np = _as_tensor(x)
+    shape = t.shape
+    t = t.reshape(shape[0], shape[1], -1)
+    valid = _valid(t)
+    mean, std = _mean_std(t, valid)
+    scale = torch.where(std > 0, 1.0 / torch.where(std > 0, std, 1.0), 0.0)
+    return _back(_finish((t - mean) * scale, valid).reshape(shape), was_np)
+
+
+def paper_minmax(x, nsigma: float = 3.0):
+    """Map each ``(N, K, H, W)`` plane so its pixels within mean +- ``nsigma`` std span 0..1.
+
+    Pixels outside that range keep the same linear map (values below 0 or above 1).
+    Accepts and returns a NumPy array or a torch tensor.
+    """
+    t, was_np = _as_tensor(x)
+    shape = t.shape
+    t = t.reshape(shape[0], shape[1], -1)
+    valid = _valid(t)
+    mean, std = _mean_std(t, valid)
+    inside = (t - mean).abs() <= nsigma * std  # NaN compares False
+    lo = torch.where(inside, t, torch.inf).amin(dim=-1, keepdim=True)
+    hi = torch.where(inside, t, -torch.inf).amax(dim=-1, keepdim=True)
+    span = hi - lo
+    ok = torch.isfinite(span) & (span > 0)
+    lo = torch.where(ok, lo, 0.0)
+    scale = torch.where(ok, 1.0 / torch.where(ok, span, 1.0), 0.0)
+    return _back(_finish((t - lo) * scale, valid).reshape(shape), was_np)
+
+
+def shared_scale(x, image_channels: Sequence[int], reference: int | None):
+    """The ``"shared"`` scheme on a ``(N, K, H, W)`` array or tensor (see module docstring).
+
+    Parameters
+    ----------
+    x : ndarray or Tensor (N, K, H, W)
+    image_channels : sequence of int
+        Channels (template, search) that share one scale; the others (difference) keep their own.
+    reference : int or None
+        The channel whose robust noise sets the shared scale (the search stamp); default the
+        last image channel.
+    """
+    t, was_np = _as_tensor(x)
+    shape = t.shape
+    t = t.reshape(shape[0], shape[1], -1)
+    valid = _valid(t)
+    # robust background and noise: mean and std after one 3-sigma clip (much cheaper than
+    # median / MAD, and as insensitive to a star filling a few percent of the stamp)
+    mean, std = _mean_std(t, valid)
+    inside = (t - mean).abs() <= _CLIP * std
+    if valid is not None:
+        inside = inside & valid
+    med, sig = _mean_std(t, inside)
+    sig = torch.where(sig > 0, sig, std)
+    sig = torch.where(sig > 0, sig, 1.0)
+    if image_channels:
+        ref = reference if reference is not None else image_channels[-1]
+        idx = torch.tensor(list(image_channels), device=t.device)
+        sig = sig.clone()
+        sig[:, idx] = sig[:, ref:ref + 1]
+    out = torch.asinh((t - med) / sig)
+    return _back(_finish(out, valid).reshape(shape), was_np)
+
+
+def normalize_stamps(stamps: np.ndarray, scheme: str = "paper",
+                     channels: Sequence[str] = CHANNELS) -> np.ndarray:
+    """Normalise a stamp array channel by channel.
+
+    Parameters
+    ----------
+    stamps : ndarray or Tensor (N, C, H, W)
+        Raw stamps; NaN marks missing pixels.  Tensors stay on their device.
+    scheme : {"paper", "shared"}
+        See the module docstring.
+    channels : sequence of str
+        Name of each channel (``template``, ``search``, ``difference``); decides how each is scaled.
+
+    Returns
+    -------
+    ndarray or Tensor (N, C, H, W) float32 (the input's type)
+        Finite normalised stamps (missing pixels set to 0).
+    """
+    if not isinstance(stamps, torch.Tensor):
+        stamps = np.asarray(stamps)
+    if stamps.ndim != 4:
+        raise ValueError(f"stamps must be (N, C, H, W), got shape {stamps.shape}")
+    channels = tuple(channels)
+    if len(channels) != stamps.shape[1]:
+        raise ValueError(f"channels {channels} do not match the {stamps.shape[1]} stamp channels")
+    unknown = set(channels) - set(CHANNELS)
+    if unknown:
+        raise ValueError(f"unknown channel name(s) {sorted(unknown)}; expected some of {CHANNELS}")
+    diff = [i for i, c in enumerate(channels) if c == "difference"]
+    imgs = [i for i, c in enumerate(channels) if c != "difference"]
+    if scheme == "paper":
+        if not diff:
+            return paper_minmax(stamps)
+        if not imgs:
+            return zscore(stamps)
+        t, was_np = _as_tensor(stamps)
+        out = torch.empty_like(t)
+        out[:, diff] = zscore(t[:, diff])
+        out[:, imgs] = paper_minmax(t[:, imgs])
+        return _back(out, was_np)
+    if scheme == "shared":
+        ref = channels.index("search") if "search" in channels else None
+        return shared_scale(stamps, imgs, ref)
+    raise ValueError(f"unknown normalisation scheme {scheme!r}; choose one of {SCHEMES}")

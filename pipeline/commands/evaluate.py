@@ -1,0 +1,56 @@
+"""``pipeline evaluate``: metrics of a trained CNN on a labelled stamp set (JSON, ROC PNG, summary)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["add_arguments", "main"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``pipeline evaluate``."""
+    parser.add_argument("--model", required=True,
+                        help="training folder, weights file (.pt) or shipped model name")
+    parser.add_argument("--data", required=True, help="stamp set (.npz) or a DES autoScan folder")
+    parser.add_argument("--split", default="test",
+                        help="split to evaluate (train/val/test, or 'all'; default test)")
+    parser.add_argument("--out", default=None, help="folder for evaluation.json and roc.png")
+    parser.add_argument("--threshold", type=float, default=0.5, help="score threshold for 'real'")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``pipeline evaluate``."""
+    from classifier.evaluate import EvaluationConfig, evaluate_scores, plot_roc
+    from classifier.infer import Scorer
+    from pipeline.commands.train import load_stamp_data
+
+    try:
+        data = load_stamp_data(args.data)
+        if args.split != "all":
+            data = data.select(args.split)
+        scorer = Scorer(args.model, device=args.device, batch_size=args.batch_size, threads=args.threads)
+    except (OSError, ValueError) as exc:
+        print(f"pipeline evaluate: {exc}", file=sys.stderr)
+        return 2
+    scores = scorer.score(data.stamps, data.channels)
+    result = evaluate_scores(data.labels, scores, data.meta, EvaluationConfig(threshold=args.threshold))
+    print(f"{scorer.name} ({scorer.path}) on {args.data} [{args.split}]")
+    print(result.summary())
+    if args.out:
+        from pipeline.io import atomic_path
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {"model": scorer.describe(), "data": str(args.data), "split": args.split,
+                   "data_attrs": data.attrs, **result.to_dict()}
+        with atomic_path(out / "evaluation.json") as tmp:
+            Path(tmp).write_text(json.dumps(payload, indent=1, default=str))
+        plot_roc({scorer.name: result}, out / "roc.png", title=f"{scorer.name}: {len(data)} stamps ({args.split})")
+        print(f"wrote {out / 'evaluation.json'} and {out / 'roc.png'}")
+    return 0

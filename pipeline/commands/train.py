@@ -1,0 +1,65 @@
+"""``pipeline train``: train a real-bogus CNN on a labelled stamp set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["add_arguments", "main", "load_stamp_data"]
+
+
+def load_stamp_data(path: str | Path, seed: int = 0):
+    """A StampSet from a ``.npz`` stamp set or a DES autoScan folder (detected)."""
+    from classifier.data import StampSet
+
+    path = Path(path)
+    if path.is_dir():
+        from classifier.autoscan import load_autoscan
+
+        return load_autoscan(path, seed=seed)
+    return StampSet.load(path)
+
+
+def _models() -> list[str]:
+    # the keys of classifier.models.MODELS, listed here so `pipeline --help` does not import torch
+    return ["triplet-paper", "pair-paper", "triplet", "pair"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``pipeline train``."""
+    parser.add_argument("--model", required=True, choices=_models(), help="model to train")
+    parser.add_argument("--data", required=True,
+                        help="stamp set (.npz with a split column: train/val) or a DES autoScan folder")
+    parser.add_argument("--out", required=True, help="output folder (model.pt, last.pt, history.json)")
+    parser.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the model's recipe)")
+    parser.add_argument("--batch-size", type=int, default=None, help="mini-batch size (paper: 200)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's recipe)")
+    parser.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``pipeline train``."""
+    from classifier.train import TrainConfig, train_model
+
+    try:
+        data = load_stamp_data(args.data, args.seed)
+        train, val = data.select("train"), data.select("val")
+        config = TrainConfig.for_model(args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                       patience=args.patience, seed=args.seed, threads=args.threads,
+                                       progress=not args.no_progress)
+    except (OSError, ValueError) as exc:
+        print(f"pipeline train: {exc}", file=sys.stderr)
+        return 2
+    print(f"training {args.model} on {len(train)} stamps (val {len(val)}) from {args.data}", file=sys.stderr)
+    result = train_model(args.model, train, val, config, args.out, device=args.device, resume=args.resume)
+    summary = {"model": str(result.model_path), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+               "stopped_early": result.stopped_early, **result.val_metrics}
+    print(json.dumps(summary, indent=1))
+    return 0
