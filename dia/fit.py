@@ -155,11 +155,18 @@ def stamp_equations(be: Backend, basis: KernelBasis, conv_img, conv_var, ref_img
         w = xp.where(good, 1.0 / xp.where(good, var, 1.0), 0.0)
         target = xp.where(good, target, 0.0)
         dw = design * w[:, None, :]
-        out_m.append(be.asnumpy(dw @ design.transpose(0, 2, 1)))  # batched matmul (cuBLAS on GPU)
-        out_v.append(be.asnumpy((dw @ target[:, :, None])[:, :, 0]))
-        out_c.append(be.asnumpy((w * target * target).sum(axis=1)))
-        out_n.append(be.asnumpy(good.sum(axis=1)))
-    return (np.concatenate(out_m), np.concatenate(out_v), np.concatenate(out_c), np.concatenate(out_n).astype(float))
+        mm = dw @ design.transpose(0, 2, 1)  # batched matmul (cuBLAS on GPU)
+        vv = (dw @ target[:, :, None])[:, :, 0]
+        cc = (w * target * target).sum(axis=1)
+        nn = good.sum(axis=1).astype(xp.float64)
+        # one device->host copy per chunk
+        packed = be.asnumpy(xp.concatenate([mm.reshape(k, -1), vv, cc[:, None], nn[:, None]], axis=1))
+        m = mm.shape[1]
+        out_m.append(packed[:, : m * m].reshape(k, m, m))
+        out_v.append(packed[:, m * m : m * m + m])
+        out_c.append(packed[:, -2])
+        out_n.append(packed[:, -1])
+    return (np.concatenate(out_m), np.concatenate(out_v), np.concatenate(out_c), np.concatenate(out_n))
 
 
 def _chi2(a: np.ndarray, m: np.ndarray, v: np.ndarray, c: np.ndarray) -> np.ndarray:

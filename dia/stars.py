@@ -51,55 +51,50 @@ def describe_rejections(found: int, usable: int, rejected: dict[str, int], neede
     )
 
 
-def _block_level(xp, cells, clip: float = 2.5, iterations: int = 3):
-    """Sigma-clipped mean along the last axis, ignoring NaN (reductions only: cheap on a GPU).
+def _block_median(xp, cells):
+    """Median along the last axis ignoring NaN (sort with NaN last, pick the middle finite values).
 
-    Returns ``(level, n_good)``; ``level`` is NaN where a row has no finite value.
+    Returns ``(median, n_finite)``; the median is NaN where a row has no finite value.
     """
-    ok = xp.isfinite(cells)
-    vals = xp.where(ok, cells, 0)
-    keep = ok
-    for it in range(iterations + 1):
-        n = keep.sum(axis=-1)
-        mean = xp.where(keep, vals, 0).sum(axis=-1) / xp.maximum(n, 1)
-        if it == iterations:
-            break
-        dev = xp.where(keep, vals - mean[..., None], 0)
-        std = xp.sqrt((dev * dev).sum(axis=-1) / xp.maximum(n - 1, 1))
-        keep = ok & (xp.abs(vals - mean[..., None]) <= clip * std[..., None])
-    return xp.where(n > 0, mean, xp.nan), ok.sum(axis=-1)
+    n = xp.isfinite(cells).sum(axis=-1)
+    srt = xp.sort(xp.where(xp.isfinite(cells), cells, xp.inf), axis=-1)
+    lo = xp.take_along_axis(srt, xp.maximum((n - 1) // 2, 0)[..., None], axis=-1)[..., 0]
+    hi = xp.take_along_axis(srt, xp.maximum(n // 2, 0)[..., None], axis=-1)[..., 0]
+    return xp.where(n > 0, 0.5 * (lo + hi), xp.nan), n
 
 
-def _level(be: Backend, img, var, mask, block: int = 128):
-    """Coarse background map (clipped mean per ``block`` x ``block`` cell, every 4th pixel) and typical noise.
+def _levels(be: Backend, images, block: int = 128):
+    """Coarse background maps and typical noise of several ``(img, var, mask)`` triples at once.
 
-    Returns ``(bg_blocks, noise)``: per-cell sigma-clipped means (device
-    array; cells without good pixels take the level of the others) and the
-    square root of the typical cell variance.  Reductions only, no host round
-    trip except the one noise scalar.
+    Each background map holds the median of every 4th good pixel per
+    ``block`` x ``block`` cell (cells without good pixels take the median of
+    the others); the noise is the square root of the median of the cells'
+    median variances.  All planes go through one batched sort (few kernel
+    launches on a GPU); the only host round trip is the noise scalars.
     """
     xp = be.xp
     step = 4
-    sub = img[::step, ::step].astype(xp.float32)
-    vsub, msub = var[::step, ::step].astype(xp.float32), mask[::step, ::step]
-    good = ((msub & _BAD) == 0) & xp.isfinite(sub) & xp.isfinite(vsub) & (vsub > 0)
     b = block // step
-    sy, sx = sub.shape
-    by, bx = -(-sy // b), -(-sx // b)
-
-    def cells(a):
-        padded = xp.full((by * b, bx * b), xp.nan, dtype=xp.float32)
-        padded[:sy, :sx] = xp.where(good, a, xp.float32(xp.nan))
-        return padded.reshape(by, b, bx, b).transpose(0, 2, 1, 3).reshape(by * bx, b * b)
-
-    both, n = _block_level(xp, xp.concatenate([cells(sub), cells(vsub)], axis=0))
-    bg, v = both[: by * bx], both[by * bx :]
-    # cells with no good pixel: the level of the others (or 0 / 1 when nothing is good)
-    meds, _ = _block_level(xp, xp.stack([bg, v]))
-    meds = meds[:, None]
-    noise = float(xp.sqrt(meds[1, 0])) if bool(xp.isfinite(meds[1, 0])) else 1.0
-    bg = xp.where(xp.isfinite(bg), bg, xp.nan_to_num(meds[0, 0]))
-    return bg.reshape(by, bx).astype(xp.float32), noise
+    stacks = []
+    for img, var, mask in images:
+        sub = img[::step, ::step].astype(xp.float32)
+        vsub = var[::step, ::step].astype(xp.float32)
+        good = ((mask[::step, ::step] & _BAD) == 0) & xp.isfinite(sub) & xp.isfinite(vsub) & (vsub > 0)
+        sy, sx = sub.shape
+        by, bx = -(-sy // b), -(-sx // b)
+        for a in (sub, vsub):
+            padded = xp.full((by * b, bx * b), xp.nan, dtype=xp.float32)
+            padded[:sy, :sx] = xp.where(good, a, xp.float32(xp.nan))
+            stacks.append(padded.reshape(by, b, bx, b).transpose(0, 2, 1, 3).reshape(by * bx, b * b))
+    med, _ = _block_median(xp, xp.stack(stacks))  # (2 * n_images, cells)
+    fill, _ = _block_median(xp, med)  # per plane: the median over cells
+    noise = be.asnumpy(xp.sqrt(fill[1::2]))
+    out = []
+    for k in range(len(images)):
+        bg = xp.where(xp.isfinite(med[2 * k]), med[2 * k], xp.nan_to_num(fill[2 * k]))
+        nz = float(noise[k]) if np.isfinite(noise[k]) and noise[k] > 0 else 1.0
+        out.append((bg.reshape(by, bx).astype(xp.float32), nz))
+    return out
 
 
 def _gather(xp, img, ys, xs, hw: int):
@@ -144,8 +139,7 @@ def select_stars(
     clock = StepClock(be, timings, "select")
     ny, nx = conv_img.shape
     block = 128
-    bgb_c, noise_c = _level(be, conv_img, conv_var, conv_mask, block)
-    bgb_r, noise_r = _level(be, ref_img, ref_var, ref_mask, block)
+    (bgb_c, noise_c), (bgb_r, noise_r) = _levels(be, [(conv_img, conv_var, conv_mask), (ref_img, ref_var, ref_mask)], block)
     bg_c = xp.repeat(xp.repeat(bgb_c, block, axis=0), block, axis=1)[:ny, :nx]
     clock("level")
 
