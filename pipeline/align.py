@@ -81,6 +81,14 @@ class AlignedPair:
     template: Exposure
     overlap: float
     seconds: float
+    variance_factor: float = 1.0
+    """Per-pixel noise variance of the resampled template relative to its ``variance`` plane.
+
+    Interpolation averages neighbouring pixels, so the resampled pixels are less noisy
+    (by this factor, < 1) but correlated.  The ``variance`` plane is *not* reduced: that is
+    the right variance to propagate through a smooth PSF-matching kernel; multiply by this
+    factor where the template is used pixel by pixel (when the search is the convolved image).
+    """
 
 
 def _template_pixels(search_wcs: WCS, template_wcs: WCS, xs: np.ndarray, ys: np.ndarray):
@@ -248,13 +256,29 @@ def align_pair(search: Exposure, template: Exposure, config: AlignConfig = Align
         wcs=search.wcs,
         name=f"{template.name} (resampled onto {search.name})",
     )
+    factor = _interpolation_variance_factor(search, template, config)
     covered = float((~nodata).mean())
     if covered < config.min_overlap:
         raise InputError(
             f"no overlap: after resampling, template {template.name!r} covers {covered:.1%} of "
             f"search {search.name!r} (need >= {config.min_overlap:.0%})"
         )
-    return AlignedPair(search=search, template=aligned, overlap=covered, seconds=time.perf_counter() - t0)
+    return AlignedPair(search=search, template=aligned, overlap=covered, seconds=time.perf_counter() - t0,
+                       variance_factor=factor)
+
+
+def _interpolation_variance_factor(search: Exposure, template: Exposure, config: AlignConfig, size: int = 96) -> float:
+    """Variance of resampled unit white noise, measured on a patch at the search image's centre."""
+    ny, nx = search.shape
+    y0, x0 = max(0, ny // 2 - size // 2), max(0, nx // 2 - size // 2)
+    ys, xs = np.mgrid[y0 : y0 + size, x0 : x0 + size].astype(float)
+    tx, ty = _template_pixels(search.wcs, template.wcs, xs, ys)
+    bx0, by0 = int(np.floor(tx.min())) - 4, int(np.floor(ty.min())) - 4
+    w = int(np.ceil(tx.max())) - bx0 + 5
+    h = int(np.ceil(ty.max())) - by0 + 5
+    noise = np.random.default_rng(12345).standard_normal((h, w))
+    out = ndimage.map_coordinates(noise, np.array([ty - by0, tx - bx0]), order=_ORDERS[config.order], mode="nearest")
+    return float(np.var(out))
 
 
 def resample_cutouts(

@@ -420,25 +420,57 @@ def aperture_fluxes(image, variance, mask, x, y, radius, *, annulus: tuple[float
     bad = np.asarray(aperture_photometry(flagged, ap, method="center")["aperture_sum"]) > 0
     flux = np.asarray(tab["aperture_sum"], float)
     err = np.asarray(tab["aperture_sum_err"], float)
-    if annulus is not None:
+    if annulus is not None:  # sigma-clipped median of the annulus: neighbours do not bias it
+        from astropy.stats import SigmaClip
+        from photutils.aperture import ApertureStats
+
         ann = CircularAnnulus(pos, r_in=annulus[0], r_out=annulus[1])
-        bkg = np.asarray(aperture_photometry(np.nan_to_num(image), ann)["aperture_sum"]) / ann.area
-        flux = flux - bkg * ap.area
+        bkg = np.asarray(ApertureStats(np.nan_to_num(image), ann, sigma_clip=SigmaClip(sigma=3.0)).median)
+        flux = flux - np.nan_to_num(bkg) * ap.area
     return flux, err, bad
+
+
+def _annulus_median(image, x, y, annulus):
+    from astropy.stats import SigmaClip
+    from photutils.aperture import ApertureStats, CircularAnnulus
+
+    ann = CircularAnnulus(np.column_stack([x, y]), r_in=annulus[0], r_out=annulus[1])
+    return np.nan_to_num(np.asarray(ApertureStats(np.nan_to_num(image), ann, sigma_clip=SigmaClip(sigma=3.0)).median))
+
+
+def _psf_sky_response(fwhm, radius_fwhm: float = 1.5) -> np.ndarray:
+    """Flux a Gaussian fit (:func:`forced_psf_photometry`) returns for a constant sky of 1 per pixel."""
+    fwhm = np.atleast_1d(np.asarray(fwhm, float))
+    out = np.empty(fwhm.size)
+    for i, f in enumerate(fwhm):
+        r = max(2, int(np.ceil(radius_fwhm * f)))
+        yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+        rr = xx**2 + yy**2
+        sig = f / 2.3548
+        p = np.exp(-0.5 * rr / sig**2) / (2 * np.pi * sig**2) * (rr <= (radius_fwhm * f) ** 2)
+        out[i] = p.sum() / (p**2).sum()
+    return out
+
+
+def _poly_design(u: np.ndarray, v: np.ndarray, n_terms: int) -> np.ndarray:
+    """Columns 1, u, v (, u^2, uv, v^2) of a polynomial surface with 1, 3 or 6 terms."""
+    u, v = np.asarray(u, float), np.asarray(v, float)
+    cols = [np.ones_like(u), u, v, u * u, u * v, v * v][:n_terms]
+    return np.stack(cols, axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
 class PsfModel:
     """Gaussian-core PSF model with a FWHM varying linearly across the image, and a flux correction.
 
-    ``fwhm_at(x, y) = c0 + c1 * u + c2 * v`` with ``u, v`` the position scaled to
-    [-1, 1] over ``shape``.  ``correction`` is the ratio of total flux (a
+    ``fwhm_at(x, y)`` is a polynomial in ``u, v`` (the position scaled to [-1, 1]
+    over ``shape``) with 1, 3 or 6 coefficients ``fwhm_coeffs`` (1, u, v, u^2, uv, v^2).  ``correction`` is the ratio of total flux (a
     5-FWHM aperture) to the flux measure the model was fitted for (the
     Gaussian fit at the local FWHM, or an aperture): real PSFs have wings a
     Gaussian misses -- the classic aperture correction.
     """
 
-    fwhm_coeffs: tuple[float, float, float]
+    fwhm_coeffs: tuple[float, ...]
     correction: float = 1.0
     shape: tuple[int, int] = (1, 1)
     n_stars: int = 0
@@ -448,7 +480,7 @@ class PsfModel:
         """Local FWHM in pixels."""
         u = 2.0 * np.asarray(x, float) / max(self.shape[1] - 1, 1) - 1.0
         v = 2.0 * np.asarray(y, float) / max(self.shape[0] - 1, 1) - 1.0
-        return self.fwhm_coeffs[0] + self.fwhm_coeffs[1] * u + self.fwhm_coeffs[2] * v
+        return _poly_design(u, v, len(self.fwhm_coeffs)) @ np.asarray(self.fwhm_coeffs)
 
     def photometry(self, image, variance, mask, x, y) -> tuple[np.ndarray, np.ndarray]:
         """Total fluxes and errors: Gaussian fits at the local FWHM times the correction."""
@@ -490,6 +522,7 @@ def fit_psf_model(
     total_fwhm: float = 5.0,
     min_stars: int = 5,
     min_stars_linear: int = 12,
+    min_stars_quadratic: int = 60,
 ) -> PsfModel:
     """Measure the PSF width field and the flux correction on bright isolated stars.
 
@@ -507,9 +540,10 @@ def fit_psf_model(
         Least matched-filter S/N of a star used.
     total_fwhm : float
         Radius (in FWHM) of the aperture that defines "total" flux.
-    min_stars, min_stars_linear : int
+    min_stars, min_stars_linear, min_stars_quadratic : int
         Fewer usable stars than ``min_stars``: the nominal FWHM and no correction;
-        at least ``min_stars_linear``: a FWHM plane, else a constant.
+        at least ``min_stars_linear``: a FWHM plane; at least ``min_stars_quadratic``: a
+        quadratic surface (PSFs vary smoothly but not linearly across a CCD); else a constant.
     """
     shape = image.shape
     nominal = PsfModel((float(fwhm), 0.0, 0.0), 1.0, shape, 0, aperture_radius)
@@ -524,7 +558,8 @@ def fit_psf_model(
     if keep.sum() >= min_stars_linear:
         u = 2.0 * x / max(shape[1] - 1, 1) - 1.0
         v = 2.0 * y / max(shape[0] - 1, 1) - 1.0
-        design = np.column_stack([np.ones_like(u), u, v])
+        n_terms = 6 if keep.sum() >= min_stars_quadratic else 3
+        design = _poly_design(u, v, n_terms)
         for _ in range(3):
             coef, *_ = np.linalg.lstsq(design[keep], local[keep], rcond=None)
             resid = local - design @ coef
@@ -538,12 +573,16 @@ def fit_psf_model(
     if x.size < min_stars:
         return nominal
     model = PsfModel(coeffs, 1.0, shape, int(x.size), aperture_radius)
-    # the image is background-subtracted: a local annulus would eat the PSF wings
-    total, _, _ = aperture_fluxes(image, variance, mask, x, y, total_fwhm * fwhm)
+    # A coarse background map is biased by the light of crowded fields; both measures are made
+    # relative to the local sky of a far annulus (where the PSF wings hold < 0.1% of the flux).
+    annulus = ((total_fwhm + 1) * fwhm, (total_fwhm + 3) * fwhm)
+    total, _, _ = aperture_fluxes(image, variance, mask, x, y, total_fwhm * fwhm, annulus=annulus)
+    local_sky = _annulus_median(image, x, y, annulus)
     if aperture_radius is None:
-        small, _ = model.photometry(image, variance, mask, x, y)
+        small, _ = forced_psf_photometry(image - 0.0, variance, mask, x, y, model.fwhm_at(x, y))
+        small = small - local_sky * _psf_sky_response(model.fwhm_at(x, y))
     else:
-        small, _, _ = aperture_fluxes(image, variance, mask, x, y, aperture_radius)
+        small, _, _ = aperture_fluxes(image, variance, mask, x, y, aperture_radius, annulus=annulus)
     ratio = total / small
     ratio = ratio[np.isfinite(ratio) & (ratio > 0.5) & (ratio < 3.0)]
     if ratio.size < min_stars:

@@ -87,9 +87,16 @@ def psf_match_subtract(aligned: AlignedPair, config: RunConfig):
     """Alard-Lupton PSF matching and subtraction; returns a :class:`dia.Difference` on the host."""
     from dia import subtract
 
+    from dia.subtract import choose_convolved
+
     s, t = aligned.search, aligned.template
+    t_var = t.variance
+    if choose_convolved(s.fwhm, t.fwhm, config.psf_match.convolve) == "search":
+        # the resampled template enters the difference pixel by pixel: its per-pixel variance
+        # is reduced by the interpolation (see AlignedPair.variance_factor)
+        t_var = t.variance * np.float32(aligned.variance_factor)
     diff = subtract(
-        s.image, s.variance, s.mask, t.image, t.variance, t.mask,
+        s.image, s.variance, s.mask, t.image, t_var, t.mask,
         search_fwhm=s.fwhm, template_fwhm=t.fwhm, config=config.psf_match, device=config.device,
     )
     return diff.to_numpy()
