@@ -143,7 +143,7 @@ class DetectConfig:
     renormalize : bool
         Rescale the matched-filter S/N map (and flux errors) by its measured robust scatter
         (default True): PSF matching correlates the noise of the convolved image, which the
-        per-pixel variance cannot describe.  The factor is kept in the table's meta (``noise_scale``).
+        per-pixel variance cannot describe.  The factor is kept in the table's meta (``NOISESCL``).
     """
 
     threshold: float = 5.0
@@ -724,7 +724,7 @@ def detect_difference(
         flux=flux[order], flux_err=flux_err[order], snr=peak[order],
         flags=flags[order],
     )
-    table.meta["noise_scale"] = noise_scale
+    table.meta["NOISESCL"] = noise_scale  # matched-filter S/N renormalisation factor
     return table
 
 

@@ -162,22 +162,19 @@ def cut_pairs(candidates: Table, pair: LoadedPair, config: RunConfig, size: int 
 
 
 @functools.lru_cache(maxsize=4)
-def get_scorer(model: str, device: str, threads: int):
-    """The CNN scorer, loaded once per worker process (cached by model, device and threads)."""
-    import torch
-
+def get_scorer(model: str, device: str, threads: int, batch_size: int):
+    """The CNN scorer, loaded once per worker process (cached by model, device, threads, batch)."""
     from classifier.infer import Scorer
 
-    torch.set_num_threads(threads)
-    return Scorer(model, device="cuda" if device == "gpu" else "cpu")
+    return Scorer(model, device="cuda" if device == "gpu" else "cpu", batch_size=batch_size, threads=threads)
 
 
 def score_stamps(stamps: Stamps, config: RunConfig) -> np.ndarray:
     """P(real) of every stamp with this mode's model."""
     if len(stamps) == 0:
         return np.zeros(0, np.float32)
-    scorer = get_scorer(config.model, config.device, config.torch_threads)
-    return np.asarray(scorer.score(stamps.data, batch_size=config.batch_size), np.float32)
+    scorer = get_scorer(config.model, config.device, config.torch_threads, config.batch_size)
+    return np.asarray(scorer.score(stamps.data, channels=stamps.channels), np.float32)
 
 
 def finalize_candidates(candidates: Table, scores: np.ndarray, config: RunConfig,
