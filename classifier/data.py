@@ -241,7 +241,9 @@ class StampSet:
                 channels = tuple(npz["channels"].tolist())
                 attrs = json.loads(str(npz["attrs_json"])) if "attrs_json" in names else {}
                 meta = {k[len("meta__"):]: npz[k] for k in sorted(names) if k.startswith("meta__")}
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as exc:
+            if str(exc).startswith(str(path)):
+                raise
             raise ValueError(f"{path}: corrupt or unreadable stamp set ({exc})") from None
         try:
             return cls(stamps, labels, meta, channels, attrs)

@@ -11,7 +11,7 @@ Every model takes a float tensor prepared by :func:`prepare_input` from canonica
     126,050 and 45,908 parameters; the paper's normalisation.
 ``triplet`` / ``pair``
     Ours: stamps as channels (3 or 2), the shared-scale normalisation (template and search on one
-    scale, so their flux ratio survives), 3x3 convolutions with BatchNorm, 4 stages, dihedral
+    scale, so their flux ratio survives), four 3x3 convolutions with BatchNorm (~170k parameters), dihedral
     (flip / 90-degree rotation) augmentation in training.  The pair model sees template and search
     only (no template-minus-search channel: that would be a difference image).
 """
@@ -79,11 +79,12 @@ class StampNet(nn.Module):
         Filters of the first stage (doubled at the second and third).
     """
 
-    def __init__(self, in_channels: int, width: int = 24) -> None:
+    def __init__(self, in_channels: int, width: int = 16) -> None:
         super().__init__()
         w1, w2, w3 = width, 2 * width, 4 * width
+        # one convolution at full resolution (cost), two at 25 x 25, one at 12 x 12
         self.features = nn.Sequential(
-            *_block(in_channels, w1), *_block(w1, w1), nn.MaxPool2d(2),   # 51 -> 25
+            *_block(in_channels, w1), nn.MaxPool2d(2),                    # 51 -> 25
             *_block(w1, w2), *_block(w2, w2), nn.MaxPool2d(2),            # 25 -> 12
             *_block(w2, w3), nn.MaxPool2d(2),                             # 12 -> 6
         )
