@@ -404,7 +404,11 @@ def test_decorrelation_whitens(pair):
 
 
 def test_xp_generic_numpy_and_gpu_agree(pair, diff):
-    """The CuPy path runs the same functions; here they run with xp=numpy, on GPU they are compared."""
+    """The CuPy path runs the same functions; here they run with xp=numpy, on GPU they are compared.
+
+    float64: GPU and CPU agree to 1e-4 relative (to max(|D|, sigma)); float32 (the default) agrees
+    to 1e-3 of the local noise (FFT rounding of ~1e5 ADU star pixels in float32).
+    """
     be = get_backend("cpu")
     assert be.xp is np
     try:
@@ -414,11 +418,17 @@ def test_xp_generic_numpy_and_gpu_agree(pair, diff):
             raise RuntimeError
     except Exception:
         pytest.skip("CuPy with a CUDA device is not available")
-    g = run_gpu = subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var, pair.template_mask,
-                           search_fwhm=4.0, template_fwhm=2.8, device="gpu").to_numpy()
-    ok = diff.mask == 0
-    scale = np.sqrt(np.median(diff.variance[ok]))
-    assert np.max(np.abs(g.image[ok] - diff.image[ok])) / scale < 1e-2
-    rel = np.abs(g.image[ok] - diff.image[ok]) / np.maximum(np.abs(diff.image[ok]), scale)
-    assert np.max(rel) < 1e-4 or np.median(rel) < 1e-4
-    assert np.array_equal(g.mask, diff.mask)
+    for cfg, bound, ref in ((PsfMatchConfig(float32=False), 1e-4, None), (PsfMatchConfig(), 1e-3, diff)):
+        if ref is None:
+            ref = subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var, pair.template_mask,
+                           search_fwhm=4.0, template_fwhm=2.8, config=cfg)
+        g = subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var, pair.template_mask,
+                     search_fwhm=4.0, template_fwhm=2.8, config=cfg, device="gpu")
+        assert isinstance(g.image, cupy.ndarray)
+        g = g.to_numpy()
+        ok = ref.mask == 0
+        sigma = np.sqrt(ref.variance[ok])
+        rel = np.abs(g.image[ok] - ref.image[ok]) / np.maximum(np.abs(ref.image[ok]), sigma)
+        assert np.max(rel) < bound, (cfg.float32, np.max(rel))
+        assert np.array_equal(g.mask, ref.mask)
+        assert g.stats.used == ref.stats.used
