@@ -92,8 +92,6 @@ class PsfMatchConfig:
             raise ValueError(f"PsfMatchConfig.kernel_size must be odd and >= 3, got {self.kernel_size}")
         if self.spatial_order < 0 or self.background_order < 0:
             raise ValueError("PsfMatchConfig.spatial_order and background_order must be >= 0")
-        if self.background_order > max(self.spatial_order, 1) + 1:
-            pass
         if self.min_stars < 1 or self.max_stars < self.min_stars:
             raise ValueError("PsfMatchConfig needs 1 <= min_stars <= max_stars")
         if self.sigma_beta <= 1.0 or self.min_sigma <= 0:
