@@ -220,6 +220,13 @@ def test_quality_template_convolved(pair, diff):
     assert set(diff.timings) >= {"select", "fit", "convolve", "variance"}
 
 
+def test_hotpants_basis_configuration(pair):
+    """A HOTPANTS-like fixed basis (49 functions) is a configuration, not another code path."""
+    d = run(pair, kernel_sigmas=(0.7, 1.5, 3.0), kernel_degrees=(6, 4, 2), kernel_size=21)
+    assert d.solution.basis.n_basis == 49 and d.solution.coefficients.shape == (49, 6)
+    check_quality(pair, d, pair.search_fwhm)
+
+
 def test_photometric_scale_and_spatial_kernel(pair, diff):
     sol = diff.solution
     # template fluxes are 1.4 x search: the kernel sum must be 1/1.4
