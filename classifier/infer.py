@@ -50,10 +50,11 @@ def _resolve(model: str | Path) -> Path:
         return path
     if path.is_file():
         return path
-    if isinstance(model, str) and model in MODELS and "/" not in model:
+    if isinstance(model, str) and "/" not in model and (model in MODELS or (WEIGHTS_DIR / f"{model}.pt").is_file()):
         return shipped_weights(model)
+    have = sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
     raise WeightsError(f"weights file not found: {path} (give a file, a training folder, or one of "
-                       f"the shipped model names {sorted(MODELS)})")
+                       f"the shipped weights {have or 'none'})")
 
 
 def load_weights(model: str | Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelSpec, dict, Path]:

@@ -150,7 +150,7 @@ class RunConfig:
     mode: str = "dia"
     device: str = "cpu"
     model_dia: str = "triplet"
-    model_direct: str = "pair"
+    model_direct: str = "pair-direct"
     score_threshold: float = 0.5
     batch_size: int = 1024
     torch_threads: int = 1

@@ -1,0 +1,233 @@
+"""``pipeline run`` end to end: both modes against truth, failures, resume, LocalCluster, SLURM."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from pipeline.cluster import SchedulerConfig
+from pipeline.config import RunConfig
+from pipeline.io import read_manifest
+from pipeline.runner import EXIT_SOME_FAILED, run_pipeline
+from slurm_local import LocalSlurm, slurm_available
+
+THREADS = SchedulerConfig(kind="threads", workers=2)
+
+
+def _run(entries, out, mode="dia", scheduler=THREADS, **kwargs):
+    return run_pipeline(entries, RunConfig(mode=mode), out, scheduler, progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def dia_run(sim_field, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dia")
+    return _run(read_manifest(sim_field), out, "dia")
+
+
+@pytest.fixture(scope="module")
+def direct_run(sim_field, tmp_path_factory):
+    out = tmp_path_factory.mktemp("direct")
+    return _run(read_manifest(sim_field), out, "direct")
+
+
+@pytest.mark.parametrize("mode", ["dia", "direct"])
+def test_end_to_end_against_truth(mode, request):
+    result = request.getfixturevalue(f"{mode}_run")
+    assert result.exit_status == 0 and result.n_failed == 0
+    cat = Table.read(result.out_dir / "candidates.parquet")
+    assert set(cat["mode"]) == {mode}
+    for col in ("ccd", "x", "y", "ra", "dec", "flux", "snr", "score", "mode", "model", "truth_id", "truth_kind", "truth_mag"):
+        assert col in cat.colnames
+    run = json.loads((result.out_dir / "run.json").read_text())
+    tot = run["truth_summary"]
+    assert tot["n_transients"] >= 20
+    # the operating point finds most transients and rejects most bogus candidates
+    assert tot["completeness"] >= 0.6
+    assert tot["false_positives_per_ccd"] <= 0.5 * tot["n_candidates"] / run["n_ccds"]
+    assert tot["purity"] >= 0.5
+    # scores separate real from bogus among the candidates
+    real = np.asarray(cat["truth_kind"]) == "transient"
+    assert np.median(np.asarray(cat["score"])[real]) > 0.5 > np.median(np.asarray(cat["score"])[~real])
+    stages = set(run["stage_wall_s"])
+    expected = {"load", "align", "subtract", "detect", "stamps", "score", "write"} if mode == "dia" else \
+        {"load", "detect", "stamps", "score", "write"}
+    assert stages == expected
+    assert all(c["status"] == "done" for c in run["ccds"])
+    assert run["versions"]["numpy"] and run["config"]["mode"] == mode
+
+
+def _bad_field(sim_field: Path, out: Path) -> Path:
+    """The simulated field plus four broken CCDs: unreadable, no overlap, too few stars, all NaN."""
+    src = sim_field.parent
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        shutil.copy(f, out / f.name)
+    (out / "garbage.fits").write_bytes(b"this is not a FITS file" * 100)
+    # no overlap: the template of ccd01 moved 3 degrees away
+    with fits.open(out / "ccd01_template.fits") as h:
+        for hdu in h[1:]:
+            hdu.header["CRVAL1"] = hdu.header["CRVAL1"] + 3.0
+        h.writeto(out / "far_template.fits")
+    # too few stars: a template/search pair of (nearly) empty sky
+    with fits.open(out / "ccd00_search.fits") as h:
+        rng = np.random.default_rng(0)
+        h["IMAGE"].data = (h["IMAGE"].header["SKYLEVEL"] + rng.normal(0, 5, h["IMAGE"].data.shape)).astype(np.float32)
+        h["MASK"].data[:] = 0
+        h.writeto(out / "empty_search.fits")
+    with fits.open(out / "ccd00_template.fits") as h:
+        h["IMAGE"].data = (h["IMAGE"].header["SKYLEVEL"] + rng.normal(0, 2, h["IMAGE"].data.shape)).astype(np.float32)
+        h["MASK"].data[:] = 0
+        h.writeto(out / "empty_template.fits")
+    with fits.open(out / "ccd00_search.fits") as h:
+        h["IMAGE"].data[:] = np.nan
+        h.writeto(out / "nan_search.fits")
+    rows = [("ccd00", "ccd00_search.fits", "ccd00_template.fits", "ccd00_truth.ecsv"),
+            ("unreadable", "garbage.fits", "ccd00_template.fits", ""),
+            ("nooverlap", "ccd01_search.fits", "far_template.fits", ""),
+            ("fewstars", "empty_search.fits", "empty_template.fits", ""),
+            ("allnan", "nan_search.fits", "ccd00_template.fits", "")]
+    t = Table(rows=rows, names=("ccd", "search", "template", "truth"))
+    t.write(out / "manifest.ecsv", format="ascii.ecsv", overwrite=True)
+    return out / "manifest.ecsv"
+
+
+def test_bad_ccds_are_isolated_and_reported(sim_field, tmp_path):
+    manifest = _bad_field(sim_field, tmp_path / "bad")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--mode", "dia", "--input", str(manifest),
+                           "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == EXIT_SOME_FAILED, proc.stderr[-2000:]
+    run = json.loads((out / "run.json").read_text())
+    by = {c["ccd"]: c for c in run["ccds"]}
+    assert by["ccd00"]["status"] == "done"
+    assert by["unreadable"]["failed_stage"] == "load" and "garbage.fits" in by["unreadable"]["error"]
+    assert by["nooverlap"]["failed_stage"] == "align" and "no overlap" in by["nooverlap"]["error"]
+    assert by["fewstars"]["failed_stage"] == "subtract" and "too few usable kernel-fit stars" in by["fewstars"]["error"]
+    assert by["allnan"]["failed_stage"] == "load" and "no finite pixels" in by["allnan"]["error"]
+    assert "FAILED" in proc.stdout and "4 failed" in proc.stdout
+    # nothing half-written: only complete files, no temporaries
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name.endswith(".tmp")]
+    cat = Table.read(out / "candidates.fits")
+    assert set(cat["ccd"]) == {"ccd00"}
+
+
+def test_resume_after_interrupted_run_gives_the_same_catalog(sim_field, tmp_path, dia_run):
+    """Kill a run after its first CCD is written, resume it, compare with the uninterrupted run."""
+    out = tmp_path / "resumed"
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--mode", "dia", "--input", str(sim_field),
+           "--out", str(out), "--no-progress", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    status = out / "ccds" / "ccd00.json"
+    deadline = time.time() + 300
+    while not status.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert status.exists()
+    assert not (out / "run.json").exists()  # it really was interrupted
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = json.loads((out / "run.json").read_text())
+    assert {c["ccd"]: c["resumed"] for c in run["ccds"]}["ccd00"] is True
+    a = Table.read(out / "candidates.fits")
+    b = Table.read(dia_run.out_dir / "candidates.fits")
+    assert len(a) == len(b)
+    for col in ("ccd", "x", "y", "flux", "score", "truth_id"):
+        np.testing.assert_allclose(np.asarray(a[col]) if a[col].dtype.kind == "f" else 0,
+                                   np.asarray(b[col]) if b[col].dtype.kind == "f" else 0, rtol=1e-5)
+        if a[col].dtype.kind != "f":
+            assert list(a[col]) == list(b[col])
+
+
+def test_local_cluster_matches_threads_and_survives_a_killed_worker(sim_field, tmp_path, dia_run):
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        holder = {}
+
+        def go():
+            holder["result"] = run_pipeline(read_manifest(sim_field), RunConfig(mode="dia"), tmp_path / "lc",
+                                             SchedulerConfig(kind="local", retries=3), progress=False, client=client)
+
+        thread = threading.Thread(target=go)
+        thread.start()
+        # kill one worker process as soon as it is busy with a task
+        deadline = time.time() + 120
+        killed = False
+        while time.time() < deadline and not killed:
+            processing = client.processing()
+            busy = [w for w, tasks in processing.items() if tasks]
+            if busy:
+                pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
+                os.kill(pid, signal.SIGKILL)  # the nanny restarts it; its tasks are retried
+                killed = True
+            time.sleep(0.05)
+        thread.join(timeout=600)
+    result = holder["result"]
+    assert killed and result.exit_status == 0
+    a = Table.read(result.out_dir / "candidates.fits")
+    b = Table.read(dia_run.out_dir / "candidates.fits")
+    assert len(a) == len(b)
+    np.testing.assert_allclose(np.asarray(a["score"]), np.asarray(b["score"]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slurm
+def test_slurm_workflow_submits_jobs_and_cleans_up(sim_field, tmp_path):
+    reason = slurm_available()
+    if reason:
+        pytest.skip(reason)
+    slurm = LocalSlurm(tmp_path / "slurm")
+    slurm.start()
+    try:
+        workflow = tmp_path / "slurm.toml"
+        workflow.write_text(f"""
+[scheduler]
+kind = "slurm"
+jobs = 1
+threads_per_worker = 1
+dashboard_address = ":0"
+
+[scheduler.cluster]
+queue = "debug"
+cores = 1
+processes = 1
+memory = "3GB"
+walltime = "00:15:00"
+log_directory = "{tmp_path / 'logs'}"
+python = "{sys.executable}"
+scheduler_options = {{ host = "127.0.0.1" }}
+
+[run]
+mode = "direct"
+""")
+        out = tmp_path / "out"
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--workflow", str(workflow),
+                               "--input", str(sim_field), "--out", str(out), "--no-progress"],
+                              capture_output=True, text=True, timeout=600, env=slurm.env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        run = json.loads((out / "run.json").read_text())
+        assert run["scheduler"]["kind"] == "slurm" and run["n_failed"] == 0
+        workers = {c["worker"] for c in run["ccds"]}
+        assert all(w and w.startswith("tcp://") for w in workers)  # ran on SLURM-launched workers
+        logs = list((tmp_path / "logs").glob("*"))
+        assert logs  # the worker job really ran under SLURM
+        deadline = time.time() + 30
+        while slurm.jobs() and time.time() < deadline:
+            time.sleep(0.5)
+        assert slurm.jobs() == []
+    finally:
+        slurm.stop()
