@@ -53,6 +53,7 @@ class CcdState:
     error: str | None = None
     wall: dict = dataclasses.field(default_factory=dict)
     cpu: dict = dataclasses.field(default_factory=dict)
+    peak_rss_mb: dict = dataclasses.field(default_factory=dict)
     worker: str | None = None
     pair: Any = None
     aligned: Any = None
@@ -174,6 +175,7 @@ def status_record(state: CcdState, chash: str) -> dict:
         "error": state.error,
         "wall_s": state.wall,
         "cpu_s": state.cpu,
+        "peak_rss_mb": state.peak_rss_mb,
         "worker": state.worker,
         "n_candidates": state.n_candidates,
         "dia": state.diff_stats,
@@ -184,7 +186,7 @@ def status_record(state: CcdState, chash: str) -> dict:
 
 def run_stage(stage: str, state: CcdState, config: RunConfig, out_dir: str, chash: str) -> CcdState:
     """Run one stage on a copy of the state, timing it and catching its failure."""
-    state = dataclasses.replace(state, wall=dict(state.wall), cpu=dict(state.cpu))
+    state = dataclasses.replace(state, wall=dict(state.wall), cpu=dict(state.cpu), peak_rss_mb=dict(state.peak_rss_mb))
     if state.status == "failed":
         return state
     try:
@@ -205,6 +207,7 @@ def run_stage(stage: str, state: CcdState, config: RunConfig, out_dir: str, chas
         state.error_traceback = tb  # type: ignore[attr-defined]
     state.wall[stage] = time.perf_counter() - t0
     state.cpu[stage] = time.process_time() - c0
+    state.peak_rss_mb[stage] = _peak_rss_mb()
     if stage == "write" or state.status == "failed":
         if state.status != "failed":
             state.status = "done"
@@ -215,6 +218,13 @@ def run_stage(stage: str, state: CcdState, config: RunConfig, out_dir: str, chas
         if stage != "write":
             state.candidates = None
     return state
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this (worker) process so far, in MB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _json_default(obj):
