@@ -231,3 +231,17 @@ mode = "direct"
         assert slurm.jobs() == []
     finally:
         slurm.stop()
+
+
+def test_graph_tasks_are_named_by_stage_and_ccd_and_gpu_stages_carry_the_resource(sim_field, tmp_path):
+    from pipeline.graph import build_graph
+
+    entries = read_manifest(sim_field)
+    finals = build_graph(entries, RunConfig(mode="dia", device="gpu"), tmp_path)
+    layers = finals["ccd00"].__dask_graph__().layers
+    assert list(layers) == [f"{s}-ccd00" for s in ("load", "align", "subtract", "detect", "stamps", "score", "write")]
+    gpu = {name for name, layer in layers.items() if (layer.annotations or {}).get("resources") == {"GPU": 1}}
+    assert gpu == {"subtract-ccd00", "score-ccd00"}
+    direct = build_graph(entries, RunConfig(mode="direct"), tmp_path)["ccd01"].__dask_graph__().layers
+    assert list(direct) == [f"{s}-ccd01" for s in ("load", "detect", "stamps", "score", "write")]
+    assert not any(layer.annotations for layer in direct.values())

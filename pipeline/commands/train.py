@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["add_arguments", "main", "load_stamp_data"]
+__all__ = ["add_arguments", "main", "load_stamp_data", "balanced_subset"]
 
 
 def load_stamp_data(path: str | Path, seed: int = 0):
@@ -41,7 +41,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-train", type=int, default=None,
+                        help="train on a random class-balanced subset of at most this many stamps (seeded)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def balanced_subset(stamps, n: int, seed: int):
+    """At most ``n`` stamps, half real and half bogus where possible, drawn with ``seed``."""
+    import numpy as np
+
+    if n >= len(stamps):
+        return stamps
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label in (0, 1):
+        idx = np.flatnonzero(stamps.labels == label)
+        keep.append(rng.choice(idx, min(idx.size, n // 2), replace=False))
+    return stamps.subset(np.sort(np.concatenate(keep)))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -51,6 +67,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         data = load_stamp_data(args.data, args.seed)
         train, val = data.select("train"), data.select("val")
+        if args.max_train:
+            train = balanced_subset(train, args.max_train, args.seed)
         config = TrainConfig.for_model(args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                        patience=args.patience, seed=args.seed, threads=args.threads,
                                        progress=not args.no_progress)

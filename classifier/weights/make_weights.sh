@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Rebuild the shipped CNN weights from scratch: simulate the training survey, cut the labelled
+# stamp sets through the pipeline's own candidate stages, train every model, evaluate it on the
+# held-out test CCDs, and copy the best-validation weights here.
+#
+#   bash classifier/weights/make_weights.sh [WORKDIR]
+#
+# Deterministic (fixed seeds).  On 2 CPU cores the data set takes ~25 min and the trainings
+# ~1-2 h; with a CUDA GPU, `pipeline train` uses it automatically.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+work="${1:-weights-build}"
+ccds="${CCDS:-150}"             # simulated 2048x2048 CCD pairs (70/10/20 % train/val/test by CCD)
+max_train="${MAX_TRAIN:-24000}" # training stamps per model (class-balanced random subset)
+epochs_paper="${EPOCHS_PAPER:-15}"
+epochs_ours="${EPOCHS_OURS:-12}"
+threads="${THREADS:-1}"         # torch threads per training; two trainings run side by side
+
+mkdir -p "$work"
+if [ ! -f "$work/data/dia.npz" ]; then
+    pipeline dataset --out "$work/data" --ccds "$ccds" --seed 1000 --shape 2048x2048 --density-factor 12
+fi
+
+train() {  # model stream epochs name
+    pipeline train --model "$1" --data "$work/data/$2.npz" --out "$work/$4" --epochs "$3" \
+        --max-train "$max_train" --threads "$threads" --no-progress --seed 0
+    pipeline evaluate --model "$work/$4" --data "$work/data/$2.npz" --split test --out "$work/$4/test"
+    cp "$work/$4/model.pt" "$here/$4.pt"
+}
+
+# two queues in parallel (the paper triplet is the slowest model by far)
+( train triplet-paper dia "$epochs_paper" triplet-paper ) &
+q1=$!
+( train triplet dia "$epochs_ours" triplet
+  train pair-paper dia "$epochs_paper" pair-paper
+  train pair dia "$epochs_ours" pair
+  train pair direct "$epochs_ours" pair-direct ) &
+q2=$!
+wait "$q1" "$q2"
+echo "weights written to $here"
