@@ -175,6 +175,19 @@ def gaussian_psf(fwhm: float, radius_fwhm: float = 1.5) -> np.ndarray:
     return psf / psf.sum()
 
 
+def _correlate(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Correlate with a small kernel: two 1-D passes when it is separable (a Gaussian), else FFT."""
+    u, sv, vt = np.linalg.svd(kernel)
+    if sv.size > 1 and sv[1] <= 1e-7 * sv[0]:
+        ky = (u[:, 0] * np.sqrt(sv[0])).astype(np.float32)
+        kx = (vt[0] * np.sqrt(sv[0])).astype(np.float32)
+        if ky.sum() < 0:
+            ky, kx = -ky, -kx
+        out = ndimage.correlate1d(image, ky, axis=0, mode="constant", output=np.float32)
+        return ndimage.correlate1d(out, kx, axis=1, mode="constant", output=np.float32)
+    return signal.fftconvolve(image, kernel[::-1, ::-1].astype(np.float32), mode="same").astype(np.float32)
+
+
 @dataclasses.dataclass
 class PsfFilterResult:
     """PSF-weighted flux, its error and S/N at every pixel."""
@@ -204,16 +217,20 @@ def psf_filter(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None,
     good = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
     if mask is not None:
         good &= (mask & bad_bits) == 0
-    ivar = np.where(good, 1.0 / np.where(good, variance, 1.0), 0.0).astype(np.float32)
-    data = np.where(good, image, 0.0).astype(np.float32) * ivar
-    psf = psf.astype(np.float32)
-    num = signal.fftconvolve(data, psf[::-1, ::-1], mode="same")
-    den = signal.fftconvolve(ivar, (psf**2)[::-1, ::-1], mode="same")
-    ok = den > 1e-3 * np.median(den[den > 0]) if (den > 0).any() else den > 0
+    ivar = np.zeros(image.shape, np.float32)
+    np.divide(1.0, variance, out=ivar, where=good)
+    data = np.where(good, image, np.float32(0)).astype(np.float32, copy=False) * ivar
+    psf = np.asarray(psf, np.float64)
+    num = _correlate(data, psf)
+    den = _correlate(ivar, psf**2)
+    positive = den[::7, ::7]
+    positive = positive[positive > 0]
+    ok = den > 1e-3 * np.median(positive) if positive.size else den > 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        flux = np.where(ok, num / den, 0.0)
-        err = np.where(ok, 1.0 / np.sqrt(np.where(ok, den, 1.0)), np.inf)
-        snr = np.where(ok, num / np.sqrt(np.where(ok, den, 1.0)), 0.0)
+        root = np.sqrt(np.where(ok, den, np.float32(1)))
+        flux = np.where(ok, num / np.where(ok, den, np.float32(1)), np.float32(0))
+        err = np.where(ok, 1 / root, np.float32(np.inf))
+        snr = np.where(ok, num / root, np.float32(0))
     return PsfFilterResult(flux=flux.astype(np.float32), flux_err=err.astype(np.float32), snr=snr.astype(np.float32))
 
 
@@ -241,17 +258,11 @@ def find_peaks(snr: np.ndarray, threshold: float, n_pixels: int, max_peaks: int 
         e = np.zeros(0)
         return e, e, e
     if min_separation > 0:
-        # local maxima, computed only inside the bounding boxes of the segments
-        peaks = np.zeros(snr.shape, bool)
-        size = 2 * min_separation + 1
-        for sl in segm.slices:
-            if sl is None:
-                continue
-            grown = tuple(slice(max(0, a.start - min_separation), a.stop + min_separation) for a in sl)
-            sub = snr[grown]
-            local = (sub == ndimage.maximum_filter(sub, size=size, mode="nearest")) & (segm.data[grown] > 0)
-            peaks[grown] |= local
-        iy, ix = np.nonzero(peaks)
+        # local maxima inside the segments (one separable maximum filter over the frame)
+        inside = segm.data > 0
+        masked = np.where(inside, snr, -np.inf).astype(np.float32)
+        local_max = ndimage.maximum_filter(masked, size=2 * min_separation + 1, mode="nearest")
+        iy, ix = np.nonzero(inside & (masked == local_max))
     else:
         # peak of each segment: sort only the (few) pixels above threshold by (label, -snr)
         flat = np.flatnonzero(segm.data)
@@ -421,21 +432,29 @@ def aperture_fluxes(image, variance, mask, x, y, radius, *, annulus: tuple[float
     flux = np.asarray(tab["aperture_sum"], float)
     err = np.asarray(tab["aperture_sum_err"], float)
     if annulus is not None:  # sigma-clipped median of the annulus: neighbours do not bias it
-        from astropy.stats import SigmaClip
-        from photutils.aperture import ApertureStats
-
-        ann = CircularAnnulus(pos, r_in=annulus[0], r_out=annulus[1])
-        bkg = np.asarray(ApertureStats(np.nan_to_num(image), ann, sigma_clip=SigmaClip(sigma=3.0)).median)
-        flux = flux - np.nan_to_num(bkg) * ap.area
+        flux = flux - _annulus_median(image, x, y, annulus) * ap.area
     return flux, err, bad
 
 
 def _annulus_median(image, x, y, annulus):
-    from astropy.stats import SigmaClip
-    from photutils.aperture import ApertureStats, CircularAnnulus
+    """Sigma-clipped (3 sigma, 3 passes) median of an annulus around each position (vectorised)."""
+    from pipeline.stamps import cut_stamps
 
-    ann = CircularAnnulus(np.column_stack([x, y]), r_in=annulus[0], r_out=annulus[1])
-    return np.nan_to_num(np.asarray(ApertureStats(np.nan_to_num(image), ann, sigma_clip=SigmaClip(sigma=3.0)).median))
+    r_out = int(np.ceil(annulus[1]))
+    cut = cut_stamps({"i": image}, None, x, y, size=2 * r_out + 1)
+    offs = np.arange(-r_out, r_out + 1)
+    dx = offs[None, None, :] - (np.asarray(x, float) - cut.x)[:, None, None]
+    dy = offs[None, :, None] - (np.asarray(y, float) - cut.y)[:, None, None]
+    rr = np.hypot(dx, dy)
+    vals = np.where((rr >= annulus[0]) & (rr < annulus[1]), cut.data[:, 0], np.nan)
+    vals = vals.reshape(len(vals), -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(3):
+            med = np.nanmedian(vals, axis=1)
+            sig = 1.4826 * np.nanmedian(np.abs(vals - med[:, None]), axis=1)
+            vals = np.where(np.abs(vals - med[:, None]) <= 3 * sig[:, None] + 1e-12, vals, np.nan)
+        return np.nan_to_num(np.nanmedian(vals, axis=1))
 
 
 def _psf_sky_response(fwhm, radius_fwhm: float = 1.5) -> np.ndarray:
@@ -523,6 +542,7 @@ def fit_psf_model(
     min_stars: int = 5,
     min_stars_linear: int = 12,
     min_stars_quadratic: int = 60,
+    fit_width: bool = True,
 ) -> PsfModel:
     """Measure the PSF width field and the flux correction on bright isolated stars.
 
@@ -540,6 +560,9 @@ def fit_psf_model(
         Least matched-filter S/N of a star used.
     total_fwhm : float
         Radius (in FWHM) of the aperture that defines "total" flux.
+    fit_width : bool
+        Fit the FWHM field (default); False keeps the nominal FWHM (cheaper: only the
+        correction is measured, with galaxies rejected by the ratio clipping).
     min_stars, min_stars_linear, min_stars_quadratic : int
         Fewer usable stars than ``min_stars``: the nominal FWHM and no correction;
         at least ``min_stars_linear``: a FWHM plane; at least ``min_stars_quadratic``: a
@@ -551,11 +574,11 @@ def fit_psf_model(
     x, y = bright_isolated_stars(image, variance, mask, fwhm, min_snr=min_snr, isolation=total_fwhm + 1)
     if x.size < min_stars:
         return nominal
-    local = _best_fwhm(image, variance, mask, x, y, fwhm)
+    local = _best_fwhm(image, variance, mask, x, y, fwhm) if fit_width else np.full(x.size, float(fwhm))
     med = np.median(local)
     keep = np.abs(local - med) < 0.15 * med  # galaxies fit wide
     coeffs = (float(np.median(local[keep])) if keep.any() else float(fwhm), 0.0, 0.0)
-    if keep.sum() >= min_stars_linear:
+    if fit_width and keep.sum() >= min_stars_linear:
         u = 2.0 * x / max(shape[1] - 1, 1) - 1.0
         v = 2.0 * y / max(shape[0] - 1, 1) - 1.0
         n_terms = 6 if keep.sum() >= min_stars_quadratic else 3
@@ -593,33 +616,59 @@ def fit_psf_model(
     return dataclasses.replace(model, correction=float(np.median(ratio)), n_stars=int(ratio.size))
 
 
+def _nanmedian_rows(values: np.ndarray) -> np.ndarray:
+    """Median of each row ignoring NaN (one sort; NaN where a row has no finite value)."""
+    finite = np.isfinite(values)
+    n = finite.sum(axis=1)
+    srt = np.sort(np.where(finite, values, np.inf), axis=1)
+    lo = np.take_along_axis(srt, np.maximum((n - 1) // 2, 0)[:, None], axis=1)[:, 0]
+    hi = np.take_along_axis(srt, np.maximum(n // 2, 0)[:, None], axis=1)[:, 0]
+    return np.where(n > 0, 0.5 * (lo + hi), np.nan)
+
+
+def _interp_matrix(n_out: int, centres: np.ndarray) -> np.ndarray:
+    """(n_out, len(centres)) matrix of linear-interpolation weights (extrapolated beyond the end
+    centres, so a sky gradient continues to the image border); centres are evenly spaced."""
+    if centres.size == 1:
+        return np.ones((n_out, 1), np.float32)
+    pos = (np.arange(n_out) - centres[0]) / (centres[1] - centres[0])
+    lo = np.clip(np.floor(pos), 0, centres.size - 2).astype(int)
+    hi = lo + 1
+    w = pos - lo
+    mat = np.zeros((n_out, centres.size), np.float32)
+    mat[np.arange(n_out), lo] += 1 - w
+    mat[np.arange(n_out), hi] += w
+    return mat
+
+
 def estimate_background(image: np.ndarray, mask: np.ndarray | None = None, cell: int = 128) -> np.ndarray:
-    """Smooth sky background: sigma-clipped medians in ``cell`` x ``cell`` boxes, bilinearly interpolated."""
+    """Smooth sky background: 3-sigma-clipped medians in ``cell`` x ``cell`` boxes, bilinearly interpolated.
+
+    Medians use a regular subsample of each box (every 4th pixel per axis for
+    large boxes); the interpolation is separable (two small matrix products).
+    """
     ny, nx = image.shape
     cy, cx = max(1, ny // cell), max(1, nx // cell)
     hy, hx = ny // cy, nx // cx
     data = np.where(np.isfinite(image), image, np.nan).astype(np.float32)
     if mask is not None:
         data = np.where((mask & int(BAD_FOR_FIT)) != 0, np.nan, data)
-    step = 2 if min(hy, hx) >= 32 else 1  # every other pixel is plenty for a median
+    step = 4 if min(hy, hx) >= 64 else (2 if min(hy, hx) >= 32 else 1)
     boxes = data[: cy * hy, : cx * hx].reshape(cy, hy, cx, hx)[:, ::step, :, ::step]
-    boxes = boxes.transpose(0, 2, 1, 3).reshape(cy, cx, -1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        med = np.nanmedian(boxes, axis=2)
-        mad = 1.4826 * np.nanmedian(np.abs(boxes - med[..., None]), axis=2)
-        clipped = np.where(np.abs(boxes - med[..., None]) <= 3 * mad[..., None], boxes, np.nan)
-        grid = np.nanmedian(clipped, axis=2)
+    boxes = boxes.transpose(0, 2, 1, 3).reshape(cy * cx, -1)
+    med = _nanmedian_rows(boxes)
+    mad = 1.4826 * _nanmedian_rows(np.abs(boxes - med[:, None]))
+    grid = _nanmedian_rows(np.where(np.abs(boxes - med[:, None]) <= 3 * mad[:, None], boxes, np.nan)).reshape(cy, cx)
     if not np.isfinite(grid).any():
         return np.zeros_like(image, dtype=np.float32)
-    grid = np.where(np.isfinite(grid), grid, np.nanmedian(grid))
-    grid = ndimage.median_filter(grid, size=3, mode="nearest") if min(cy, cx) >= 3 else grid
-    # bilinear interpolation from box centres to every pixel
-    yc = (np.arange(cy) + 0.5) * hy - 0.5
-    xc = (np.arange(cx) + 0.5) * hx - 0.5
-    fy = np.clip(np.interp(np.arange(ny), yc, np.arange(cy)), 0, cy - 1)
-    fx = np.clip(np.interp(np.arange(nx), xc, np.arange(cx)), 0, cx - 1)
-    return ndimage.map_coordinates(grid, np.meshgrid(fy, fx, indexing="ij"), order=1, mode="nearest").astype(np.float32)
+    grid = np.where(np.isfinite(grid), grid, np.nanmedian(grid)).astype(np.float32)
+    if min(cy, cx) >= 3:  # replace cells that stand out from their neighbours (a bright star's halo)
+        smooth = ndimage.median_filter(grid, size=3, mode="nearest")
+        spread = 1.4826 * np.median(np.abs(grid - smooth)) + 1e-6
+        grid = np.where(np.abs(grid - smooth) > 5 * spread, smooth, grid)
+    wy = _interp_matrix(ny, (np.arange(cy) + 0.5) * hy - 0.5)
+    wx = _interp_matrix(nx, (np.arange(cx) + 0.5) * hx - 0.5)
+    return (wy @ grid @ wx.T).astype(np.float32)
 
 
 def _near_mask(mask: np.ndarray, bits: int, radius: int) -> np.ndarray:
@@ -733,10 +782,13 @@ class DirectDetectConfig:
     """Parameters of candidate detection without a difference image (direct mode).
 
     Candidates are local maxima of the search image's PSF-matched-filter S/N
-    (peaks on galaxies resolved separately) whose flux in a common sky
-    aperture rose significantly with respect to the template at the same sky
-    position (forced photometry through the WCS; no resampling, no PSF
-    matching, no difference image).  What survives is scored by the two-image CNN.
+    (peaks on galaxies resolved separately) whose calibrated point-source flux
+    rose significantly with respect to the template at the same sky position.
+    Each image is photometered on its own with its own PSF (a Gaussian core
+    at the image's FWHM, aperture-corrected to total flux on its stars) and
+    its own zero point; the template is read at the positions mapped through
+    the two WCSs.  No resampling, no PSF matching, no difference image: a
+    catalogue-level comparison.  What survives is scored by the two-image CNN.
 
     Attributes
     ----------
@@ -747,13 +799,11 @@ class DirectDetectConfig:
     min_separation_fwhm : float
         Local maxima closer than this many search FWHM are merged (default 1.0).
     brightening_sigma : float
-        Keep a peak when search minus scaled template aperture flux exceeds this many
+        Keep a peak when its search flux exceeds the scaled template flux by this many
         sigma (default 3; the CNN does the rest).
-    aperture_fwhm : float
-        Aperture radius in units of the larger of the two FWHMs (default 1.0).
     systematic : float
-        Fractional flux error added in quadrature to the comparison, for residual
-        aperture-correction and calibration errors (default 0.03).
+        Fractional flux error added in quadrature to the comparison, for the seeing
+        dependence of PSF fluxes of resolved sources and calibration errors (default 0.05).
     background_cell : int
         Box size of the sky background estimate in pixels (default 128).
     edge : int
@@ -766,11 +816,19 @@ class DirectDetectConfig:
     n_pixels: int = 3
     min_separation_fwhm: float = 1.0
     brightening_sigma: float = 3.0
-    aperture_fwhm: float = 1.0
-    systematic: float = 0.03
+    systematic: float = 0.05
     background_cell: int = 128
     edge: int = 25
     max_candidates: int = 5000
+
+
+def _psf_flux_map(exposure, fwhm: float, cell: int):
+    """Background-subtracted image, its PSF-filter maps, and the flux correction to total flux."""
+    img = exposure.image - estimate_background(exposure.image, exposure.mask, cell)
+    filt = psf_filter(img, exposure.variance, exposure.mask, gaussian_psf(fwhm))
+    model = fit_psf_model(img, exposure.variance, exposure.mask, fwhm, fit_width=False)
+    # psf_filter fits a unit-sum Gaussian at the nominal FWHM, as the model's photometry does
+    return img, filt, model.correction
 
 
 def detect_direct(search, template, config: DirectDetectConfig = DirectDetectConfig(), ccd: str = "") -> CandidateTable:
@@ -796,48 +854,40 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
     for label, value in (("search", fs), ("template", ft)):
         if not np.isfinite(value) or value <= 0:
             raise ValueError(f"detect_direct: {label} exposure has no valid PSF FWHM ({value})")
-    img_s = search.image - estimate_background(search.image, search.mask, config.background_cell)
-    filt = psf_filter(img_s, search.variance, search.mask, gaussian_psf(fs))
+    _, filt_s, corr_s = _psf_flux_map(search, fs, config.background_cell)
     sep = max(1, int(round(config.min_separation_fwhm * fs)))
-    x, y, peak = find_peaks(filt.snr, config.threshold, config.n_pixels, None, min_separation=sep)
+    x, y, peak = find_peaks(filt_s.snr, config.threshold, config.n_pixels, None, min_separation=sep)
     if x.size == 0:
         return CandidateTable.empty()
-    radius = config.aperture_fwhm * max(fs, ft)
-    # aperture corrections put both images on a total-flux scale for point sources
-    corr_s = fit_psf_model(img_s, search.variance, search.mask, fs, aperture_radius=radius).correction
-    f_s, e_s, bad_s = aperture_fluxes(img_s, search.variance, search.mask, x, y, radius)
+    ix = np.clip(np.rint(x).astype(int), 0, search.shape[1] - 1)
+    iy = np.clip(np.rint(y).astype(int), 0, search.shape[0] - 1)
+    f_s = filt_s.flux[iy, ix] * corr_s
+    e_s = filt_s.flux_err[iy, ix] * corr_s
+    _, filt_t, corr_t = _psf_flux_map(template, ft, config.background_cell)
     world = search.wcs.pixel_to_world_values(x, y)
-    tx, ty = template.wcs.world_to_pixel_values(*world)
-    tx, ty = np.asarray(tx, float), np.asarray(ty, float)
+    tx, ty = (np.asarray(v, float) for v in template.wcs.world_to_pixel_values(*world))
     tny, tnx = template.shape
-    in_t = (tx > radius) & (tx < tnx - 1 - radius) & (ty > radius) & (ty < tny - 1 - radius)
-    img_t = template.image - estimate_background(template.image, template.mask, config.background_cell)
-    # template pixels are (generally) a different size on the sky only through distortion: same-radius
-    # apertures in pixels are used, scaled by the ratio of pixel areas
-    scale_px = np.sqrt(abs(np.linalg.det(template.wcs.pixel_scale_matrix)) / abs(np.linalg.det(search.wcs.pixel_scale_matrix)))
-    r_t = radius / scale_px
-    corr_t = fit_psf_model(img_t, template.variance, template.mask, ft, aperture_radius=r_t).correction
-    f_t, e_t, bad_t = aperture_fluxes(img_t, template.variance, template.mask,
-                                      np.where(in_t, tx, r_t + 1), np.where(in_t, ty, r_t + 1), r_t)
+    in_t = (tx >= 1) & (tx <= tnx - 2) & (ty >= 1) & (ty <= tny - 2)
+    coords = np.array([np.where(in_t, ty, 0), np.where(in_t, tx, 0)])
     zp_scale = 10.0 ** (0.4 * (search.zero_point - template.zero_point))
-    f_s, e_s = f_s * corr_s, e_s * corr_s
-    f_t, e_t = f_t * corr_t * zp_scale, e_t * corr_t * zp_scale
+    f_t = ndimage.map_coordinates(filt_t.flux, coords, order=1) * corr_t * zp_scale
+    e_t = ndimage.map_coordinates(filt_t.flux_err, coords, order=1) * corr_t * zp_scale
     f_t = np.where(in_t, f_t, 0.0)
-    e_t = np.where(in_t, e_t, 0.0)
+    e_t = np.where(in_t & np.isfinite(e_t), e_t, 0.0)
     delta = f_s - f_t
-    err = np.sqrt(e_s**2 + e_t**2 + (config.systematic * np.maximum(f_s, f_t)) ** 2)
+    err = np.sqrt(e_s**2 + e_t**2 + (config.systematic * np.maximum(np.abs(f_s), np.abs(f_t))) ** 2)
     delta_snr = delta / err
     keep = delta_snr >= config.brightening_sigma
     if keep.sum() > config.max_candidates:
         keep &= delta_snr >= np.sort(delta_snr[keep])[-config.max_candidates]
     x, y, peak, delta, err, delta_snr = x[keep], y[keep], peak[keep], delta[keep], err[keep], delta_snr[keep]
-    f_s, f_t, in_t, bad = f_s[keep], f_t[keep], in_t[keep], (bad_s | bad_t)[keep]
-    ix = np.clip(np.rint(x).astype(int), 0, search.shape[1] - 1)
-    iy = np.clip(np.rint(y).astype(int), 0, search.shape[0] - 1)
+    f_s, f_t, in_t, ix, iy = f_s[keep], f_t[keep], in_t[keep], ix[keep], iy[keep]
     flags = np.zeros(x.size, np.int32)
     if x.size:
-        flags[bad] |= CandidateFlags.MASKED
-        flags[_near_mask(search.mask, int(MaskBits.SAT), int(np.ceil(fs)) + 1)[iy, ix]] |= CandidateFlags.SATURATED
+        t_bad = ndimage.map_coordinates(((template.mask & int(BAD_FOR_FIT)) != 0).astype(np.float32),
+                                        coords[:, keep], order=1) > 0
+        flags[((search.mask[iy, ix] & int(BAD_FOR_FIT & ~MaskBits.SAT & ~MaskBits.EDGE)) != 0) | t_bad] |= CandidateFlags.MASKED
+        flags[_near_mask(search.mask, int(MaskBits.SAT), int(np.ceil(1.5 * fs)))[iy, ix]] |= CandidateFlags.SATURATED
         flags[~_edge_distance_ok(search.mask, config.edge)[iy, ix] | ~in_t] |= CandidateFlags.EDGE
         ra, dec = search.wcs.pixel_to_world_values(x, y)
     else:
