@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--density-factor", type=float, default=8.0, help="transient density multiplier (default 8)")
     parser.add_argument("--streams", default="dia,direct", help="comma-separated: dia, direct (default both)")
     parser.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    parser.add_argument("--fractions", default="0.7,0.1,0.2",
+                        help="train,val,test fractions of the CCDs (default 0.7,0.1,0.2; 0,0,1 for a test-only set)")
     parser.add_argument("--config", default=None, help="TOML with RunConfig parameters used for the candidate stages")
 
 
@@ -42,8 +44,15 @@ def main(args: argparse.Namespace) -> int:
     if args.config:
         data = load_toml(args.config)
         run_config = config_from_dict(RunConfig, data.get("run", data), where=args.config)
+    try:
+        fractions = tuple(float(v) for v in args.fractions.split(","))
+        assert len(fractions) == 3 and min(fractions) >= 0 and sum(fractions) > 0
+    except (ValueError, AssertionError):
+        print(f"pipeline dataset: --fractions must be three non-negative numbers, got {args.fractions!r}")
+        return 2
     config = DatasetConfig(n_ccds=args.ccds, seed=args.seed, shape=tuple(args.shape),
-                           transient_density_factor=args.density_factor, workers=args.workers)
+                           transient_density_factor=args.density_factor, workers=args.workers,
+                           fractions=fractions)
     out = Path(args.out)
     t0 = time.perf_counter()
     bar = tqdm(total=config.n_ccds, desc="CCDs", unit="ccd")
