@@ -30,7 +30,7 @@ import numpy as np
 from pipeline.config import RunConfig, config_to_dict
 from pipeline.detect import CandidateFlags
 
-__all__ = ["DatasetConfig", "build_ccd_stamps", "build_datasets", "STREAMS"]
+__all__ = ["DatasetConfig", "build_ccd_stamps", "pair_stamp_sets", "build_datasets", "STREAMS"]
 
 STREAMS = ("dia", "direct")
 
@@ -88,12 +88,77 @@ def _stampset(stamps, table, labels, stream: str, channels):
     return StampSet(stamps.astype(np.float32), labels, meta, channels, {"stream": stream})
 
 
+def pair_stamp_sets(pair, run_config: RunConfig = RunConfig(), streams: tuple[str, ...] = STREAMS, *,
+                    drop_edge: bool = True, max_bogus: int | None = None,
+                    rng: np.random.Generator | None = None) -> tuple[dict, dict]:
+    """Labelled per-stream StampSets of one already loaded CCD pair with truth.
+
+    Runs the pipeline's own candidate stages (:mod:`pipeline.steps`) on the pair and labels
+    every candidate against its truth table.
+
+    Parameters
+    ----------
+    pair : pipeline.steps.LoadedPair
+        Search, template and truth (``pair.truth`` must not be None).
+    run_config : RunConfig
+        Stage parameters (the same as a run's).
+    streams : tuple of str
+        ``"dia"`` and/or ``"direct"``.
+    drop_edge : bool
+        Leave out candidates flagged EDGE (incomplete stamps).
+    max_bogus : int, optional
+        Keep at most this many bogus candidates per stream, drawn with ``rng`` (default: all).
+    rng : numpy.random.Generator, optional
+        Needed when ``max_bogus`` is set.
+
+    Returns
+    -------
+    sets, errors : dict
+        ``{stream: StampSet}`` and ``{stream: "Error: message"}`` for streams that failed.
+    """
+    from pipeline import steps
+    from pipeline.truth import match_truth
+
+    if pair.truth is None:
+        raise ValueError(f"pair_stamp_sets: CCD {pair.ccd} has no truth table to label candidates")
+    sets: dict = {}
+    errors: dict = {}
+
+    def finish(stream, cands, stamps):
+        table = match_truth(cands, pair.truth, run_config.match)
+        keep = np.ones(len(table), bool)
+        if drop_edge:
+            keep &= (np.asarray(table["flags"]) & int(CandidateFlags.EDGE)) == 0
+        labels = (np.asarray(table["truth_kind"]) == "transient").astype(np.int8)
+        bogus = np.flatnonzero(keep & (labels == 0))
+        if max_bogus is not None and bogus.size > max_bogus:
+            drop = rng.choice(bogus, bogus.size - max_bogus, replace=False)
+            keep[drop] = False
+        idx = np.flatnonzero(keep)
+        sets[stream] = _stampset(stamps.data[idx], table[idx], labels[idx], stream, stamps.channels)
+
+    if "dia" in streams:
+        try:
+            aligned = steps.align(pair, run_config)
+            diff = steps.psf_match_subtract(aligned, run_config)
+            cands = steps.detect_on_difference(diff, aligned, run_config, ccd=pair.ccd)
+            finish("dia", cands, steps.cut_triplets(cands, aligned, diff))
+        except Exception as exc:  # a CCD the DIA cannot handle is left out, and said so
+            errors["dia"] = f"{type(exc).__name__}: {exc}"
+    if "direct" in streams:
+        try:
+            cands = steps.detect_without_difference(pair, run_config)
+            finish("direct", cands, steps.cut_pairs(cands, pair, run_config))
+        except Exception as exc:
+            errors["direct"] = f"{type(exc).__name__}: {exc}"
+    return sets, errors
+
+
 def build_ccd_stamps(ccd_index: int, config: DatasetConfig, run_config: RunConfig = RunConfig(),
                      streams: tuple[str, ...] = STREAMS) -> dict:
     """Simulate one CCD pair and return ``{stream: StampSet}`` plus timing and truth counts."""
     from pipeline import steps
     from pipeline.simulate import SimulationConfig, ccd_name, simulate_pair
-    from pipeline.truth import match_truth
 
     warnings.simplefilter("ignore")
     base = SimulationConfig()
@@ -104,35 +169,9 @@ def build_ccd_stamps(ccd_index: int, config: DatasetConfig, run_config: RunConfi
     name = f"s{config.seed}-{ccd_name(ccd_index)}"
     pair = steps.LoadedPair(name, sim.search, sim.template, sim.truth)
     rng = np.random.default_rng([config.seed, ccd_index, 7])
-    out: dict = {"ccd": name, "n_transients": int((sim.truth["kind"] == "transient").sum()), "sets": {}, "errors": {}}
-
-    def finish(stream, cands, stamps):
-        table = match_truth(cands, sim.truth, run_config.match)
-        keep = np.ones(len(table), bool)
-        if config.drop_edge:
-            keep &= (np.asarray(table["flags"]) & int(CandidateFlags.EDGE)) == 0
-        labels = (np.asarray(table["truth_kind"]) == "transient").astype(np.int8)
-        bogus = np.flatnonzero(keep & (labels == 0))
-        if bogus.size > config.max_bogus_per_ccd:
-            drop = rng.choice(bogus, bogus.size - config.max_bogus_per_ccd, replace=False)
-            keep[drop] = False
-        idx = np.flatnonzero(keep)
-        out["sets"][stream] = _stampset(stamps.data[idx], table[idx], labels[idx], stream, stamps.channels)
-
-    if "dia" in streams:
-        try:
-            aligned = steps.align(pair, run_config)
-            diff = steps.psf_match_subtract(aligned, run_config)
-            cands = steps.detect_on_difference(diff, aligned, run_config, ccd=name)
-            finish("dia", cands, steps.cut_triplets(cands, aligned, diff))
-        except Exception as exc:  # a CCD the DIA cannot handle is left out, and said so
-            out["errors"]["dia"] = f"{type(exc).__name__}: {exc}"
-    if "direct" in streams:
-        try:
-            cands = steps.detect_without_difference(pair, run_config)
-            finish("direct", cands, steps.cut_pairs(cands, pair, run_config))
-        except Exception as exc:
-            out["errors"]["direct"] = f"{type(exc).__name__}: {exc}"
+    out: dict = {"ccd": name, "n_transients": int((sim.truth["kind"] == "transient").sum())}
+    out["sets"], out["errors"] = pair_stamp_sets(pair, run_config, streams, drop_edge=config.drop_edge,
+                                                 max_bogus=config.max_bogus_per_ccd, rng=rng)
     out["seconds"] = time.perf_counter() - t0
     return out
 
