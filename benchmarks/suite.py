@@ -1,0 +1,528 @@
+"""The cost-versus-accuracy benchmark: one held-out field, both modes, every number measured here.
+
+:func:`run_benchmark` does, in order:
+
+1. makes a held-out simulated field with truth (seed far from the training seeds 1000+), or
+   takes a manifest;
+2. on a LocalCluster of ``workers`` one-thread workers (the same Dask pipeline as
+   ``pipeline run``: :func:`pipeline.runner.run_pipeline`), runs the dia and the direct mode,
+   after loading each mode's CNN once per worker (timed separately: a real run pays it once);
+3. cuts the labelled dia-stream (and direct-stream) stamps of the same CCDs with the pipeline's
+   own stages (:func:`pipeline.datasets.pair_stamp_sets`) and scores them with every shipped
+   model: the paper's experiment, triplet versus pair models on the same candidates;
+4. runs the same workload on the other worker count (1 if ``workers`` > 1, else 2) for the
+   parallel efficiency, and on the GPU when asked and present;
+5. computes costs, ratios, extrapolations and end-to-end completeness from the runs' own
+   ``run.json`` and catalogs (:mod:`benchmarks.metrics`), and writes the report
+   (:mod:`benchmarks.report`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import socket
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from benchmarks import metrics
+
+__all__ = ["BenchmarkConfig", "run_benchmark", "machine_info", "gpu_available", "ALL_MODELS"]
+
+#: Models compared at stamp level (the four of the paper's experiment, then the direct-stream pair).
+ALL_MODELS = ("triplet-paper", "pair-paper", "triplet", "pair", "pair-direct")
+
+#: Seeds the shipped weights were trained on start here (classifier/weights/make_weights.sh).
+TRAINING_SEED = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkConfig:
+    """What the benchmark measures.
+
+    Attributes
+    ----------
+    n_ccds : int
+        Simulated CCD pairs (default 4).
+    instrument : str
+        Simulator preset: ``decam`` (default), ``ztf`` or ``lsst``.
+    shape : (int, int), optional
+        CCD shape override ``(ny, nx)`` (default: the instrument's; DECam 4096 x 2048).
+    seed : int
+        Simulation seed (default 9000, far from the training seeds 1000+).
+    density_factor : float
+        Multiplier of the simulator's natural transient density (default 1: a survey-like field).
+    device : str
+        ``cpu`` (default) or ``gpu`` (the GPU runs beside the CPU runs, when a GPU is present).
+    workers : int
+        Dask workers (one thread each) of the main runs (default 2).
+    scaling : bool
+        Also run the same workload on 1 worker (2 if ``workers`` is 1) for the parallel efficiency.
+    score_threshold : float
+        Operating threshold of both modes (default 0.5).
+    models : tuple of str
+        Shipped models compared at stamp level (missing weights are reported, not invented).
+    fpr_points : tuple of float
+        False-positive rates of the missed-detection rates (default 1%, 3%).
+    mag_step : float
+        Width of the completeness magnitude bins (default 0.5 mag).
+    saliency_n : int
+        Objects in each saliency gallery (default 8: two each of TP, FP, TN, FN when present).
+    extrapolate_workers : tuple of int
+        Worker counts of the extrapolated wall times (default 2, 16, 64).
+    stamp_threads : int
+        torch threads for the stamp-level scoring in the main process (default 0: the core count).
+    """
+
+    n_ccds: int = 4
+    instrument: str = "decam"
+    shape: tuple[int, int] | None = None
+    seed: int = 9000
+    density_factor: float = 1.0
+    device: str = "cpu"
+    workers: int = 2
+    scaling: bool = True
+    score_threshold: float = 0.5
+    models: tuple[str, ...] = ALL_MODELS
+    fpr_points: tuple[float, ...] = (0.01, 0.03)
+    mag_step: float = 0.5
+    saliency_n: int = 8
+    extrapolate_workers: tuple[int, ...] = (2, 16, 64)
+    stamp_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_ccds < 1:
+            raise ValueError(f"BenchmarkConfig.n_ccds must be >= 1, got {self.n_ccds}")
+        if self.workers < 1:
+            raise ValueError(f"BenchmarkConfig.workers must be >= 1, got {self.workers}")
+        if self.device not in ("cpu", "gpu"):
+            raise ValueError(f"BenchmarkConfig.device must be 'cpu' or 'gpu', got {self.device!r}")
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError(f"BenchmarkConfig.score_threshold must be in [0, 1], got {self.score_threshold}")
+        if abs(self.seed - TRAINING_SEED) < 100:
+            warnings.warn(f"benchmark seed {self.seed} is close to the training seeds ({TRAINING_SEED}+): "
+                          "the field may not be held out", stacklevel=2)
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores available, memory, platform, host and load average."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gb = round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return {"cpu_model": model, "cores": cores, "memory_gb": mem_gb, "platform": platform.platform(),
+            "host": socket.gethostname(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def gpu_available() -> tuple[bool, str]:
+    """Whether both CuPy (DIA) and torch CUDA (CNN) see a GPU, and a sentence saying so."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "torch sees no CUDA device"
+    except Exception as exc:  # noqa: BLE001
+        return False, f"torch unavailable ({exc})"
+    try:
+        import cupy
+
+        n = cupy.cuda.runtime.getDeviceCount()
+        if n < 1:
+            return False, "CuPy sees no CUDA device"
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        return True, f"GPU: {name}"
+    except Exception as exc:  # noqa: BLE001
+        return False, f"CuPy unavailable ({type(exc).__name__}: {exc})"
+
+
+# ----------------------------------------------------------------------------- worker functions
+
+
+def _warm_worker(models: tuple[str, ...], device: str, threads: int, batch: int) -> float:
+    """Import the pipeline and load the given CNNs into this worker's scorer cache; seconds taken."""
+    t0 = time.perf_counter()
+    import dia  # noqa: F401
+    import pipeline.detect  # noqa: F401
+    from pipeline import steps
+
+    for model in models:
+        steps.get_scorer(model, device, threads, batch)
+    return time.perf_counter() - t0
+
+
+def _labelled_stamps(entry, run_config) -> dict:
+    """Worker task: the labelled dia- and direct-stream stamps of one manifest CCD."""
+    from pipeline import steps
+    from pipeline.datasets import pair_stamp_sets
+
+    warnings.simplefilter("ignore")
+    t0 = time.perf_counter()
+    pair = steps.load_pair(entry)
+    sets, errors = pair_stamp_sets(pair, run_config, ("dia", "direct"), drop_edge=True)
+    return {"ccd": entry.ccd, "sets": sets, "errors": errors, "seconds": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def _ccd_shape(entries) -> tuple[int, int]:
+    from astropy.table import Table
+
+    e = entries[0]
+    if e.truth is not None:
+        meta = Table.read(e.truth, format="ascii.ecsv").meta
+        if "shape" in meta:
+            return tuple(int(v) for v in meta["shape"])
+    search, _ = e.load()
+    return tuple(search.image.shape)
+
+
+def _read_truths(entries) -> dict | None:
+    from astropy.table import Table
+
+    if any(e.truth is None for e in entries):
+        return None
+    return {e.ccd: Table.read(e.truth, format="ascii.ecsv") for e in entries}
+
+
+def _catalogs_by_ccd(run_dir: Path, ccds) -> dict:
+    from pipeline.graph import ccd_paths
+    from astropy.table import Table
+
+    out = {}
+    for ccd in ccds:
+        path = ccd_paths(run_dir, ccd)["catalog"]
+        if path.exists():
+            t = Table.read(path, format="fits")
+            for name in t.colnames:
+                if t[name].dtype.kind == "S":
+                    t[name] = t[name].astype(str)
+            out[ccd] = t
+    return out
+
+
+def run_benchmark(config: BenchmarkConfig, out_dir: str | Path, manifest: str | Path | None = None,
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark and write ``report.md``, ``report.html`` and ``report.json`` in ``out_dir``.
+
+    Parameters
+    ----------
+    config : BenchmarkConfig
+    out_dir : path
+        Output folder: ``input/`` (the simulated field), ``runs/<device>-<mode>-w<K>/`` (each
+        run's catalogs and ``run.json``), ``plots/``, and the reports.
+    manifest : path, optional
+        Take this manifest instead of simulating (stamp-level and end-to-end accuracy need its
+        truth tables; without them the report has the costs only).
+    log : callable, optional
+        Called with one line per step (default: silent).
+
+    Returns
+    -------
+    dict
+        The report data (what ``report.json`` holds).
+    """
+    from pipeline.cluster import SchedulerConfig, start_client
+    from pipeline.config import RunConfig, config_to_dict
+    from pipeline.io import read_manifest
+    from pipeline.runner import run_pipeline, versions
+
+    say = log or (lambda line: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    data: dict[str, Any] = {
+        "title": "Cost versus accuracy: dia (difference imaging) and direct (no difference image)",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(), "versions": versions(), "config": config_to_dict(config),
+    }
+
+    # 1. the field
+    if manifest is None:
+        from pipeline.simulate import SimulationConfig, write_simulation
+
+        base = SimulationConfig()
+        sim = dataclasses.replace(base, instrument=config.instrument, shape=config.shape,
+                                  transient_density=base.transient_density * config.density_factor)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            manifest = write_simulation(out / "input", config.n_ccds, config.seed, sim)
+        sim_s = time.perf_counter() - t0
+        say(f"simulated {config.n_ccds} {config.instrument} CCD pair(s), seed {config.seed} ({sim_s:.1f} s)")
+        data["input"] = {"manifest": str(manifest), "simulated": True, "simulate_s": sim_s,
+                         "simulation_config": config_to_dict(sim)}
+    else:
+        data["input"] = {"manifest": str(manifest), "simulated": False}
+    entries = read_manifest(manifest)
+    truths = _read_truths(entries)
+    shape = _ccd_shape(entries)
+    data["input"].update(n_ccds=len(entries), ccd_shape=list(shape), has_truth=truths is not None,
+                         ccds=[e.ccd for e in entries])
+    data["seeds"] = {"simulation": config.seed if data["input"]["simulated"] else None,
+                     "training_sets_from": TRAINING_SEED, "torch_scoring": "deterministic inference (no seed)"}
+
+    # 2. devices
+    devices = ["cpu"]
+    ok, why = gpu_available()
+    if config.device == "gpu":
+        if ok:
+            devices.append("gpu")
+            data["device_note"] = f"GPU runs beside the CPU runs ({why})."
+        else:
+            data["device_note"] = (f"--device gpu was asked for but no GPU is usable here ({why}): "
+                                   "only CPU runs were made; no GPU figure appears in this report.")
+    else:
+        data["device_note"] = f"CPU only (--device cpu; GPU check: {why})."
+    say(data["device_note"])
+
+    threshold = config.score_threshold
+    run_configs = {(dev, mode): RunConfig(mode=mode, device=dev, score_threshold=threshold)
+                   for dev in devices for mode in ("dia", "direct")}
+    data["run_config"] = {mode: config_to_dict(run_configs[("cpu", mode)]) for mode in ("dia", "direct")}
+    other = 1 if config.workers > 1 else 2
+    plan = [(dev, config.workers) for dev in devices]
+    if config.scaling:
+        plan.append(("cpu", other))
+
+    runs: list[dict] = []
+    warm: dict[str, Any] = {}
+    stamp_results: list[dict] | None = None
+    for dev, k in plan:
+        sched = SchedulerConfig(kind="local", workers=k, threads_per_worker=1, dashboard_address=":0",
+                                gpus_per_worker=1 if dev == "gpu" else 0)
+        client, cluster = start_client(sched)
+        try:
+            rc0 = run_configs[(dev, "dia")]
+            models = (rc0.model_dia, rc0.model_direct)
+            t0 = time.perf_counter()
+            per_worker = client.run(_warm_worker, models, dev, rc0.torch_threads, rc0.batch_size)
+            warm[f"{dev}-w{k}"] = {"wall_s": time.perf_counter() - t0,
+                                   "per_worker_s": {w: float(s) for w, s in per_worker.items()}}
+            for mode in ("dia", "direct"):
+                run_dir = out / "runs" / f"{dev}-{mode}-w{k}"
+                say(f"{mode} mode on {k} {dev} worker(s) ...")
+                res = run_pipeline(entries, run_configs[(dev, mode)], run_dir, sched, progress=False, client=client)
+                run_json = json.loads((run_dir / "run.json").read_text())
+                runs.append({"key": f"{dev}-{mode}-w{k}", "device": dev, "mode": mode, "workers": k,
+                             "dir": str(run_dir.relative_to(out)), "run_json": str((run_dir / "run.json").relative_to(out)),
+                             "wall_s": res.wall_s, "n_failed": res.n_failed,
+                             "failures": {r["ccd"]: r["error"] for r in res.records if r["status"] != "done"},
+                             "device_description": run_json.get("device"),
+                             "cost": metrics.cost_summary(run_json, sched.threads_per_worker)})
+                say(f"  {res.wall_s:.1f} s wall, {res.n_failed} failed CCD(s)")
+            if stamp_results is None and dev == "cpu" and k == config.workers and truths is not None:
+                say("cutting the labelled stamps of the benchmark CCDs ...")
+                t0 = time.perf_counter()
+                futures = client.map(_labelled_stamps, entries, run_config=run_configs[("cpu", "dia")], pure=False)
+                stamp_results = client.gather(futures)
+                data["stamp_pass_wall_s"] = time.perf_counter() - t0
+        finally:
+            client.close()
+            cluster.close()
+    data["warm_up"] = warm
+    data["runs"] = [{k: v for k, v in r.items()} for r in runs]
+    by_key = {r["key"]: r for r in runs}
+
+    # 3. cost: ratio, scaling, extrapolation
+    data["ratio"] = {}
+    data["extrapolation"] = {}
+    pixels = shape[0] * shape[1]
+    efficiency: dict[str, float] = {}
+    if config.scaling:
+        data["scaling"] = {}
+        for mode in ("dia", "direct"):
+            a = by_key[f"cpu-{mode}-w{min(config.workers, other)}"]
+            b = by_key[f"cpu-{mode}-w{max(config.workers, other)}"]
+            n_hi = b["workers"] / a["workers"]
+            speedup = a["wall_s"] / b["wall_s"] if b["wall_s"] > 0 else float("nan")
+            efficiency[mode] = speedup / n_hi
+            data["scaling"][mode] = {
+                "workers": [a["workers"], n_hi], "run_wall_s": [a["wall_s"], b["wall_s"]],
+                "core_s_per_ccd": [a["cost"]["core_s_per_ccd"], b["cost"]["core_s_per_ccd"]],
+                "speedup": speedup, "efficiency": efficiency[mode]}
+    for dev in devices:
+        dia = by_key[f"{dev}-dia-w{config.workers}"]["cost"]
+        direct = by_key[f"{dev}-direct-w{config.workers}"]["cost"]
+        data["ratio"][dev] = metrics.cost_ratio(dia, direct)
+        data["extrapolation"][dev] = {
+            mode: metrics.extrapolate(by_key[f"{dev}-{mode}-w{config.workers}"]["cost"]["core_s_per_ccd"], pixels,
+                                      efficiency.get(mode), config.extrapolate_workers)
+            for mode in ("dia", "direct")}
+
+    # 4. end to end against truth
+    if truths is not None:
+        edge = run_configs[("cpu", "dia")].detect.edge
+        for r in runs:
+            cats = _catalogs_by_ccd(out / r["dir"], [e.ccd for e in entries])
+            r["end_to_end"] = metrics.completeness_curves(cats, truths, threshold, edge=edge, mag_step=config.mag_step)
+        data["runs"] = runs
+
+    # 5. stamp level
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    figures: dict[str, str] = {}
+    if stamp_results is not None:
+        data["stamp_level"], extra = _stamp_level(stamp_results, by_key, config, out, plots)
+        figures.update(extra)
+    else:
+        data["stamp_level"] = None
+
+    from benchmarks import report
+
+    figures.update(report.make_plots(data, plots))
+    data["figures"] = {name: str(Path(p).relative_to(out)) for name, p in figures.items()}
+    data["headline"] = report.headline(data)
+    data["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    data["wall_s"] = time.perf_counter() - t_start
+    try:
+        report.write_reports(data, out)
+    except Exception:
+        # keep the measurements even if rendering fails
+        (out / "report_data.json").write_text(json.dumps(report._finite(data), default=report._json_default))
+        raise
+    say(f"benchmark done in {data['wall_s']:.0f} s: {out / 'report.html'}")
+    return data
+
+
+def _stamp_level(stamp_results: list[dict], by_key: dict, config: BenchmarkConfig, out_dir: Path, plots: Path):
+    """Score the labelled stamps with every shipped model; ROC plot and saliency galleries."""
+    import torch
+
+    from classifier.data import StampSet
+    from classifier.evaluate import EvaluationConfig, evaluate_scores, plot_roc
+    from classifier.infer import Scorer, WeightsError
+    from classifier.saliency import plot_saliency_gallery, saliency_maps, saliency_table
+
+    threads = config.stamp_threads or machine_info()["cores"]
+    torch.set_num_threads(threads)
+    eval_cfg = EvaluationConfig(threshold=config.score_threshold, fpr_points=tuple(config.fpr_points))
+    streams = {}
+    errors = {r["ccd"]: r["errors"] for r in stamp_results if r["errors"]}
+    for stream in ("dia", "direct"):
+        sets = [r["sets"][stream] for r in stamp_results if stream in r["sets"] and len(r["sets"][stream])]
+        streams[stream] = StampSet.concatenate(sets) if sets else None
+
+    # the stamp pass must reproduce the run's dia candidates (same stages, same configuration)
+    consistency: dict[str, Any] = {}
+    run = by_key.get(f"cpu-dia-w{config.workers}")
+    if run is not None and streams["dia"] is not None:
+        from pipeline.detect import CandidateFlags
+
+        cats = _catalogs_by_ccd(out_dir / run["dir"], sorted(set(streams["dia"].meta["ccd"].tolist())))
+        meta = streams["dia"].meta
+        for ccd, cat in cats.items():
+            keep = (np.asarray(cat["flags"]) & int(CandidateFlags.EDGE)) == 0
+            a = np.column_stack([np.asarray(cat["x"], float)[keep], np.asarray(cat["y"], float)[keep]])
+            sel = meta["ccd"] == ccd
+            b = np.column_stack([meta["x"][sel], meta["y"][sel]])
+            consistency[ccd] = bool(a.shape == b.shape and np.allclose(np.sort(a, axis=0), np.sort(b, axis=0)))
+    out: dict[str, Any] = {"errors": errors, "models": [], "streams": {},
+                           "same_candidates_as_run": consistency}
+    for stream, s in streams.items():
+        if s is not None:
+            out["streams"][stream] = {"n": len(s), "n_real": int((s.labels == 1).sum()),
+                                      "n_bogus": int((s.labels == 0).sum())}
+    figures: dict[str, str] = {}
+    results = {}
+    scorers = {}
+    jobs = [(m, "dia") for m in config.models] + [("pair-direct", "direct")]
+    for model, stream in jobs:
+        s = streams.get(stream)
+        row: dict[str, Any] = {"model": model, "stream": stream}
+        if s is None:
+            row.update(status="no stamps", note=f"no {stream}-stream stamps")
+            out["models"].append(row)
+            continue
+        try:
+            scorer = scorers.get(model) or Scorer(model, device="cpu", batch_size=1024, threads=threads)
+        except WeightsError as exc:
+            row.update(status="missing", note=str(exc))
+            out["models"].append(row)
+            continue
+        scorers[model] = scorer
+        t0 = time.perf_counter()
+        scores = scorer.score(s.stamps, channels=s.channels)
+        dt = time.perf_counter() - t0
+        res = evaluate_scores(s.labels, scores, s.meta, eval_cfg)
+        results[(model, stream)] = (res, scores)
+        trained = (scorer.metadata.get("provenance") or {})
+        row.update(status="ok", architecture=scorer.name, weights=str(scorer.path),
+                   channels=list(scorer.channels), score_s=dt, stamps_per_s=len(s) / dt if dt > 0 else None,
+                   trained_on=_trained_on(scorer.metadata), provenance_keys=sorted(trained)[:8],
+                   result=res.to_dict(with_roc=False))
+        out["models"].append(row)
+    dia_res = {m: r for (m, st), (r, _) in results.items() if st == "dia"}
+    if dia_res:
+        figures["roc"] = str(plot_roc(dia_res, plots / "roc_dia_stream.png",
+                                      title="ROC on the same dia-stream candidates"))
+    if ("pair-direct", "direct") in results:
+        r = results[("pair-direct", "direct")][0]
+        figures["roc_direct"] = str(plot_roc({"pair-direct (direct stream)": r}, plots / "roc_direct_stream.png",
+                                             title="ROC of the direct mode's model on its own stream"))
+    # saliency: the dia mode's model and a pair model on the same dia-stream stamps
+    out["saliency"] = {}
+    for model in ("triplet", "triplet-paper", "pair", "pair-paper", "pair-direct"):
+        if (model, "dia") not in results or model not in scorers:
+            continue
+        s = streams["dia"]
+        _, scores = results[(model, "dia")]
+        pick = _gallery_pick(s.labels, scores, config.score_threshold, config.saliency_n)
+        scorer = scorers[model]
+        sal_all = saliency_maps(scorer.net.float(), scorer.spec, s.stamps, channels=s.channels)
+        out["saliency"][model] = saliency_table(sal_all, s.labels, config.score_threshold)
+        sub = dataclasses.replace(sal_all, maps=sal_all.maps[pick], fractions=sal_all.fractions[pick],
+                                  scores=sal_all.scores[pick])
+        figures[f"saliency_{model}"] = str(plot_saliency_gallery(
+            s.stamps[pick], sub, s.labels[pick], plots / f"saliency_{model}.png", channels=s.channels,
+            n_max=len(pick), title=f"{model}: stamps and |dP/dx| (TP, FP, TN, FN)"))
+        if len(out["saliency"]) >= 2:
+            break
+    return out, figures
+
+
+def _trained_on(metadata: dict) -> str:
+    cfg = metadata.get("config") or {}
+    data = cfg.get("data") if isinstance(cfg, dict) else None
+    return str(data) if data else "?"
+
+
+def _gallery_pick(labels: np.ndarray, scores: np.ndarray, threshold: float, n: int) -> np.ndarray:
+    """Up to ``n`` objects: in turn a TP, FP, TN, FN (the most confident of each), repeated."""
+    pred = scores >= threshold
+    groups = [np.flatnonzero(pred & (labels == 1)), np.flatnonzero(pred & (labels == 0)),
+              np.flatnonzero(~pred & (labels == 0)), np.flatnonzero(~pred & (labels == 1))]
+    # most confident first for TP/TN, worst first for FP/FN (the interesting mistakes)
+    order = [g[np.argsort(-scores[g])] if i in (0, 1) else g[np.argsort(scores[g])] for i, g in enumerate(groups)]
+    pick: list[int] = []
+    for j in range(n):
+        for g in order:
+            if len(pick) < n and j < len(g):
+                pick.append(int(g[j]))
+    return np.asarray(pick, int)
