@@ -146,6 +146,8 @@ def make_plots(data: dict, plot_dir: str | Path) -> dict[str, str]:
             if not e:
                 continue
             x = r["cost"]["core_s_per_ccd"]
+            if x is None or not math.isfinite(x) or x <= 0:  # every CCD failed: no cost to show
+                continue
             marker = "o" if r["device"] == "cpu" else "s"
             for ax, val in ((b1, e["completeness"]), (b2, e["purity"])):
                 if val is None:
@@ -160,6 +162,7 @@ def make_plots(data: dict, plot_dir: str | Path) -> dict[str, str]:
             ax.set_ylim(0, 1.05)
             ax.grid(alpha=0.3)
         xs = [r["cost"]["core_s_per_ccd"] for r in runs.values() if r.get("end_to_end")]
+        xs = [x for x in xs if x is not None and math.isfinite(x) and x > 0]
         if xs:
             for ax in (b1, b2):
                 ax.set_xlim(min(xs) / 2.5, max(xs) * 2.5)
