@@ -154,9 +154,13 @@ def make_plots(data: dict, plot_dir: str | Path) -> dict[str, str]:
                     continue
                 ax.plot([x], [val], marker, color=_COLORS[r["mode"]], ms=9)
                 ax.annotate(f"{r['mode']} ({r['device']})\n{e['false_positives_per_ccd']:.1f} FP/CCD", (x, val),
-                            textcoords="offset points", xytext=(6, -14), fontsize=8)
+                            textcoords="offset points", xytext=(6, -14 if val > 0.15 else 6), fontsize=8)
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
         for ax, name in ((b1, "completeness at the operating threshold"), (b2, "purity at the operating threshold")):
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("cost: core-seconds per CCD")
             ax.set_ylabel(name)
             ax.set_ylim(0, 1.05)
@@ -400,7 +404,8 @@ def build_blocks(data: dict) -> list:
                        "detection edge to the border are not counted). Detected: a candidate within 2 px; selected: "
                        "and its score >= the threshold. A false positive is a selected candidate not matched to a "
                        "transient. m50: magnitude where the completeness falls through 50% (linear interpolation "
-                       "between bin centres)."))
+                       "between bin centres). CCDs counted (done in every run): "
+                       + ", ".join(data.get("end_to_end_ccds") or []) + "."))
         rows = []
         for mode, e in e2e.items():
             if not e:

@@ -108,6 +108,7 @@ def test_end_to_end_recomputed_from_catalogs_and_truth(bench):
     out, data = bench
     truths = {e: Table.read(out / "input" / f"{e}_truth.ecsv", format="ascii.ecsv") for e in data["input"]["ccds"]}
     edge = data["run_config"]["dia"]["detect"]["edge"]
+    assert data["end_to_end_ccds"] == data["input"]["ccds"]  # no CCD failed: all counted
     for run in data["runs"]:
         e2e = run["end_to_end"]
         cat = Table.read(out / run["dir"] / "candidates.fits")
