@@ -318,14 +318,18 @@ def build_blocks(data: dict) -> list:
             rows.append([mode, " / ".join(str(w) for w in s["workers"]), " / ".join(_fmt(v, 1) for v in s["run_wall_s"]),
                          " / ".join(_fmt(v, 2) for v in s["core_s_per_ccd"]), _fmt(s["speedup"], 2), _pct(s["efficiency"])])
         b.append(("table", ["mode", "workers", "run wall s", "core-s / CCD", "speed-up", "parallel efficiency"], rows))
-        b.append(("p", "The same CCDs on both worker counts (CPU). Efficiency = speed-up / ratio of worker counts. "
+        b.append(("p", "The same CCDs on both worker counts (CPU). Efficiency = speed-up / ratio of worker counts; "
+                       "core-s / CCD growing with the worker count means the workers slow each other (shared cores, "
+                       "memory bandwidth, or other load on the machine: see the load average above). "
                        + ("GPU runs: " + ("shown beside the CPU runs above." if "gpu-dia" in runs else
                                           "none (" + data["device_note"] + ")"))))
 
     b.append(("h2", "Extrapolation"))
-    b.append(("p", "Per-CCD core-seconds scaled by pixel count to the target CCDs (cost taken as proportional to "
-                   "pixels; star and source counts scale the same way), then divided over N one-core workers at "
-                   "the measured parallel efficiency (1 if not measured)."))
+    b.append(("p", f"Per-CCD core-seconds of the {k}-worker runs scaled by pixel count to the target CCDs (cost "
+                   "taken as proportional to pixels; star and source counts scale the same way), then divided over "
+                   "N one-core workers, never below one CCD's time. The per-CCD cost was measured with "
+                   f"{k} workers running at once, so their contention is in it; the extrapolation assumes N workers "
+                   "on N free cores contend no more than that."))
     for dev, ex in data["extrapolation"].items():
         rows = []
         for mode, items in ex.items():

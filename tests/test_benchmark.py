@@ -99,9 +99,9 @@ def test_scaling_and_extrapolation(bench):
         decam, lsst = data["extrapolation"]["cpu"][mode]
         assert decam["core_hours"] == pytest.approx(62 * core_s * 4096 * 2048 / (SHAPE[0] * SHAPE[1]) / 3600)
         assert lsst["core_hours"] == pytest.approx(189 * core_s * 4096 * 4096 / (SHAPE[0] * SHAPE[1]) / 3600)
-        eff = min(data["scaling"][mode]["efficiency"], 1.0)
         assert lsst["wall_min_on_workers"]["64"] == pytest.approx(
-            max(lsst["core_hours"] * 60 / (64 * eff), lsst["core_s_per_ccd"] / 60))
+            max(lsst["core_hours"] * 60 / 64, lsst["core_s_per_ccd"] / 60))
+        assert decam["wall_min_on_workers"]["2"] == pytest.approx(decam["core_hours"] * 60 / 2)
 
 
 def test_end_to_end_recomputed_from_catalogs_and_truth(bench):
