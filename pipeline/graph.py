@@ -272,7 +272,11 @@ def collect_catalog(out_dir: Path, ccds: list[str]) -> Table:
         return CandidateTable.empty(("ccd", "id", "x", "y", "ra", "dec", "flux", "flux_err", "snr", "flags",
                                      "score", "mode", "model"))
     table = vstack(tables, metadata_conflicts="silent")
-    for name in table.colnames:  # FITS round trip turns str columns into bytes
-        if table[name].dtype.kind == "S":
+    for name in table.colnames:
+        col = table[name]
+        if hasattr(col, "mask"):  # FITS reads NaN / empty cells back as masked: keep plain columns
+            fill = {"f": np.nan, "U": "", "S": b""}.get(col.dtype.kind, -1)
+            table[name] = col.filled(fill)
+        if table[name].dtype.kind == "S":  # FITS round trip turns str columns into bytes
             table[name] = table[name].astype(str)
-    return table
+    return Table(table, masked=False)

@@ -47,7 +47,11 @@ def direct_run(sim_field, tmp_path_factory):
 def test_end_to_end_against_truth(mode, request):
     result = request.getfixturevalue(f"{mode}_run")
     assert result.exit_status == 0 and result.n_failed == 0
-    cat = Table.read(result.out_dir / "candidates.parquet")
+    cat = Table.read(result.out_dir / "candidates.fits")
+    import pyarrow.parquet as pq
+
+    parquet = pq.read_table(result.out_dir / "candidates.parquet")
+    assert parquet.num_rows == len(cat) and set(parquet.column_names) == set(cat.colnames)
     assert set(cat["mode"]) == {mode}
     for col in ("ccd", "x", "y", "ra", "dec", "flux", "snr", "score", "mode", "model", "truth_id", "truth_kind", "truth_mag"):
         assert col in cat.colnames
@@ -57,9 +61,11 @@ def test_end_to_end_against_truth(mode, request):
     # the operating point finds most transients and rejects most bogus candidates
     assert tot["completeness"] >= 0.6
     assert tot["false_positives_per_ccd"] <= 0.5 * tot["n_candidates"] / run["n_ccds"]
-    assert tot["purity"] >= 0.5
+    # the CNN at least doubles the purity of the raw candidate list
+    assert tot["purity"] >= min(0.9, 2 * tot["n_detected"] / tot["n_candidates"])
     # scores separate real from bogus among the candidates
-    real = np.asarray(cat["truth_kind"]) == "transient"
+    real = np.char.strip(np.asarray(cat["truth_kind"]).astype(str)) == "transient"
+    assert real.sum() >= tot["n_detected"]  # edge transients are in the catalog, not in the count
     assert np.median(np.asarray(cat["score"])[real]) > 0.5 > np.median(np.asarray(cat["score"])[~real])
     stages = set(run["stage_wall_s"])
     expected = {"load", "align", "subtract", "detect", "stamps", "score", "write"} if mode == "dia" else \
