@@ -40,4 +40,16 @@ q1=$!
   train pair direct "$epochs_ours" pair-direct ) &
 q2=$!
 wait "$q1" "$q2"
+
+# the held-out table of README.md: the test CCDs plus a separate 40-CCD survey never seen in training
+pipeline dataset --out "$work/test2000" --ccds 40 --seed 2000 --shape 2048x2048 --density-factor 12 \
+    --fractions 0,0,1 --streams dia
+python -c "
+from classifier.data import StampSet
+sets = [StampSet.load('$work/data/dia.npz').select('test'), StampSet.load('$work/test2000/dia.npz').select('test')]
+StampSet.concatenate(sets).save('$work/test_dia_combined.npz')"
+for m in triplet-paper pair-paper triplet pair; do
+    pipeline evaluate --model "$work/$m" --data "$work/test_dia_combined.npz" --split test \
+        --out "$work/$m/test_combined" --threads "$threads"
+done
 echo "weights written to $here"
