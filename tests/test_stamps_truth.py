@@ -49,3 +49,12 @@ def test_match_truth_prefers_transients_and_credits_each_once():
     s = summarize_against_truth(m, _truth(), 0.5)
     assert (s.n_transients, s.n_detected, s.n_selected, s.n_false_positives) == (2, 2, 1, 2)
     assert s.completeness == 0.5 and s.purity == pytest.approx(1 / 3)
+
+
+def test_every_subcommand_is_installed():
+    """`pipeline --help` lists every subcommand (a packaging slip would drop modules silently)."""
+    from pipeline.cli import COMMANDS, build_parser
+
+    text = build_parser().format_help()
+    for name in COMMANDS:
+        assert name in text
