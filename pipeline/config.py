@@ -13,7 +13,13 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:  # the stage configs import their modules; RunConfig resolves them at run time
+    from dia import PsfMatchConfig
+    from pipeline.align import AlignConfig
+    from pipeline.detect import DetectConfig, DirectDetectConfig
+    from pipeline.truth import MatchConfig
 
 __all__ = ["config_to_dict", "config_from_dict", "load_toml", "RunConfig"]
 

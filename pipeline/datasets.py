@@ -22,7 +22,6 @@ import dataclasses
 import os
 import time
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import numpy as np

@@ -417,7 +417,7 @@ def aperture_fluxes(image, variance, mask, x, y, radius, *, annulus: tuple[float
     flux, flux_err, bad : ndarray
         Background-subtracted aperture flux, its error, and whether a flagged pixel is in the aperture.
     """
-    from photutils.aperture import CircularAnnulus, CircularAperture, aperture_photometry
+    from photutils.aperture import CircularAperture, aperture_photometry
 
     x = np.atleast_1d(np.asarray(x, float))
     y = np.atleast_1d(np.asarray(y, float))

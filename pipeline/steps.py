@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 
 import numpy as np
 from astropy.table import Table
 
-from dia.masks import MaskBits
 from pipeline.align import AlignedPair, align_pair, resample_cutouts
 from pipeline.config import RunConfig
 from pipeline.detect import (

@@ -4,7 +4,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-from astropy.wcs import WCS
 
 from dia.masks import MaskBits
 from pipeline.align import AlignConfig, align_pair, resample_cutouts

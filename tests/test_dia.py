@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-import dia
 from dia import MaskBits, PsfMatchConfig, StarSelectionError, estimate_fwhm, subtract
 from dia.backend import get_backend
 from dia.basis import make_basis
