@@ -507,27 +507,38 @@ class PsfModel:
         return flux * self.correction, err * self.correction
 
 
-def _best_fwhm(image, variance, mask, x, y, fwhm, factors=np.arange(0.7, 1.42, 0.02)):
-    """Per star, the Gaussian FWHM (on a grid) that fits the core best (least chi^2)."""
+def _best_fwhm(image, variance, mask, x, y, fwhm, factors=np.arange(0.7, 1.42, 0.02),
+               bad_bits: int = int(BAD_FOR_FIT)):
+    """Per star, the Gaussian FWHM (on a grid) that fits the core best (least chi^2).
+
+    Each trial width is a weighted Gaussian flux fit inside 1 FWHM, exactly as
+    :func:`forced_psf_photometry` does; the stamps are cut once for all widths.
+    """
+    from pipeline.stamps import cut_stamps
+
+    r = max(2, int(np.ceil(fwhm * factors[-1])))
+    cut = cut_stamps({"i": image, "v": variance}, {"i": mask}, x, y, size=2 * r + 1)
+    data, var = cut.data[:, 0].astype(np.float64), cut.data[:, 1].astype(np.float64)
+    good = np.isfinite(data) & np.isfinite(var) & (var > 0) & ((cut.mask[:, 0] & bad_bits) == 0)
+    w_pix = np.where(good, 1.0 / np.where(good, var, 1.0), 0.0)
+    data = np.where(good, data, 0.0)
+    offs = np.arange(-r, r + 1)
+    dx = offs[None, None, :] - (np.asarray(x, float) - cut.x)[:, None, None]
+    dy = offs[None, :, None] - (np.asarray(y, float) - cut.y)[:, None, None]
+    rr = dx**2 + dy**2
     chi2 = []
     for f in factors:
         w = fwhm * f
-        flux, err = forced_psf_photometry(image, variance, mask, x, y, w, radius_fwhm=1.0)
-        from pipeline.stamps import cut_stamps
-
-        r = max(2, int(np.ceil(1.0 * fwhm * factors[-1])))
-        cut = cut_stamps({"i": image, "v": variance}, None, x, y, size=2 * r + 1)
-        offs = np.arange(-r, r + 1)
-        dx = offs[None, None, :] - (x - cut.x)[:, None, None]
-        dy = offs[None, :, None] - (y - cut.y)[:, None, None]
-        rr = dx**2 + dy**2
         sig = w / 2.3548
-        model = flux[:, None, None] * np.exp(-0.5 * rr / sig**2) / (2 * np.pi * sig**2)
-        inside = rr <= (1.0 * w) ** 2
-        res = np.where(inside, (cut.data[:, 0] - model) ** 2 / np.maximum(cut.data[:, 1], 1e-12), 0.0)
-        chi2.append(np.nansum(res, axis=(1, 2)) / inside.sum(axis=(1, 2)))
-    chi2 = np.array(chi2)
-    return fwhm * factors[np.argmin(chi2, axis=0)]
+        psf = np.exp(-0.5 * rr / sig**2) / (2 * np.pi * sig**2)
+        inside = rr <= w**2
+        weight = np.where(inside, w_pix, 0.0)
+        den = (psf**2 * weight).sum(axis=(1, 2))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            flux = np.where(den > 0, (psf * data * weight).sum(axis=(1, 2)) / den, np.nan)
+        res = np.where(inside, (data - flux[:, None, None] * psf) ** 2 * w_pix, 0.0)
+        chi2.append(np.nansum(res, axis=(1, 2)) / np.maximum(inside.sum(axis=(1, 2)), 1))
+    return fwhm * factors[np.nanargmin(np.array(chi2), axis=0)]
 
 
 def fit_psf_model(
