@@ -11,11 +11,12 @@ import base64
 import html
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from classifier.plotting import save_figure
 
 from pipeline.io import atomic_path
 
@@ -63,17 +64,6 @@ def _main_runs(data: dict) -> dict[str, dict]:
     return {f"{r['device']}-{r['mode']}": r for r in data["runs"] if r["workers"] == k}
 
 
-def _savefig(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
 # ----------------------------------------------------------------------------- plots
 
 
@@ -106,7 +96,7 @@ def make_plots(data: dict, plot_dir: str | Path) -> dict[str, str]:
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"Stage cost per CCD ({data['config']['workers']} CPU workers, 1 thread each)", fontsize=10)
     fig.tight_layout()
-    out["stage_cost"] = str(_savefig(fig, plot_dir / "stage_cost.png"))
+    out["stage_cost"] = str(save_figure(fig, plot_dir / "stage_cost.png"))
 
     e2e = {m: runs[f"cpu-{m}"].get("end_to_end") for m in modes if runs[f"cpu-{m}"].get("end_to_end")}
     if e2e:
@@ -137,7 +127,7 @@ def make_plots(data: dict, plot_dir: str | Path) -> dict[str, str]:
         a2.set_title("vs S/N (solid: selected, dashed: detected)", fontsize=9)
         a2.legend(fontsize=8)
         fig.tight_layout()
-        out["completeness"] = str(_savefig(fig, plot_dir / "completeness.png"))
+        out["completeness"] = str(save_figure(fig, plot_dir / "completeness.png"))
 
         # cost (x) versus accuracy (y): one point per mode and device
         fig, (b1, b2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -172,7 +162,7 @@ def make_plots(data: dict, plot_dir: str | Path) -> dict[str, str]:
                 ax.set_xlim(min(xs) / 2.5, max(xs) * 2.5)
         fig.suptitle("Cost versus accuracy (one point per mode and device)", fontsize=10)
         fig.tight_layout()
-        out["cost_accuracy"] = str(_savefig(fig, plot_dir / "cost_vs_accuracy.png"))
+        out["cost_accuracy"] = str(save_figure(fig, plot_dir / "cost_vs_accuracy.png"))
     return out
 
 

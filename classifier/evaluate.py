@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from classifier.plotting import save_figure
+
 __all__ = ["roc_auc", "roc_curve", "confusion_matrix", "accuracy", "missed_detection_rate",
            "EvaluationConfig", "EvaluationResult", "evaluate_scores", "plot_roc"]
 
@@ -233,7 +235,6 @@ def plot_roc(results: dict[str, EvaluationResult] | EvaluationResult, path: str 
 
     The caller chooses the path; the file is written to a temporary name, then renamed.
     """
-    import os
 
     import matplotlib
     matplotlib.use("Agg")
@@ -255,9 +256,4 @@ def plot_roc(results: dict[str, EvaluationResult] | EvaluationResult, path: str 
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=120)

@@ -9,11 +9,12 @@ is tabulated by true/predicted class (TP, FP, TN, FN) as in Acero-Cuellar et al.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from classifier.plotting import save_figure
 import torch
 
 from .data import CHANNELS
@@ -134,10 +135,4 @@ def plot_saliency_gallery(stamps: np.ndarray, result: SaliencyResult, labels: np
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=90)
