@@ -834,12 +834,12 @@ class DirectDetectConfig:
 
 
 def _psf_flux_map(exposure, fwhm: float, cell: int):
-    """Background-subtracted image, its PSF-filter maps, and the flux correction to total flux."""
+    """PSF-filter maps of the background-subtracted image, and the flux correction to total flux."""
     img = exposure.image - estimate_background(exposure.image, exposure.mask, cell)
     filt = psf_filter(img, exposure.variance, exposure.mask, gaussian_psf(fwhm))
     model = fit_psf_model(img, exposure.variance, exposure.mask, fwhm, fit_width=False)
     # psf_filter fits a unit-sum Gaussian at the nominal FWHM, as the model's photometry does
-    return img, filt, model.correction
+    return filt, model.correction
 
 
 def detect_direct(search, template, config: DirectDetectConfig = DirectDetectConfig(), ccd: str = "") -> CandidateTable:
@@ -865,7 +865,7 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
     for label, value in (("search", fs), ("template", ft)):
         if not np.isfinite(value) or value <= 0:
             raise ValueError(f"detect_direct: {label} exposure has no valid PSF FWHM ({value})")
-    _, filt_s, corr_s = _psf_flux_map(search, fs, config.background_cell)
+    filt_s, corr_s = _psf_flux_map(search, fs, config.background_cell)
     sep = max(1, int(round(config.min_separation_fwhm * fs)))
     x, y, peak = find_peaks(filt_s.snr, config.threshold, config.n_pixels, None, min_separation=sep)
     if x.size == 0:
@@ -874,7 +874,7 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
     iy = np.clip(np.rint(y).astype(int), 0, search.shape[0] - 1)
     f_s = filt_s.flux[iy, ix] * corr_s
     e_s = filt_s.flux_err[iy, ix] * corr_s
-    _, filt_t, corr_t = _psf_flux_map(template, ft, config.background_cell)
+    filt_t, corr_t = _psf_flux_map(template, ft, config.background_cell)
     world = search.wcs.pixel_to_world_values(x, y)
     tx, ty = (np.asarray(v, float) for v in template.wcs.world_to_pixel_values(*world))
     tny, tnx = template.shape

@@ -51,6 +51,7 @@ class CcdState:
     status: str = "running"
     failed_stage: str | None = None
     error: str | None = None
+    traceback: str | None = None
     wall: dict = dataclasses.field(default_factory=dict)
     cpu: dict = dataclasses.field(default_factory=dict)
     peak_rss_mb: dict = dataclasses.field(default_factory=dict)
@@ -173,6 +174,7 @@ def status_record(state: CcdState, chash: str) -> dict:
         "status": state.status,
         "failed_stage": state.failed_stage,
         "error": state.error,
+        "traceback": state.traceback,
         "wall_s": state.wall,
         "cpu_s": state.cpu,
         "peak_rss_mb": state.peak_rss_mb,
@@ -203,8 +205,7 @@ def run_stage(stage: str, state: CcdState, config: RunConfig, out_dir: str, chas
         state.failed_stage = stage
         state.error = f"{type(exc).__name__}: {exc}"
         state.pair = state.aligned = state.diff = state.stamps = None
-        tb = traceback.format_exc(limit=4)
-        state.error_traceback = tb  # type: ignore[attr-defined]
+        state.traceback = traceback.format_exc(limit=4)
     state.wall[stage] = time.perf_counter() - t0
     state.cpu[stage] = time.process_time() - c0
     state.peak_rss_mb[stage] = _peak_rss_mb()
