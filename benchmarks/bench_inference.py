@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--precision", nargs="*", default=["float32", "bfloat16"])
+    ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         path = save_weights(get_spec(name).builder(), get_spec(name), tmp / f"{name}.pt")
         for prec in args.precision:
-            scorer = Scorer(path, batch_size=args.batch, precision=prec)
+            scorer = Scorer(path, batch_size=args.batch, precision=prec, cpu_chunk=args.chunk)
             scorer.score(stamps)  # warm-up
             times = []
             for _ in range(args.repeat):

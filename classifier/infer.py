@@ -122,8 +122,13 @@ class Scorer:
     threads : int, optional
         torch CPU threads to set (default: leave torch's setting alone).
     precision : {"float32", "bfloat16"}
-        Arithmetic of the network (normalisation is always float32).  ``bfloat16`` is ~2-3x
+        Arithmetic of the network (normalisation is always float32).  ``bfloat16`` is ~2x
         faster on CPUs with AVX512-BF16 / AMX and changes P(real) by ~1e-3.
+    cpu_chunk : int
+        On CPU each batch is normalised and run through the network this many stamps at a
+        time (default 64), so that the activations stay in the CPU cache; with the models'
+        inference forms (BatchNorm folded, pooling before ReLU, channels-last) this is ~2x
+        faster than one pass over the whole batch.  Results do not depend on it.
 
     Attributes
     ----------
@@ -135,7 +140,7 @@ class Scorer:
     """
 
     def __init__(self, model: str | Path, device: str = "cpu", batch_size: int = 1024,
-                 threads: int | None = None, precision: str = "float32") -> None:
+                 threads: int | None = None, precision: str = "float32", cpu_chunk: int = 64) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -144,11 +149,14 @@ class Scorer:
             raise ValueError(f"Scorer: precision must be 'float32' or 'bfloat16', got {precision!r}")
         if batch_size < 1:
             raise ValueError(f"Scorer: batch_size must be >= 1, got {batch_size}")
+        if cpu_chunk < 1:
+            raise ValueError(f"Scorer: cpu_chunk must be >= 1, got {cpu_chunk}")
         if threads is not None:
             torch.set_num_threads(int(threads))
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.precision = precision
+        self.cpu_chunk = int(cpu_chunk)
         net, self.spec, self.metadata, self.path = load_weights(model)
         self._dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
         # channels_last lets oneDNN / cuDNN pick their fastest convolution kernels
@@ -164,14 +172,18 @@ class Scorer:
         """Canonical channels the model uses."""
         return self.spec.channels
 
-    def logits(self, stamps: np.ndarray | torch.Tensor, channels: tuple[str, ...] = CHANNELS) -> torch.Tensor:
-        """Raw (N, 2) logits on the scorer's device (no batching; used by saliency)."""
+    def logits(self, stamps: np.ndarray | torch.Tensor, channels: tuple[str, ...] = CHANNELS,
+               fast: bool = False) -> torch.Tensor:
+        """Raw (N, 2) logits on the scorer's device (no batching; used by saliency).
+
+        ``fast=True`` uses the model's ``infer`` form (same values, no autograd graph needed).
+        """
         if self.device.type == "cuda" and not isinstance(stamps, torch.Tensor):
             # normalise on the GPU too
             stamps = torch.from_numpy(np.ascontiguousarray(stamps, dtype=np.float32)).to(self.device)
         x = prepare_input(stamps, self.spec, channels)
         x = torch.as_tensor(x).to(self.device, dtype=self._dtype).contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        return self.net.infer(x) if fast else self.net(x)
 
     @torch.inference_mode()
     def score(self, stamps: np.ndarray | torch.Tensor, channels: tuple[str, ...] = CHANNELS) -> np.ndarray:
@@ -192,9 +204,13 @@ class Scorer:
         out = np.empty(n, dtype=np.float32)
         if isinstance(stamps, torch.Tensor) and stamps.device != self.device:
             stamps = stamps.to(self.device)
-        for i in range(0, n, self.batch_size):
-            logits = self.logits(stamps[i:i + self.batch_size], channels)
-            out[i:i + self.batch_size] = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+        # on CPU, small chunks through the model's inference form (same logits as forward, faster);
+        # on a GPU, whole batches through forward
+        step = self.batch_size if self.device.type == "cuda" else min(self.cpu_chunk, self.batch_size)
+        fast = self.device.type == "cpu" and hasattr(self.net, "infer")
+        for i in range(0, n, step):
+            logits = self.logits(stamps[i:i + step], channels, fast=fast)
+            out[i:i + step] = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
         return out
 
     def describe(self) -> dict[str, Any]:

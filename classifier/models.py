@@ -32,6 +32,11 @@ __all__ = ["ModelSpec", "MODELS", "build_model", "get_spec", "prepare_input", "c
            "TripletPaper", "PairPaper", "StampNet"]
 
 
+def _conv_pool_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``relu(max_pool2d(conv(x), 2))``: pooling before the ReLU (they commute) halves its work."""
+    return nn.functional.relu(nn.functional.max_pool2d(conv(x), 2))
+
+
 class TripletPaper(nn.Module):
     """The paper's triplet CNN on a (N, 1, 51, 153) [difference | search | template] input."""
 
@@ -47,6 +52,14 @@ class TripletPaper(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """The same logits as ``forward`` in eval mode, computed faster on CPU (no dropout)."""
+        f = self.features
+        h = _conv_pool_relu(x, f[0])
+        h = _conv_pool_relu(h, f[4])
+        h = _conv_pool_relu(h, f[8])
+        return self.head(h)
+
 
 class PairPaper(nn.Module):
     """The paper's two-image CNN on a (N, 1, 51, 102) [search | template] input."""
@@ -60,8 +73,8 @@ class PairPaper(nn.Module):
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 10, 32), nn.ReLU(), nn.Linear(32, 2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The first layer maps 1 channel to 1 channel, a shape oneDNN handles poorly (~20x slower
+    def _first_conv(self, x: torch.Tensor) -> torch.Tensor:
+        # The first layer maps 1 channel to 1 channel, a shape oneDNN handles poorly (~4x slower
         # than its FLOPs warrant).  The same convolution computed as a depthwise convolution over
         # the batch (batch as channels, the one kernel shared) is exact and fast.
         conv = self.features[0]
@@ -69,8 +82,18 @@ class PairPaper(nn.Module):
         k = conv.weight.shape[-1]
         y = nn.functional.conv2d(x.reshape(1, n, *x.shape[2:]), conv.weight.expand(n, 1, k, k),
                                  conv.bias.expand(n), groups=n)
-        y = y.reshape(n, 1, *y.shape[2:])
-        return self.head(self.features[1:](y))
+        return y.reshape(n, 1, *y.shape[2:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features[1:](self._first_conv(x)))
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """The same logits as ``forward`` in eval mode, computed faster on CPU (no dropout)."""
+        f = self.features
+        h = nn.functional.relu(nn.functional.max_pool2d(self._first_conv(x), 2))
+        h = _conv_pool_relu(h.contiguous(memory_format=torch.channels_last), f[3])
+        h = _conv_pool_relu(h, f[7])
+        return self.head(h)
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:
@@ -102,6 +125,29 @@ class StampNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """The same logits as ``forward`` in eval mode, faster: BatchNorm folded into the
+        convolutions, pooling before ReLU."""
+        f = self.features
+        c1, c2, c3, c4 = (_fold_batchnorm(f[i], f[i + 1]) for i in (0, 4, 7, 11))
+        h = _conv_pool_relu(x, c1)
+        h = _conv_pool_relu(nn.functional.relu(c2(h)), c3)
+        h = _conv_pool_relu(h, c4)
+        return self.head(h)
+
+
+def _fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A convolution equal to ``bn(conv(x))`` with ``bn`` in eval mode (running statistics)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      device=conv.weight.device, dtype=conv.weight.dtype)
+    fused.weight = nn.Parameter(conv.weight * scale[:, None, None, None], requires_grad=False)
+    fused.bias = nn.Parameter(bias, requires_grad=False)
+    return fused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +232,9 @@ def select_channels(stamps: np.ndarray, spec: ModelSpec,
     if missing:
         raise ValueError(f"model {spec.name!r} needs channel(s) {missing}; stamps have {tuple(channels)}")
     idx = [channels.index(c) for c in spec.channels]
-    return stamps[:, idx] if idx != list(range(stamps.shape[1])) else stamps
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return stamps[:, idx[0]:idx[0] + len(idx)]  # a consecutive run: a view, no copy
+    return stamps[:, idx]
 
 
 def arrange(normalized: np.ndarray | torch.Tensor, spec: ModelSpec):

@@ -50,10 +50,15 @@ def _back(t: torch.Tensor, was_numpy: bool):
 
 
 def _mean_std(x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (stamp, channel) mean and population std of (N, K, P) pixels, NaN-aware."""
+    """Per (stamp, channel) mean and population std of (N, K, P) pixels, NaN-aware.
+
+    Two passes (mean, then mean squared deviation): as exact as ``torch.std_mean`` and several
+    times faster on CPU for rows of a few thousand pixels.
+    """
     if valid is None:
-        std, mean = torch.std_mean(x, dim=-1, keepdim=True, correction=0)
-        return mean, std
+        mean = x.mean(dim=-1, keepdim=True)
+        dev = x - mean
+        return mean, torch.sqrt((dev * dev).mean(dim=-1, keepdim=True))
     n = valid.sum(dim=-1, keepdim=True).clamp_min(1)
     xz = torch.where(valid, x, 0.0)
     mean = xz.sum(dim=-1, keepdim=True) / n
@@ -63,6 +68,9 @@ def _mean_std(x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor
 
 
 def _valid(x: torch.Tensor) -> torch.Tensor | None:
+    # one cheap reduction first: a finite total means no NaN anywhere (the usual case)
+    if bool(torch.isfinite(x.sum())):
+        return None
     nan = torch.isnan(x)
     return ~nan if bool(nan.any()) else None
 
@@ -96,9 +104,11 @@ def paper_minmax(x, nsigma: float = 3.0):
     t = t.reshape(shape[0], shape[1], -1)
     valid = _valid(t)
     mean, std = _mean_std(t, valid)
-    inside = (t - mean).abs() <= nsigma * std  # NaN compares False
-    lo = torch.where(inside, t, torch.inf).amin(dim=-1, keepdim=True)
-    hi = torch.where(inside, t, -torch.inf).amax(dim=-1, keepdim=True)
+    # The lowest pixel inside mean +- n sigma is the lowest one above the lower bound (pixels
+    # beyond the upper bound are larger than any inside one, and some pixel is always inside);
+    # NaN compares False, so missing pixels drop out.
+    lo = torch.where(t >= mean - nsigma * std, t, torch.inf).amin(dim=-1, keepdim=True)
+    hi = torch.where(t <= mean + nsigma * std, t, -torch.inf).amax(dim=-1, keepdim=True)
     span = hi - lo
     ok = torch.isfinite(span) & (span > 0)
     lo = torch.where(ok, lo, 0.0)
@@ -176,10 +186,10 @@ def normalize_stamps(stamps: np.ndarray, scheme: str = "paper",
         if not imgs:
             return zscore(stamps)
         t, was_np = _as_tensor(stamps)
-        out = torch.empty_like(t)
-        out[:, diff] = zscore(t[:, diff])
-        out[:, imgs] = paper_minmax(t[:, imgs])
-        return _back(out, was_np)
+        # each channel scaled on its own: normalise them one by one and stack (no scatter)
+        parts = [zscore(t[:, i:i + 1]) if i in diff else paper_minmax(t[:, i:i + 1])
+                 for i in range(t.shape[1])]
+        return _back(torch.cat(parts, dim=1), was_np)
     if scheme == "shared":
         ref = channels.index("search") if "search" in channels else None
         return shared_scale(stamps, imgs, ref)

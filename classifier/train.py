@@ -283,7 +283,10 @@ def train_model(name: str, train: StampSet, val: StampSet, config: TrainConfig |
             raise ValueError(f"{last_path}: cannot read the checkpoint to resume from ({exc})") from None
         if ckpt.get("model") != name:
             raise ValueError(f"{last_path}: checkpoint is of model {ckpt.get('model')!r}, not {name!r}")
-        changed = {k for k in cfg_dict if k not in ("progress", "threads") and ckpt["config"].get(k) != cfg_dict[k]}
+        # With a constant learning rate the epoch limit only says where to stop, so a finished or
+        # interrupted run may be extended; a cosine schedule depends on it and may not.
+        free = {"progress", "threads"} | ({"epochs"} if config.schedule == "constant" else set())
+        changed = {k for k in cfg_dict if k not in free and ckpt["config"].get(k) != cfg_dict[k]}
         if changed:
             raise ValueError(f"{last_path}: cannot resume with a different config ({', '.join(sorted(changed))})")
         model.load_state_dict(ckpt["state_dict"])

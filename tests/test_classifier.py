@@ -57,6 +57,40 @@ def test_models_forward_shapes(name):
     assert spec.layout in ("side-by-side", "channels")
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_inference_form_equals_forward(name):
+    """Each model's fast CPU inference form gives the logits of its eval-mode forward (BatchNorm
+    with non-trivial running statistics folded in), in both memory layouts."""
+    torch.manual_seed(2)
+    net = build_model(name)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    net.eval()
+    stamps = make_synthetic_set(40, seed=4).stamps
+    x = torch.as_tensor(prepare_input(stamps, get_spec(name)))
+    with torch.inference_mode():
+        ref = net(x)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            torch.testing.assert_close(net.infer(x.contiguous(memory_format=layout)), ref, rtol=0, atol=1e-5)
+
+
+def test_scorer_chunks_do_not_change_scores(tmp_path):
+    torch.manual_seed(3)
+    path = save_weights(build_model("triplet-paper"), get_spec("triplet-paper"), tmp_path / "t.pt")
+    stamps = make_synthetic_set(100, seed=5).stamps
+    net, spec, _, _ = load_weights(path)
+    with torch.inference_mode():
+        ref = torch.softmax(net(torch.as_tensor(prepare_input(stamps, spec))), 1)[:, 1].numpy()
+    for chunk in (1, 7, 64, 500):
+        np.testing.assert_allclose(Scorer(path, batch_size=33, cpu_chunk=chunk).score(stamps), ref, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="cpu_chunk"):
+        Scorer(path, cpu_chunk=0)
+
+
 def test_paper_panel_order():
     """triplet-paper input is [difference | search | template], pair-paper [search | template]."""
     stamps = np.zeros((1, 3, 51, 51), np.float32)
@@ -89,6 +123,7 @@ def test_paper_normalisation_definition():
     rng = np.random.default_rng(5)
     stamps = rng.normal(300.0, 7.0, size=(4, 3, 51, 51)).astype(np.float32)
     stamps[:, :, 25, 25] += 5000.0  # a bright star's peak: an outlier
+    stamps[:, :, 10, 40] -= 3000.0  # a dead pixel: an outlier below the range
     out = normalize_stamps(stamps, "paper")
     d = out[:, 2].reshape(4, -1)
     np.testing.assert_allclose(d.mean(1), 0.0, atol=1e-5)
@@ -101,6 +136,7 @@ def test_paper_normalisation_definition():
             assert y[inside].min() == pytest.approx(0.0, abs=1e-6)
             assert y[inside].max() == pytest.approx(1.0, abs=1e-6)
             assert y[25, 25] > 10.0  # the outlier keeps its linear value
+            assert y[10, 40] < -5.0
             # linear: y = a x + b on every pixel
             a, b = np.polyfit(x.ravel(), y.ravel(), 1)
             np.testing.assert_allclose(y, a * x + b, atol=1e-4)
@@ -248,6 +284,27 @@ def test_resume_matches_uninterrupted(small_set, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert [h["val_loss"] for h in full.history] == [h["val_loss"] for h in resumed.history]
+
+
+def test_resume_extends_a_finished_constant_lr_run(small_set, tmp_path):
+    """With a constant learning rate, a finished run resumed with a higher epoch limit continues
+    exactly as a run started with that limit; a cosine schedule (which depends on it) refuses."""
+    train = small_set.select("train").subset(np.arange(200))
+    val = small_set.select("val")
+    full = train_model("pair-paper", train, val, _fast_config(epochs=3, batch_size=50), tmp_path / "full", device="cpu")
+    train_model("pair-paper", train, val, _fast_config(epochs=2, batch_size=50), tmp_path / "ext", device="cpu")
+    ext = train_model("pair-paper", train, val, _fast_config(epochs=3, batch_size=50), tmp_path / "ext", device="cpu",
+                      resume=True)
+    assert ext.epochs_run == 3
+    assert [h["val_loss"] for h in full.history] == [h["val_loss"] for h in ext.history]
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "ext" / "last.pt", weights_only=True)["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    cos = dict(batch_size=50, schedule="cosine")
+    train_model("pair-paper", train, val, _fast_config(epochs=1, **cos), tmp_path / "cos", device="cpu")
+    with pytest.raises(ValueError, match="different config.*epochs"):
+        train_model("pair-paper", train, val, _fast_config(epochs=2, **cos), tmp_path / "cos", device="cpu", resume=True)
 
 
 def test_pair_scorer_ignores_difference(trained_pair, small_set):
