@@ -79,6 +79,15 @@ def _finish(out: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     return out if valid is None else torch.where(valid, out, 0.0)
 
 
+def _asinh(t: torch.Tensor) -> torch.Tensor:
+    """``asinh`` in place on a fresh tensor: NumPy's vectorised one on CPU (~10x faster than
+    torch's there, equal to 1 ulp), torch's on a GPU or where gradients flow."""
+    if t.device.type == "cpu" and not t.requires_grad:
+        np.arcsinh(t.numpy(), out=t.numpy())
+        return t
+    return torch.asinh(t)
+
+
 def zscore(x):
     """Z-score each ``(N, K, H, W)`` stamp plane: mean 0, std 1 over its valid pixels.
 
@@ -146,7 +155,7 @@ def shared_scale(x, image_channels: Sequence[int], reference: int | None):
         idx = torch.tensor(list(image_channels), device=t.device)
         sig = sig.clone()
         sig[:, idx] = sig[:, ref:ref + 1]
-    out = torch.asinh((t - med) / sig)
+    out = _asinh((t - med) / sig)
     return _back(_finish(out, valid).reshape(shape), was_np)
 
 
