@@ -208,7 +208,7 @@ class Scorer:
         # on CPU, small chunks through the model's inference form (same logits as forward, faster);
         # on a GPU, whole batches through forward
         step = self.batch_size if self.device.type == "cuda" else min(self.cpu_chunk, self.batch_size)
-        fast = self.device.type == "cpu" and hasattr(self.net, "infer")
+        fast = self.device.type == "cpu"
         for i in range(0, n, step):
             logits = self.logits(stamps[i:i + step], channels, fast=fast)
             out[i:i + step] = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()

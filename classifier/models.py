@@ -19,6 +19,7 @@ Every model takes a float tensor prepared by :func:`prepare_input` from canonica
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import numpy as np
@@ -148,17 +149,15 @@ class StampNet(nn.Module):
         return self.head(h)
 
 
-def _fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A convolution equal to ``bn(conv(x))`` with ``bn`` in eval mode (running statistics)."""
+def _fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The convolution ``x -> bn(conv(x))`` with ``bn`` in eval mode (running statistics) as one
+    convolution with folded weights and bias (plain tensors: no module, no parameter init)."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     bias = bn.bias - bn.running_mean * scale
     if conv.bias is not None:
         bias = bias + conv.bias * scale
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      device=conv.weight.device, dtype=conv.weight.dtype)
-    fused.weight = nn.Parameter(conv.weight * scale[:, None, None, None], requires_grad=False)
-    fused.bias = nn.Parameter(bias, requires_grad=False)
-    return fused
+    return functools.partial(nn.functional.conv2d, weight=conv.weight * scale[:, None, None, None], bias=bias,
+                             stride=conv.stride, padding=conv.padding)
 
 
 @dataclasses.dataclass(frozen=True)

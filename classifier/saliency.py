@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from classifier.plotting import save_figure
 import torch
 
 from .data import CHANNELS
+from .plotting import save_figure
 from .models import ModelSpec, panel_slices, prepare_input
 
 __all__ = ["SaliencyResult", "saliency_maps", "saliency_table", "plot_saliency_gallery"]
