@@ -351,7 +351,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | Path, manifest: str | 
             client.close()
             cluster.close()
     data["warm_up"] = warm
-    data["runs"] = [{k: v for k, v in r.items()} for r in runs]
+    data["runs"] = runs
     by_key = {r["key"]: r for r in runs}
 
     # 3. cost: ratio, scaling, extrapolation
@@ -393,7 +393,6 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | Path, manifest: str | 
             cats = _catalogs_by_ccd(out / r["dir"], common)
             r["end_to_end"] = (metrics.completeness_curves(cats, {c: truths[c] for c in common}, threshold,
                                                            edge=edge, mag_step=config.mag_step) if common else None)
-        data["runs"] = runs
 
     # 5. stamp level
     plots = out / "plots"
@@ -483,11 +482,9 @@ def _stamp_level(stamp_results: list[dict], by_key: dict, config: BenchmarkConfi
         dt = time.perf_counter() - t0
         res = evaluate_scores(s.labels, scores, s.meta, eval_cfg)
         results[(model, stream)] = (res, scores)
-        trained = (scorer.metadata.get("provenance") or {})
         row.update(status="ok", architecture=scorer.name, weights=str(scorer.path),
                    channels=list(scorer.channels), score_s=dt, stamps_per_s=len(s) / dt if dt > 0 else None,
-                   trained_on=_trained_on(scorer.metadata), provenance_keys=sorted(trained)[:8],
-                   result=res.to_dict(with_roc=False))
+                   trained_on=_trained_on(scorer.metadata), result=res.to_dict(with_roc=False))
         out["models"].append(row)
     dia_res = {m: r for (m, st), (r, _) in results.items() if st == "dia"}
     if dia_res:
@@ -519,9 +516,15 @@ def _stamp_level(stamp_results: list[dict], by_key: dict, config: BenchmarkConfi
 
 
 def _trained_on(metadata: dict) -> str:
-    cfg = metadata.get("config") or {}
-    data = cfg.get("data") if isinstance(cfg, dict) else None
-    return str(data) if data else "?"
+    """What the weights were trained on, from the provenance that training stores with them."""
+    train = (metadata.get("provenance") or {}).get("train") or {}
+    if not train:
+        return "unrecorded"
+    attrs = train.get("attrs") or {}
+    ds = attrs.get("dataset_config") or {}
+    where = (f"{ds['n_ccds']} {attrs.get('source', '')} CCDs, seed {ds['seed']}" if "n_ccds" in ds and "seed" in ds
+             else attrs.get("source", "unrecorded data"))
+    return f"{train.get('n', '?')} {attrs.get('stream', '')}-stream stamps from {where}".replace("  ", " ")
 
 
 def _gallery_pick(labels: np.ndarray, scores: np.ndarray, threshold: float, n: int) -> np.ndarray:
