@@ -358,7 +358,6 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | Path, manifest: str | 
     data["ratio"] = {}
     data["extrapolation"] = {}
     pixels = shape[0] * shape[1]
-    efficiency: dict[str, float] = {}
     if config.scaling:
         data["scaling"] = {}
         for mode in ("dia", "direct"):
@@ -366,11 +365,10 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | Path, manifest: str | 
             b = by_key[f"cpu-{mode}-w{max(config.workers, other)}"]
             factor = b["workers"] / a["workers"]
             speedup = a["wall_s"] / b["wall_s"] if b["wall_s"] > 0 else float("nan")
-            efficiency[mode] = speedup / factor
             data["scaling"][mode] = {
                 "workers": [a["workers"], b["workers"]], "run_wall_s": [a["wall_s"], b["wall_s"]],
                 "core_s_per_ccd": [a["cost"]["core_s_per_ccd"], b["cost"]["core_s_per_ccd"]],
-                "speedup": speedup, "efficiency": efficiency[mode]}
+                "speedup": speedup, "efficiency": speedup / factor}
     for dev in devices:
         dia = by_key[f"{dev}-dia-w{config.workers}"]["cost"]
         direct = by_key[f"{dev}-direct-w{config.workers}"]["cost"]
