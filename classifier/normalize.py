@@ -152,9 +152,11 @@ def shared_scale(x, image_channels: Sequence[int], reference: int | None):
     sig = torch.where(sig > 0, sig, 1.0)
     if image_channels:
         ref = reference if reference is not None else image_channels[-1]
-        idx = torch.tensor(list(image_channels), device=t.device)
-        sig = sig.clone()
-        sig[:, idx] = sig[:, ref:ref + 1]
+        # every image channel takes the reference channel's noise; built out of place (an
+        # in-place scatter from a view of the same tensor is refused by torch when N == 1)
+        shared = torch.zeros(shape[1], dtype=torch.bool, device=t.device)
+        shared[list(image_channels)] = True
+        sig = torch.where(shared[None, :, None], sig[:, ref:ref + 1], sig)
     out = _asinh((t - med) / sig)
     return _back(_finish(out, valid).reshape(shape), was_np)
 
