@@ -29,7 +29,8 @@ from scipy import ndimage
 from dia.masks import MaskBits
 from pipeline.io import Exposure, InputError
 
-__all__ = ["AlignConfig", "AlignedPair", "PixelMap", "align_pair", "resample_cutouts", "overlap_fraction"]
+__all__ = ["AlignConfig", "AlignedPair", "PixelMap", "align_pair", "resample_cutouts", "overlap_fraction",
+           "template_coverage", "RegistrationCheck", "check_registration", "pixel_scale_ratio"]
 
 _ORDERS = {"nearest-neighbor": 0, "bilinear": 1, "biquadratic": 2, "bicubic": 3}
 
@@ -53,13 +54,35 @@ class AlignConfig:
         are interpolated with scipy; ``reproject``: ``reproject.reproject_interp``
         transforms every pixel through both WCSs (same interpolation, ~3x slower;
         the two agree to < 1e-3 of the pixel values, see the tests).
+    registration_stars : int
+        Bright isolated search stars used to check that the template's pixels really sit where
+        the two WCSs say (default 40; 0 disables the check).  A template whose pixels were
+        rotated, flipped or shifted without updating its WCS fails with a clear error instead
+        of giving hundreds of false candidates.
+    registration_min_stars : int
+        With fewer usable stars than this the check is skipped (and the skip recorded; default 5).
+    registration_radius_fwhm : float
+        A star is found in the template when a template source peaks within this many template
+        FWHM of its WCS position (default 1.5).
+    registration_min_fraction : float
+        Least fraction of the stars that must be found (default 0.5; transients and variables
+        are a few percent of bright stars, a wrong WCS leaves almost none).
     """
 
     order: str = "bicubic"
     min_overlap: float = 0.05
     method: str = "grid"
+    registration_stars: int = 40
+    registration_min_stars: int = 5
+    registration_radius_fwhm: float = 1.5
+    registration_min_fraction: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.registration_stars < 0 or self.registration_min_stars < 1:
+            raise ValueError("AlignConfig.registration_stars must be >= 0 and registration_min_stars >= 1")
+        if not 0.0 <= self.registration_min_fraction <= 1.0 or self.registration_radius_fwhm <= 0:
+            raise ValueError("AlignConfig.registration_min_fraction must be in [0, 1] and "
+                             "registration_radius_fwhm > 0")
         if self.method not in ("grid", "reproject"):
             raise ValueError(f"AlignConfig.method must be 'grid' or 'reproject', got {self.method!r}")
         if self.order not in _ORDERS:
@@ -81,6 +104,11 @@ class AlignedPair:
     template: Exposure
     overlap: float
     seconds: float
+    scale_ratio: float = 1.0
+    """Template pixels per search pixel (linear, at the image centre); the resampled template's
+    ``fwhm`` has been divided by it, so every PSF size past alignment is in search pixels."""
+    registration: "RegistrationCheck | None" = None
+    """Result of :func:`check_registration` (None when the check is disabled)."""
     variance_factor: float = 1.0
     """Per-pixel noise variance of the resampled template relative to its ``variance`` plane.
 
@@ -137,6 +165,130 @@ class PixelMap:
         shape = np.shape(x)
         xs, ys = np.ravel(x).astype(float), np.ravel(y).astype(float)
         return (self.spline_x(ys, xs, grid=False).reshape(shape), self.spline_y(ys, xs, grid=False).reshape(shape))
+
+
+def pixel_scale_ratio(search: Exposure, template: Exposure) -> float:
+    """Template pixels per search pixel (linear), from the pixel mapping's Jacobian at the search centre."""
+    ny, nx = search.shape
+    cx, cy = (nx - 1) / 2.0, (ny - 1) / 2.0
+    xs = np.array([cx - 1.0, cx + 1.0, cx, cx])
+    ys = np.array([cy, cy, cy - 1.0, cy + 1.0])
+    tx, ty = _template_pixels(search.wcs, template.wcs, xs, ys)
+    jac = np.array([[tx[1] - tx[0], tx[3] - tx[2]], [ty[1] - ty[0], ty[3] - ty[2]]]) / 2.0
+    det = abs(float(np.linalg.det(jac)))
+    if not np.isfinite(det) or det <= 0:
+        raise InputError(f"the WCSs of {search.name!r} and {template.name!r} give a degenerate pixel mapping "
+                         f"at the search centre (Jacobian {jac.tolist()})")
+    return float(np.sqrt(det))
+
+
+def template_coverage(search: Exposure, template: Exposure, grid: int = 65) -> float:
+    """Fraction of the search image where the template has data (inside it and not ``NO_DATA``).
+
+    Sampled on a ``grid`` x ``grid`` lattice of search pixels mapped through both WCSs; a
+    half-NaN template covers about half.
+    """
+    ny, nx = search.shape
+    ys, xs = np.meshgrid(np.linspace(0, ny - 1, grid), np.linspace(0, nx - 1, grid), indexing="ij")
+    tx, ty = _template_pixels(search.wcs, template.wcs, xs, ys)
+    tny, tnx = template.shape
+    ix, iy = np.rint(tx), np.rint(ty)
+    inside = np.isfinite(ix) & np.isfinite(iy) & (ix >= 0) & (ix < tnx) & (iy >= 0) & (iy < tny)
+    ixc = np.where(inside, ix, 0).astype(int)
+    iyc = np.where(inside, iy, 0).astype(int)
+    has_data = inside & ((template.mask[iyc, ixc] & int(MaskBits.NO_DATA)) == 0)
+    return float(has_data.mean())
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistrationCheck:
+    """Do the template's pixels sit where the WCSs say?  Result of :func:`check_registration`."""
+
+    n_stars: int
+    """Bright isolated search stars looked for in the template."""
+    n_found: int
+    """Of those, how many have a template source within the match radius of their WCS position."""
+    median_offset_px: float
+    """Median distance (template pixels) from the WCS position to the template's peak, found stars only."""
+    radius_px: float
+    """Match radius in template pixels."""
+    checked: bool
+    """False when there were too few stars to decide (the pair is then accepted)."""
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the stars found (NaN without stars)."""
+        return self.n_found / self.n_stars if self.n_stars else float("nan")
+
+    def as_dict(self) -> dict:
+        """JSON-able summary for status records."""
+        out = dataclasses.asdict(self)
+        out["median_offset_px"] = round(float(self.median_offset_px), 3) if np.isfinite(self.median_offset_px) else None
+        out["radius_px"] = round(float(self.radius_px), 3)
+        return out
+
+
+def _pixel_snr(exposure: Exposure) -> np.ndarray:
+    """Per-pixel S/N above a global sky (the median of a sparse sample), 0 where masked."""
+    img = exposure.image
+    sky = float(np.median(img[:: max(1, img.shape[0] // 256), :: max(1, img.shape[1] // 256)]))
+    good = ((exposure.mask & int(MaskBits.NO_DATA | MaskBits.BAD)) == 0) & (exposure.variance > 0)
+    return np.where(good, (img - sky) / np.sqrt(np.where(good, exposure.variance, 1.0)), 0.0).astype(np.float32)
+
+
+def check_registration(search: Exposure, template: Exposure, config: AlignConfig = AlignConfig()) -> RegistrationCheck:
+    """Check that bright search stars appear in the template where the two WCSs put them.
+
+    The brightest isolated point-like sources of the search image are mapped through both
+    WCSs into template pixels; a star counts as found when the template's per-pixel S/N peaks
+    above 5 within ``registration_radius_fwhm`` template FWHM of that position.  Cheap (a few
+    dozen small windows) and independent of PSF matching, so both modes use it.
+
+    Raises
+    ------
+    InputError
+        When enough stars were tried and fewer than ``registration_min_fraction`` were found:
+        the template's WCS does not describe its pixels.
+    """
+    from pipeline.detect import bright_isolated_stars
+
+    t_fwhm = float(template.fwhm) if np.isfinite(template.fwhm) and template.fwhm > 0 else 3.0
+    radius = max(2.0, config.registration_radius_fwhm * t_fwhm)
+    if config.registration_stars == 0:
+        return RegistrationCheck(0, 0, float("nan"), radius, False)
+    s_fwhm = float(search.fwhm) if np.isfinite(search.fwhm) and search.fwhm > 0 else 3.0
+    img = search.image - float(np.median(search.image[:: max(1, search.shape[0] // 256),
+                                                      :: max(1, search.shape[1] // 256)]))
+    x, y = bright_isolated_stars(img, search.variance, search.mask, s_fwhm, min_snr=50.0, isolation=4.0,
+                                 max_stars=config.registration_stars)
+    tx, ty = _template_pixels(search.wcs, template.wcs, np.asarray(x, float), np.asarray(y, float))
+    tny, tnx = template.shape
+    r = int(np.ceil(radius))
+    inside = np.isfinite(tx) & np.isfinite(ty) & (tx >= r) & (tx < tnx - r) & (ty >= r) & (ty < tny - r)
+    tx, ty = tx[inside], ty[inside]
+    n = int(tx.size)
+    if n < config.registration_min_stars:
+        return RegistrationCheck(n, 0, float("nan"), radius, False)
+    snr = _pixel_snr(template)
+    offsets = []
+    for cx, cy in zip(tx, ty):
+        ix, iy = int(round(cx)), int(round(cy))
+        win = snr[iy - r:iy + r + 1, ix - r:ix + r + 1]
+        k = int(np.argmax(win))
+        py, px = divmod(k, win.shape[1])
+        d = float(np.hypot(ix - r + px - cx, iy - r + py - cy))
+        if win.flat[k] >= 5.0 and d <= radius:
+            offsets.append(d)
+    result = RegistrationCheck(n, len(offsets), float(np.median(offsets)) if offsets else float("nan"), radius, True)
+    if result.fraction < config.registration_min_fraction:
+        raise InputError(
+            f"template {template.name!r} does not line up with search {search.name!r} through their WCSs: "
+            f"{result.n_found} of {n} bright isolated search stars have a template source within "
+            f"{radius:.1f} template px of their WCS position (need {config.registration_min_fraction:.0%}); "
+            f"the template's WCS does not describe its pixels (rotated, flipped or shifted image?). "
+            f"align.registration_stars = 0 disables this check"
+        )
+    return result
 
 
 def overlap_fraction(search: Exposure, template: Exposure, grid: int = 33) -> float:
@@ -257,14 +409,18 @@ def align_pair(search: Exposure, template: Exposure, config: AlignConfig = Align
         name=f"{template.name} (resampled onto {search.name})",
     )
     factor = _interpolation_variance_factor(search, template, config)
+    # PSF sizes past alignment are in search pixels: a 2x-binned template's FWHM doubles
+    scale = pixel_scale_ratio(search, template)
+    aligned.fwhm = float(template.fwhm) / scale
     covered = float((~nodata).mean())
     if covered < config.min_overlap:
         raise InputError(
             f"no overlap: after resampling, template {template.name!r} covers {covered:.1%} of "
             f"search {search.name!r} (need >= {config.min_overlap:.0%})"
         )
+    registration = check_registration(search, template, config)
     return AlignedPair(search=search, template=aligned, overlap=covered, seconds=time.perf_counter() - t0,
-                       variance_factor=factor)
+                       scale_ratio=scale, registration=registration, variance_factor=factor)
 
 
 def _interpolation_variance_factor(search: Exposure, template: Exposure, config: AlignConfig, size: int = 96) -> float:

@@ -15,13 +15,16 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
+
 if TYPE_CHECKING:  # the stage configs import their modules; RunConfig resolves them at run time
     from dia import PsfMatchConfig
     from pipeline.align import AlignConfig
     from pipeline.detect import DetectConfig, DirectDetectConfig
     from pipeline.truth import MatchConfig
 
-__all__ = ["config_to_dict", "config_from_dict", "load_toml", "RunConfig"]
+__all__ = ["config_to_dict", "config_from_dict", "load_toml", "RunConfig", "ConfigError", "science_dict",
+           "execution_field", "run_table"]
 
 C = TypeVar("C")
 
@@ -44,11 +47,46 @@ def config_to_dict(config: Any) -> Any:
     return config
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
+class ConfigError(ValueError):
+    """A configuration value of the wrong type or an unknown key; the message names the key."""
+
+
+def _describe(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
-        return config_from_dict(annotation, value, where=where)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if annotation is type(None):
+        return "nothing (omit the key)"
+    if origin is tuple:
+        return f"a list of {_describe(args[0]) if args else 'values'}"
+    if dataclasses.is_dataclass(annotation):
+        return f"a table of {annotation.__name__} parameters"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table",
+             list: "a list", Path: "a path (string)"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against the field's annotation (TOML types) and convert where lossless.
+
+    Raises :class:`ConfigError` naming ``where``: a string ``"no"`` for a boolean, a float for
+    an integer, a number for a string are refused, not guessed.
+    """
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+
+    def refuse() -> ConfigError:
+        return ConfigError(f"{where}: expected {_describe(annotation)}, got {value!r} ({type(value).__name__})")
+
+    if annotation is Any or isinstance(annotation, (str, typing.ForwardRef)):
+        return value
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, dict):
+            return config_from_dict(annotation, value, where=where)
+        if isinstance(value, annotation):
+            return value
+        raise refuse()
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -57,26 +95,70 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 continue
             try:
                 return _coerce(value, arg, where)
-            except (TypeError, ValueError):
+            except ConfigError:
                 continue
-        return value
-    if origin is tuple and isinstance(value, (list, tuple)):
+        raise refuse()
+    if annotation is bool:
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise refuse()
+    if annotation is int:
+        if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            return int(value)
+        raise refuse()
+    if annotation is float:
+        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+            return float(value)
+        raise refuse()
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise refuse()
+    if annotation is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise refuse()
+    if origin is tuple or annotation is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise refuse()
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], where) for v in value)
-        if args and len(args) == len(value):
-            return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if args:
+            if len(args) != len(value):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         return tuple(value)
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is Path and isinstance(value, str):
-        return Path(value)
+    if annotation is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise refuse()
+    if annotation is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise refuse()
     return value
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    """Resolved field annotations of a config class (the stage configs RunConfig names lazily)."""
+    try:
+        return typing.get_type_hints(cls)
+    except NameError:
+        from dia import PsfMatchConfig
+        from pipeline.align import AlignConfig
+        from pipeline.detect import DetectConfig, DirectDetectConfig
+        from pipeline.truth import MatchConfig
+
+        local = {"PsfMatchConfig": PsfMatchConfig, "AlignConfig": AlignConfig, "DetectConfig": DetectConfig,
+                 "DirectDetectConfig": DirectDetectConfig, "MatchConfig": MatchConfig}
+        return typing.get_type_hints(cls, localns=local)
 
 
 def config_from_dict(cls: type[C], data: dict[str, Any] | None, *, where: str = "") -> C:
     """Build the frozen dataclass ``cls`` from a dict (e.g. a TOML table).
 
-    Missing keys keep their documented defaults; unknown keys raise.
+    Missing keys keep their documented defaults; unknown keys and values of the wrong type
+    raise.
 
     Parameters
     ----------
@@ -89,24 +171,72 @@ def config_from_dict(cls: type[C], data: dict[str, Any] | None, *, where: str = 
 
     Raises
     ------
+    ConfigError
+        If ``data`` holds keys that ``cls`` does not define, or a value of the wrong type
+        (the message names the key, the expected type and the value).
     ValueError
-        If ``data`` holds keys that ``cls`` does not define.
+        If the class itself rejects a value (its ``__post_init__`` checks).
     """
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a table of {cls.__name__} parameters, got {data!r}")
     data = dict(data or {})
-    try:
-        hints = typing.get_type_hints(cls)
-    except NameError:  # forward references resolved by the class itself (e.g. RunConfig)
-        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    hints = _type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
         label = f" in {where}" if where else ""
-        raise ValueError(
+        raise ConfigError(
             f"unknown {cls.__name__} parameter(s){label}: {', '.join(unknown)}; "
             f"valid parameters are: {', '.join(sorted(names))}"
         )
     kwargs = {k: _coerce(v, hints.get(k, Any), f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        label = f"{where}: " if where else ""
+        raise ConfigError(f"{label}{exc}") from None
+
+
+def science_dict(config: Any) -> Any:
+    """:func:`config_to_dict` without the fields that cannot change a result.
+
+    Fields declared with ``metadata={"science": False}`` (execution settings such as
+    workers, threads, batch size, device, and reporting settings such as the score
+    threshold) are left out; what remains is what ``--resume`` keys on.
+    """
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: science_dict(getattr(config, f.name)) for f in dataclasses.fields(config)
+                if f.metadata.get("science", True)}
+    return config_to_dict(config)
+
+
+def execution_field(default: Any) -> Any:
+    """A dataclass field that is an execution or reporting setting (not hashed for ``--resume``)."""
+    return dataclasses.field(default=default, metadata={"science": False})
+
+
+def run_table(data: dict[str, Any], table: str, where: str = "") -> dict[str, Any]:
+    """The ``[table]`` of a parsed TOML configuration, or the whole file when it has none.
+
+    Keys beside the table would be silently ignored, so they are an error.
+
+    Raises
+    ------
+    ConfigError
+        If the file has the table and other top-level keys too, or the table is not a table.
+    """
+    if table not in data:
+        return dict(data)
+    others = sorted(set(data) - {table})
+    label = f"{where}: " if where else ""
+    if others:
+        raise ConfigError(f"{label}key(s) {', '.join(others)} outside the [{table}] table would be ignored; "
+                          f"move them into [{table}] (or drop the [{table}] header)")
+    if not isinstance(data[table], dict):
+        raise ConfigError(f"{label}'{table}' must be a table ([{table}]), got {data[table]!r}")
+    return dict(data[table])
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -151,17 +281,26 @@ class RunConfig:
         Keep difference images (``diff/<ccd>.fits``).
     align, psf_match, detect, direct, match : configs
         Parameters of each stage (see their classes).
+
+    Notes
+    -----
+    Fields are of two kinds.  *Science* fields change a result and are hashed for
+    ``--resume``; *execution and reporting* fields (``device``, ``batch_size``,
+    ``torch_threads``, ``save_diff``, ``score_threshold``, and ``psf_match.fft_workers`` /
+    ``fft_band_rows``; declared with :func:`execution_field`) are recorded in ``run.json``
+    but never hashed: changing them does not redo finished CCDs (the truth summary is
+    recomputed at the new threshold).
     """
 
     mode: str = "dia"
-    device: str = "cpu"
+    device: str = execution_field("cpu")
     model_dia: str = "triplet"
     model_direct: str = "pair-direct"
-    score_threshold: float = 0.5
-    batch_size: int = 1024
-    torch_threads: int = 1
+    score_threshold: float = execution_field(0.5)
+    batch_size: int = execution_field(1024)
+    torch_threads: int = execution_field(1)
     aperture_correction: bool = True
-    save_diff: bool = False
+    save_diff: bool = execution_field(False)
     align: "AlignConfig" = None  # type: ignore[assignment]
     psf_match: "PsfMatchConfig" = None  # type: ignore[assignment]
     detect: "DetectConfig" = None  # type: ignore[assignment]

@@ -11,7 +11,15 @@ receives the CCD's :class:`CcdState` and returns a new one; an exception in a
 stage is caught and recorded (stage, error), the CCD's remaining stages pass it
 through, and the run goes on with the other CCDs.  Every CCD's outputs are
 written under temporary names and renamed, its status file last, so
-``resume`` can trust what it finds.
+``resume`` can trust what it finds.  Nothing that goes wrong inside a task --
+a stage error, a full disk, an unwritable status file -- escapes it: the CCD
+is marked failed with the full traceback and the others go on.
+
+Resume keys on what decides a CCD's result: its input files (resolved path,
+size and modification time of every file of its manifest row, and the HDUs),
+the science part of the configuration (:func:`pipeline.config.science_dict`)
+and the SHA-256 of the weights file.  Execution settings (workers, threads,
+batch size, device) and the score threshold are not part of it.
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -29,10 +39,13 @@ import numpy as np
 from astropy.table import Table, vstack
 
 from pipeline import steps
-from pipeline.config import RunConfig, config_to_dict
-from pipeline.io import PairEntry, atomic_path
+from pipeline.config import RunConfig, science_dict
+from pipeline.io import PairEntry, atomic_path, validate_ccd_id
 
-__all__ = ["CcdState", "STAGES", "build_graph", "config_hash", "ccd_outputs_complete", "collect_catalog"]
+__all__ = ["CcdState", "STAGES", "build_graph", "config_hash", "resume_key", "input_fingerprint",
+           "ccd_outputs_complete", "collect_catalog", "run_stage", "status_record", "ccd_paths"]
+
+logger = logging.getLogger(__name__)
 
 STAGES = {
     "dia": ("load", "align", "subtract", "detect", "stamps", "score", "write"),
@@ -44,10 +57,11 @@ GPU_STAGES = ("subtract", "score")
 
 @dataclasses.dataclass
 class CcdState:
-    """What flows along one CCD's chain: results so far, timings, and failure if any."""
+    """What flows along one CCD's chain: results so far, timings, decisions, and failure if any."""
 
     ccd: str
     entry: PairEntry
+    resume_key: str = ""
     status: str = "running"
     failed_stage: str | None = None
     error: str | None = None
@@ -55,7 +69,10 @@ class CcdState:
     wall: dict = dataclasses.field(default_factory=dict)
     cpu: dict = dataclasses.field(default_factory=dict)
     peak_rss_mb: dict = dataclasses.field(default_factory=dict)
+    cpu_clock: str = "process"
     worker: str | None = None
+    shape: tuple | None = None
+    decisions: dict = dataclasses.field(default_factory=dict)
     pair: Any = None
     aligned: Any = None
     diff: Any = None
@@ -67,41 +84,114 @@ class CcdState:
     summary: dict | None = None
 
 
-def config_hash(config: RunConfig) -> str:
-    """Stable hash of the run configuration (what a resumed CCD must have been made with)."""
-    blob = json.dumps(config_to_dict(config), sort_keys=True, default=str)
+def config_hash(config: RunConfig, weights_sha256: str = "") -> str:
+    """Stable hash of what in a run configuration can change a CCD's result.
+
+    The science fields of the configuration (:func:`pipeline.config.science_dict`), with the
+    two per-mode model names replaced by this mode's model and the SHA-256 of its weights.
+    """
+    science = science_dict(config)
+    science.pop("model_dia", None)
+    science.pop("model_direct", None)
+    science["model"] = config.model
+    science["weights_sha256"] = weights_sha256
+    blob = json.dumps(science, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def input_fingerprint(entry: PairEntry) -> dict[str, Any]:
+    """Identity of a manifest row's inputs: every file's resolved path, size and mtime, and the HDUs."""
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(entry):
+        value = getattr(entry, field.name)
+        if isinstance(value, Path):
+            try:
+                st = value.stat()
+                out[field.name] = [str(value.resolve()), st.st_size, st.st_mtime_ns]
+            except OSError:
+                out[field.name] = [str(value), None, None]
+        elif field.name != "ccd":
+            out[field.name] = value
+    return out
+
+
+def resume_key(entry: PairEntry, chash: str) -> str:
+    """The key a finished CCD must carry to be reused by ``--resume``: inputs + science config + weights."""
+    blob = json.dumps({"config": chash, "inputs": input_fingerprint(entry)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def ccd_paths(out_dir: Path, ccd: str) -> dict[str, Path]:
-    """Per-CCD output files."""
+    """Per-CCD output files (``ccd`` must be a valid identifier: it never leaves the output folder)."""
+    validate_ccd_id(ccd)
     base = Path(out_dir) / "ccds"
     return {"catalog": base / f"{ccd}.fits", "status": base / f"{ccd}.json", "diff": Path(out_dir) / "diff" / f"{ccd}.fits"}
 
 
-def ccd_outputs_complete(out_dir: Path, ccd: str, chash: str) -> dict | None:
-    """The CCD's status record if its outputs are complete and made with this configuration."""
-    paths = ccd_paths(out_dir, ccd)
-    if not paths["status"].exists() or not paths["catalog"].exists():
-        return None
+def ccd_outputs_complete(out_dir: Path, entry: PairEntry, key: str, *,
+                         need_diff: bool = False) -> tuple[dict | None, str]:
+    """The CCD's status record if its outputs are complete and were made with ``key``.
+
+    Returns ``(record, "")`` when the CCD can be reused, else ``(None, reason)`` -- the reason
+    (no outputs, failed before, inputs or configuration changed, catalog unreadable) is
+    reported to the user.
+    """
+    paths = ccd_paths(out_dir, entry.ccd)
+    if not paths["status"].exists():
+        return None, "no earlier outputs"
     try:
         record = json.loads(paths["status"].read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if record.get("status") != "done" or record.get("config_hash") != chash:
-        return None
-    return record
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        return None, f"status file unreadable ({type(exc).__name__})"
+    if record.get("status") != "done":
+        return None, "it failed before"
+    if record.get("resume_key") != key:
+        return None, _changed(record, entry)
+    if need_diff and not paths["diff"].exists():
+        return None, "its difference image is missing (--save-diff)"
+    try:
+        n = len(Table.read(paths["catalog"], format="fits"))
+    except Exception as exc:  # a truncated or foreign file: redo the CCD rather than crash the run
+        return None, f"its catalog is missing or unreadable ({type(exc).__name__})"
+    if n != record.get("n_candidates"):
+        return None, f"its catalog has {n} rows, its status says {record.get('n_candidates')}"
+    return record, ""
+
+
+def _changed(record: dict, entry: PairEntry) -> str:
+    """Why a finished CCD's key no longer matches: its inputs, or the configuration / weights."""
+    before = record.get("inputs") or {}
+    now = input_fingerprint(entry)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        return f"its input changed ({', '.join(changed)})"
+    return "the configuration or the weights changed"
 
 
 # ----------------------------------------------------------------------------- stages
 
 
+def _decide(state: CcdState, stage: str, **items: Any) -> None:
+    """Record decisions of a stage in the CCD's status and log them (INFO, logger ``pipeline.graph``)."""
+    state.decisions.setdefault(stage, {}).update(items)
+    for key, value in items.items():
+        logger.info("%s: %s: %s = %s", state.ccd, stage, key, value)
+
+
 def _stage_load(state: CcdState, config: RunConfig, out_dir: Path) -> None:
     state.pair = steps.load_pair(state.entry)
+    state.shape = tuple(state.pair.search.shape)
+    _decide(state, "load", search=state.pair.search.provenance, template=state.pair.template.provenance)
 
 
 def _stage_align(state: CcdState, config: RunConfig, out_dir: Path) -> None:
     state.aligned = steps.align(state.pair, config)
+    a = state.aligned
+    _decide(state, "align", overlap=round(a.overlap, 4), variance_factor=round(a.variance_factor, 4),
+            template_fwhm_search_px=round(float(a.template.fwhm), 3), pixel_scale_ratio=round(a.scale_ratio, 4),
+            registration=a.registration.as_dict() if a.registration is not None else None)
 
 
 def _stage_subtract(state: CcdState, config: RunConfig, out_dir: Path) -> None:
@@ -113,17 +203,27 @@ def _stage_subtract(state: CcdState, config: RunConfig, out_dir: Path) -> None:
         "stats": dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None,
         "timings": dict(getattr(diff, "timings", {}) or {}),
     }
+    _decide(state, "subtract", convolved=diff.convolved, search_fwhm=round(float(state.aligned.search.fwhm), 3),
+            template_fwhm=round(float(state.aligned.template.fwhm), 3),
+            kernel_stars_used=int(stats.used) if stats is not None else None)
     if config.save_diff:
         from pipeline.io import write_difference
 
-        write_difference(diff, state.aligned.search, ccd_paths(out_dir, state.ccd)["diff"])
+        write_difference(diff, state.aligned.search, ccd_paths(out_dir, state.ccd)["diff"],
+                         template_fwhm=state.aligned.template.fwhm)
 
 
 def _stage_detect(state: CcdState, config: RunConfig, out_dir: Path) -> None:
     if config.mode == "dia":
         state.candidates = steps.detect_on_difference(state.diff, state.aligned, config, ccd=state.ccd)
+        _decide(state, "detect", noise_scale=round(float(state.candidates.meta.get("NOISESCL", 1.0)), 4))
     else:
-        state.candidates = steps.detect_without_difference(state.pair, config)
+        check = steps.check_direct_pair(state.pair, config)
+        _decide(state, "detect", template_coverage=round(check.coverage, 4),
+                registration=check.registration.as_dict() if check.registration is not None else None)
+        state.candidates, dropped = steps.drop_without_template(
+            steps.detect_without_difference(state.pair, config), state.pair)
+        _decide(state, "detect", dropped_without_template=dropped)
     state.n_candidates = len(state.candidates)
 
 
@@ -167,7 +267,7 @@ _STAGE_FUNCS: dict[str, Callable[[CcdState, RunConfig, Path], None]] = {
 }
 
 
-def status_record(state: CcdState, chash: str) -> dict:
+def status_record(state: CcdState, chash: str, score_threshold: float | None = None) -> dict:
     """JSON-able per-CCD record for run.json and the CCD's status file."""
     return {
         "ccd": state.ccd,
@@ -177,48 +277,83 @@ def status_record(state: CcdState, chash: str) -> dict:
         "traceback": state.traceback,
         "wall_s": state.wall,
         "cpu_s": state.cpu,
+        "cpu_clock": state.cpu_clock,
         "peak_rss_mb": state.peak_rss_mb,
         "worker": state.worker,
+        "shape": list(state.shape) if state.shape else None,
         "n_candidates": state.n_candidates,
+        "decisions": state.decisions,
         "dia": state.diff_stats,
         "truth_summary": state.summary,
+        "score_threshold": score_threshold,
         "config_hash": chash,
+        "resume_key": state.resume_key,
+        "inputs": input_fingerprint(state.entry),
     }
 
 
-def run_stage(stage: str, state: CcdState, config: RunConfig, out_dir: str, chash: str) -> CcdState:
-    """Run one stage on a copy of the state, timing it and catching its failure."""
-    state = dataclasses.replace(state, wall=dict(state.wall), cpu=dict(state.cpu), peak_rss_mb=dict(state.peak_rss_mb))
+def _fail(state: CcdState, stage: str, exc: BaseException) -> None:
+    state.status = "failed"
+    state.failed_stage = stage
+    state.error = f"{type(exc).__name__}: {exc}"
+    state.traceback = "".join(traceback.format_exception(exc))  # the whole chain, failing line included
+    state.pair = state.aligned = state.diff = state.stamps = state.candidates = None
+
+
+def run_stage(stage: str, state: CcdState, config: RunConfig, out_dir: str, chash: str,
+              cpu_clock: str = "process") -> CcdState:
+    """Run one stage on a copy of the state, timing it and catching its failure.
+
+    Nothing escapes: an exception in the stage, in the bookkeeping around it or in writing
+    the CCD's status file marks this CCD failed (stage, error, full traceback) and the other
+    CCDs go on.  ``cpu_clock`` says how CPU time is measured: ``"thread"`` (the task's own
+    thread, for schedulers that run several tasks in one process) or ``"process"``.
+    """
+    try:
+        state = dataclasses.replace(state, wall=dict(state.wall), cpu=dict(state.cpu),
+                                    peak_rss_mb=dict(state.peak_rss_mb), decisions=dict(state.decisions),
+                                    cpu_clock=cpu_clock)
+    except Exception as exc:  # pragma: no cover - a copy of plain fields does not fail in practice
+        _fail(state, stage, exc)
+        return state
     if state.status == "failed":
         return state
+    clock = time.thread_time if cpu_clock == "thread" else time.process_time
+    t0, c0 = time.perf_counter(), clock()
     try:
-        from distributed import get_worker
-
-        state.worker = get_worker().address
-    except (ImportError, ValueError):
-        state.worker = f"pid{os.getpid()}"
-    t0, c0 = time.perf_counter(), time.process_time()
-    try:
+        state.worker = _worker_name()
         _STAGE_FUNCS[stage](state, config, Path(out_dir))
     except Exception as exc:  # isolate the CCD: record and let the others go on
-        state.status = "failed"
-        state.failed_stage = stage
-        state.error = f"{type(exc).__name__}: {exc}"
-        state.pair = state.aligned = state.diff = state.stamps = None
-        state.traceback = traceback.format_exc(limit=4)
+        _fail(state, stage, exc)
     state.wall[stage] = time.perf_counter() - t0
-    state.cpu[stage] = time.process_time() - c0
+    state.cpu[stage] = clock() - c0
     state.peak_rss_mb[stage] = _peak_rss_mb()
     if stage == "write" or state.status == "failed":
         if state.status != "failed":
             state.status = "done"
-        record = status_record(state, chash)
-        path = ccd_paths(Path(out_dir), state.ccd)["status"]
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(record, indent=1, default=_json_default))
-        if stage != "write":
+        try:
+            record = status_record(state, chash, config.score_threshold)
+            path = ccd_paths(Path(out_dir), state.ccd)["status"]
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(record, indent=1, default=_json_default))
+        except Exception as exc:  # a full disk or an unwritable folder fails this CCD, not the run
+            if state.status == "done":
+                _fail(state, "write", exc)
+                state.error = f"cannot write the CCD's status file: {state.error}"
+            else:
+                state.error += f"; and its status file could not be written ({type(exc).__name__}: {exc})"
+        if stage != "write" or state.status == "failed":
             state.candidates = None
     return state
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return f"pid{os.getpid()}/{threading.current_thread().name}"
 
 
 def _peak_rss_mb() -> float:
@@ -238,35 +373,45 @@ def _json_default(obj):
     return str(obj)
 
 
-def build_graph(entries: list[PairEntry], config: RunConfig, out_dir: Path) -> dict[str, Any]:
+def build_graph(entries: list[PairEntry], config: RunConfig, out_dir: Path, chash: str | None = None,
+                cpu_clock: str = "process") -> dict[str, Any]:
     """Dask delayed chains, one per CCD; returns ``{ccd: delayed final state}``.
 
     Task keys are ``<stage>-<ccd>``; on ``device="gpu"`` the subtract and score
-    tasks carry the resource annotation ``{"GPU": 1}``.
+    tasks carry the resource annotation ``{"GPU": 1}``.  ``chash`` is the run's
+    :func:`config_hash` (default: without a weights hash).
     """
     import dask
 
-    chash = config_hash(config)
+    chash = config_hash(config) if chash is None else chash
     finals = {}
     for entry in entries:
-        state: Any = CcdState(ccd=entry.ccd, entry=entry)
+        validate_ccd_id(entry.ccd)
+        state: Any = CcdState(ccd=entry.ccd, entry=entry, resume_key=resume_key(entry, chash))
         for stage in STAGES[config.mode]:
             annotations = {"resources": {"GPU": 1}} if config.device == "gpu" and stage in GPU_STAGES else {}
             with dask.annotate(**annotations):
                 state = dask.delayed(run_stage, pure=False)(
-                    stage, state, config, str(out_dir), chash, dask_key_name=f"{stage}-{entry.ccd}"
+                    stage, state, config, str(out_dir), chash, cpu_clock, dask_key_name=f"{stage}-{entry.ccd}"
                 )
         finals[entry.ccd] = state
     return finals
 
 
-def collect_catalog(out_dir: Path, ccds: list[str]) -> Table:
-    """Stack the per-CCD catalogs of the given CCDs (those that exist) in manifest order."""
+def collect_catalog(out_dir: Path, ccds: list[str], errors: dict[str, str] | None = None) -> Table:
+    """Stack the per-CCD catalogs of the given CCDs in manifest order.
+
+    A catalog that is missing or cannot be read is left out and its error put in ``errors``
+    (``{ccd: message}``) when given, so one bad file never stops the merge.
+    """
     tables = []
     for ccd in ccds:
         path = ccd_paths(out_dir, ccd)["catalog"]
-        if path.exists():
+        try:
             tables.append(Table.read(path, format="fits"))
+        except Exception as exc:  # missing, truncated or foreign: reported, not fatal
+            if errors is not None:
+                errors[ccd] = f"cannot read its catalog {path}: {type(exc).__name__}: {exc}"
     if not tables:
         from pipeline.detect import CandidateTable
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -33,6 +35,7 @@ from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
 
 from dia.masks import MaskBits, mask_header_cards
+from pipeline.stamps import STAMP_SIZE
 
 __all__ = [
     "Exposure",
@@ -44,12 +47,26 @@ __all__ = [
     "PairEntry",
     "MANIFEST_COLUMNS",
     "write_difference",
+    "validate_ccd_id",
+    "remove_orphan_temporaries",
+    "CCD_ID_PATTERN",
+    "MIN_IMAGE_SIDE",
 ]
 
 IMAGE_HDU_NAMES = ("IMAGE", "SCI", "SCIENCE")
 VARIANCE_HDU_NAMES = ("VARIANCE", "VAR")
 WEIGHT_HDU_NAMES = ("WEIGHT", "WHT", "IVAR", "INVVAR")
 MASK_HDU_NAMES = ("MASK", "DQ", "BPM", "FLAGS")
+
+
+#: Smallest image side (pixels): one candidate stamp must fit.
+MIN_IMAGE_SIDE = STAMP_SIZE
+
+#: What a CCD identifier may look like.  It names the CCD's output files, so it must be a
+#: plain file name: letters, digits and ``. _ + -``, not starting with a dot or a dash.
+CCD_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+#: Longest CCD identifier (file names of 255 bytes must hold it with prefixes and suffixes).
+CCD_ID_MAX_LENGTH = 64
 
 
 class InputError(ValueError):
@@ -112,6 +129,9 @@ class Exposure:
     name: str = ""
     ccd: str = ""
     header: fits.Header = dataclasses.field(default_factory=fits.Header)
+    provenance: dict = dataclasses.field(default_factory=dict)
+    """Where the noise model and metadata came from (``{"zero_point": "MAGZERO", "fwhm":
+    "measured from the stars", "variance": "VARIANCE HDU", ...}``): recorded in each CCD's status."""
 
     def __post_init__(self) -> None:
         shapes = {"image": self.image.shape, "variance": self.variance.shape, "mask": self.mask.shape}
@@ -135,24 +155,69 @@ class Exposure:
 # ----------------------------------------------------------------------------- writing
 
 
+#: Suffix of the temporary files :func:`atomic_path` writes (``.<name>.<random>.tmp``).
+TEMP_SUFFIX = ".tmp"
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)  # no other way to read it; set it straight back
+    os.umask(old)
+    return old
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
 
     Nothing is left half-written: on error the temporary file is removed and
-    ``path`` is untouched.
+    ``path`` is untouched.  The file gets the permissions a plain ``open`` would
+    give it (``0666`` less the umask), not ``mkstemp``'s private ``0600``.  A kill
+    between creation and rename can leave ``.<name>.*.tmp``; :func:`remove_orphan_temporaries`
+    cleans those up.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_orphan_temporaries(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """Delete temporaries left by :func:`atomic_path` after a kill; return what was removed.
+
+    Only call this while no other process writes into ``folder`` (``pipeline run`` holds the
+    output folder's lock when it does).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = f".*{TEMP_SUFFIX}"
+    found = folder.rglob(pattern) if recursive else folder.glob(pattern)
+    removed = []
+    for p in found:
+        if p.is_file() and p.name.count(".") >= 3:  # .<name>.<random>.tmp
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
 
 
 _META_KEYS = {
@@ -233,18 +298,38 @@ def _open(path: Path, role: str) -> fits.HDUList:
         raise InputError(f"{path}: cannot read {role} file as FITS ({type(exc).__name__}: {exc})") from None
 
 
+def _is_2d_image(hdu) -> bool:
+    """An image HDU with a 2-D data part, decided from the header (without reading the data)."""
+    if not isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
+        return False
+    return int(hdu.header.get("NAXIS", 0)) == 2 and all(int(hdu.header.get(f"NAXIS{i}", 0)) > 0 for i in (1, 2))
+
+
+def _hdu_data(hdul: fits.HDUList, idx: int, path: Path, role: str) -> np.ndarray:
+    """The data of HDU ``idx``; a truncated or corrupt data part names the file and HDU."""
+    hdu = hdul[idx]
+    try:
+        data = hdu.data
+        if data is None:
+            raise ValueError("the HDU has no data")
+        return np.asarray(data)
+    except Exception as exc:  # astropy raises ValueError, OSError, TypeError... on a short file
+        label = hdu.name or str(idx)
+        raise InputError(f"{path}[{label}]: cannot read the {role} data ({type(exc).__name__}: {exc}); "
+                         f"the file is probably truncated or corrupt") from None
+
+
 def _find_hdu(hdul: fits.HDUList, names: tuple[str, ...]) -> int | None:
     for i, hdu in enumerate(hdul):
-        if hdu.name.upper() in names and hdu.data is not None:
+        if hdu.name.upper() in names and _is_2d_image(hdu):
             return i
     return None
 
 
 def _first_image_hdu(hdul: fits.HDUList) -> int | None:
     for i, hdu in enumerate(hdul):
-        if isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)) and hdu.data is not None:
-            if hdu.data.ndim == 2:
-                return i
+        if _is_2d_image(hdu):
+            return i
     return None
 
 
@@ -255,7 +340,7 @@ def _select(hdul: fits.HDUList, hdu: int | str | None, path: Path, role: str) ->
         except (KeyError, IndexError):
             names = [h.name for h in hdul]
             raise InputError(f"{path}: HDU {hdu!r} not found ({role}); file has HDUs {names}") from None
-        if hdul[idx].data is None or hdul[idx].data.ndim != 2:
+        if not _is_2d_image(hdul[idx]):
             raise InputError(f"{path}[{hdu}]: HDU holds no 2-D image ({role})")
         return idx
     idx = _find_hdu(hdul, IMAGE_HDU_NAMES)
@@ -348,15 +433,31 @@ def read_exposure(
         idx = _select(hdul, hdu, path, "image")
         img_hdu = hdul[idx]
         label = img_hdu.name or str(idx)
-        image = np.asarray(img_hdu.data, dtype=np.float32)
+        image = _hdu_data(hdul, idx, path, "image").astype(np.float32)
         headers = [img_hdu.header, hdul[0].header]
         if not np.isfinite(image).any():
             raise InputError(f"{path}[{label}]: image has no finite pixels (all NaN/inf)")
         wcs = _celestial_wcs(img_hdu.header, path, label)
 
-        gain = float(_header_value(headers, ("GAIN", "GAINA", "EGAIN"), 1.0))
-        read_noise = float(_header_value(headers, ("RDNOISE", "RDNOISEA", "READNOIS", "RON"), 0.0))
-        saturation = float(_header_value(headers, ("SATURATE", "SATURATA", "SATURATB", "SATLEVEL"), np.inf))
+        provenance: dict[str, str] = {}
+
+        def number(keys, default, what=None):
+            value = _header_value(headers, keys, None)
+            if what is not None:
+                found = next((k for h in headers for k in keys if k in h and h[k] not in (None, "")), None)
+                provenance[what] = found if found else f"default {default} (no {'/'.join(keys)} keyword)"
+            if value is None:
+                return default
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise InputError(f"{path}[{label}]: header keyword {'/'.join(keys)} = {value!r} is not a number") from None
+
+        gain = number(("GAIN", "GAINA", "EGAIN"), 1.0, "gain")
+        read_noise = number(("RDNOISE", "RDNOISEA", "READNOIS", "RON"), 0.0)
+        saturation = number(("SATURATE", "SATURATA", "SATURATB", "SATLEVEL"), np.inf)
+        if not gain > 0:
+            raise InputError(f"{path}[{label}]: GAIN = {gain} must be positive (electrons per ADU)")
 
         variance = None
         mask = None
@@ -364,8 +465,10 @@ def read_exposure(
         wht_idx = _find_hdu(hdul, WEIGHT_HDU_NAMES) if variance_path is None and weight_path is None else None
         if var_idx is not None:
             variance = _plane(hdul, var_idx, image.shape, path, "variance").astype(np.float32)
+            provenance["variance"] = f"{hdul[var_idx].name} HDU"
         elif wht_idx is not None:
             variance = _weight_to_variance(_plane(hdul, wht_idx, image.shape, path, "weight"))
+            provenance["variance"] = f"inverse of the {hdul[wht_idx].name} HDU"
         msk_idx = _find_hdu(hdul, MASK_HDU_NAMES) if mask_path is None else None
         own_mask = msk_idx is not None and hdul[msk_idx].header.get("MP_BAD") is not None
         if msk_idx is not None:
@@ -374,8 +477,10 @@ def read_exposure(
 
     if variance_path is not None:
         variance = _read_plane(Path(variance_path), hdu, image.shape, "variance").astype(np.float32)
+        provenance["variance"] = f"file {variance_path}"
     elif weight_path is not None:
         variance = _weight_to_variance(_read_plane(Path(weight_path), hdu, image.shape, "weight"))
+        provenance["variance"] = f"inverse of weight file {weight_path}"
     if mask_path is not None:
         mask = _read_plane(Path(mask_path), hdu, image.shape, "mask")
         own_mask = False
@@ -392,46 +497,60 @@ def read_exposure(
         out_mask[image >= saturation] |= MaskBits.SAT
     if variance is None:
         variance = estimate_variance(image, gain, read_noise)
+        provenance["variance"] = "estimated from the image, GAIN and RDNOISE"
     bad |= ~np.isfinite(variance) | (variance <= 0)
     out_mask[bad] |= MaskBits.NO_DATA
-    image = np.where(bad, 0.0, image).astype(np.float32)
-    variance = np.where(bad, np.float32(np.nanmax(np.where(bad, np.nan, variance)) if (~bad).any() else 1.0), variance)
     if not (~bad).any():
         raise InputError(f"{path}[{label}]: no usable pixels (all NaN or zero weight)")
+    usable = ~bad & ((out_mask & int(MaskBits.SAT | MaskBits.BAD)) == 0)
+    if not usable.any():
+        n = image.size
+        sat = int(((out_mask & int(MaskBits.SAT)) != 0).sum())
+        badpix = int(((out_mask & int(MaskBits.BAD)) != 0).sum())
+        raise InputError(f"{path}[{label}]: no usable pixels: {sat / n:.0%} at or above the saturation level "
+                         f"(SATURATE = {saturation:g} ADU), {badpix / n:.0%} flagged bad by the mask")
+    image = np.where(bad, 0.0, image).astype(np.float32)
+    variance = np.where(bad, np.float32(np.nanmax(np.where(bad, np.nan, variance))), variance)
 
-    def meta(keys, default, cast=float):
+    def meta(keys, default, cast=str):
         value = _header_value(headers, keys, default)
-        try:
-            return cast(value)
-        except (TypeError, ValueError):
-            return default
+        return default if value is None else cast(value)
 
+    if min(image.shape) < MIN_IMAGE_SIDE:  # last, so that the other checks keep their own messages
+        raise InputError(f"{path}[{label}]: image is {image.shape[0]} x {image.shape[1]} pixels, smaller than "
+                         f"one {MIN_IMAGE_SIDE} x {MIN_IMAGE_SIDE} candidate stamp")
+    fwhm = number(("FWHM", "PSF_FWHM", "FWHMPIX"), float("nan"), "fwhm")
+    if np.isfinite(fwhm) and fwhm <= 0:
+        raise InputError(f"{path}[{label}]: FWHM = {fwhm} must be a positive number of pixels (or absent)")
+    zero_point = number(("MAGZERO", "MAGZPT", "ZP", "PHOTZP", "MAGZP"), 25.0, "zero_point")
+    if not np.isfinite(zero_point):
+        raise InputError(f"{path}[{label}]: zero point {zero_point} is not finite")
     return Exposure(
         image=image,
         variance=variance.astype(np.float32),
         mask=out_mask,
         wcs=wcs,
-        fwhm=meta(("FWHM", "PSF_FWHM", "FWHMPIX"), float("nan")),
+        fwhm=fwhm,
         gain=gain,
         read_noise=read_noise,
         saturation=saturation,
-        zero_point=meta(("MAGZERO", "MAGZPT", "ZP", "PHOTZP", "MAGZP"), 25.0),
+        zero_point=zero_point,
         band=meta(("BAND", "FILTER"), "", str).split(" ")[0],
-        exptime=meta(("EXPTIME", "EXPOSURE"), 1.0),
-        sky_level=meta(("SKYLEVEL", "AVSKY", "SKYBRITE"), 0.0),
+        exptime=number(("EXPTIME", "EXPOSURE"), 1.0),
+        sky_level=number(("SKYLEVEL", "AVSKY", "SKYBRITE"), 0.0),
         instrument=meta(("INSTRUME",), "", str),
         name=name or f"{path.name}[{label}]",
         ccd=meta(("CCDNAME", "CCDNUM", "DETPOS"), "", str),
         header=meta_hdr,
+        provenance=provenance,
     )
 
 
 def _plane(hdul: fits.HDUList, idx: int, shape, path: Path, role: str) -> np.ndarray:
-    data = hdul[idx].data
-    if data is None or data.shape != shape:
-        got = None if data is None else data.shape
-        raise InputError(f"{path}[{hdul[idx].name or idx}]: {role} plane has shape {got}, image has {shape}")
-    return np.asarray(data)
+    data = _hdu_data(hdul, idx, path, role)
+    if data.shape != shape:
+        raise InputError(f"{path}[{hdul[idx].name or idx}]: {role} plane has shape {data.shape}, image has {shape}")
+    return data
 
 
 def _read_plane(path: Path, hdu, shape, role: str) -> np.ndarray:
@@ -517,9 +636,12 @@ def read_manifest(path: str | Path) -> list[PairEntry]:
     if missing:
         raise InputError(f"{path}: manifest lacks required column(s) {missing}; has {table.colnames}")
     unknown = [c for c in table.colnames if c not in MANIFEST_COLUMNS]
+    if len(table) == 0:
+        raise InputError(f"{path}: manifest has no rows (no CCD pairs to process)")
     base = path.parent
     entries = []
-    seen = set()
+    seen: dict[str, int] = {}
+    problems = []
     for row in table:
         def cell(name):
             if name not in table.colnames:
@@ -536,10 +658,21 @@ def read_manifest(path: str | Path) -> list[PairEntry]:
             p = Path(value)
             return p if p.is_absolute() else base / p
 
+        line = len(entries) + len(problems) + 1
         ccd = cell("ccd")
-        if ccd is None or ccd in seen:
-            raise InputError(f"{path}: ccd identifiers must be present and unique (problem at {ccd!r})")
-        seen.add(ccd)
+        try:
+            validate_ccd_id(ccd)
+        except InputError as exc:
+            problems.append(f"row {line}: {exc}")
+            continue
+        if ccd.lower() in seen:  # case-insensitive: the per-CCD files must not collide on any file system
+            problems.append(f"row {line}: ccd {ccd!r} repeats row {seen[ccd.lower()]} (identifiers must be unique, "
+                            f"ignoring case)")
+            continue
+        seen[ccd.lower()] = line
+        for role in ("search", "template"):
+            if cell(role) is None:
+                problems.append(f"row {line} (ccd {ccd!r}): no {role} file")
         entries.append(
             PairEntry(
                 ccd=ccd, search=as_path("search"), template=as_path("template"), truth=as_path("truth"),
@@ -548,44 +681,91 @@ def read_manifest(path: str | Path) -> list[PairEntry]:
                 template_mask=as_path("template_mask"), template_weight=as_path("template_weight"),
             )
         )
+    if problems:
+        raise InputError(f"{path}: bad manifest row(s): " + "; ".join(problems[:10])
+                         + (f"; ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
     if unknown:
         warnings.warn(f"{path}: ignoring unknown manifest column(s) {unknown}", stacklevel=2)
     return entries
 
 
-def _summary_cards(obj, prefix: str) -> list[tuple[str, Any, str]]:
-    """Scalar fields of a (dataclass) result as HIERARCH header cards."""
-    cards = []
+def validate_ccd_id(ccd) -> str:
+    """Return ``ccd`` if it is a safe CCD identifier, else raise :class:`InputError`.
+
+    A CCD identifier becomes file names under the output folder (``ccds/<ccd>.fits``), so it
+    must be a plain name (:data:`CCD_ID_PATTERN`, at most :data:`CCD_ID_MAX_LENGTH` characters):
+    no path separators, no ``..``, no leading dot or dash, no spaces or control characters.
+    """
+    if not isinstance(ccd, str) or not ccd:
+        raise InputError(f"ccd identifier must be a non-empty string, got {ccd!r}")
+    if len(ccd) > CCD_ID_MAX_LENGTH:
+        raise InputError(f"ccd identifier {ccd[:20]!r}... is {len(ccd)} characters long; at most "
+                         f"{CCD_ID_MAX_LENGTH} allowed")
+    if not CCD_ID_PATTERN.fullmatch(ccd) or ".." in ccd:
+        raise InputError(f"ccd identifier {ccd!r} is not a plain file name: use letters, digits and . _ + - "
+                         f"(not starting with . or -, no '..', no '/' or spaces)")
+    return ccd
+
+
+def _summary_cards(obj, prefix: str, max_items: int = 16) -> list[tuple[str, Any]]:
+    """Scalar fields of a (dataclass) result as ``HIERARCH`` cards, nothing truncated.
+
+    Nested dataclasses and dicts become longer keys (``DIA FIT REJECTED EDGE``), short
+    sequences one card per element (``DIA KERNEL SIGMAS 1``); floats keep full precision and
+    long strings continue on CONTINUE cards.  Arrays longer than ``max_items`` (the kernel
+    basis images and coefficients) are not header material and are left out; non-finite
+    floats are left out too (FITS headers cannot hold them).
+    """
+    cards: list[tuple[str, Any]] = []
     if obj is None:
         return cards
-    fields = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
-    for key, value in fields.items():
-        if isinstance(value, (bool, np.bool_)):
-            value = bool(value)
-        elif isinstance(value, (int, np.integer)):
-            value = int(value)
-        elif isinstance(value, (float, np.floating)):
-            value = float(value)
-            if not np.isfinite(value):
-                continue
-        elif isinstance(value, str) and len(value) < 60:
-            pass
-        elif isinstance(value, (tuple, list)) and len(value) <= 8 and all(isinstance(v, (int, float, np.number)) for v in value):
-            value = ",".join(f"{float(v):.4g}" for v in value)
-        elif isinstance(value, dict) and len(value) <= 10 and all(isinstance(v, (int, np.integer)) for v in value.values()):
-            value = ",".join(f"{k}={int(v)}" for k, v in value.items())[:60]
-        else:
+    if dataclasses.is_dataclass(obj):
+        items = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    elif isinstance(obj, dict):
+        items = dict(obj)
+    else:
+        return cards
+    for key, value in items.items():
+        name = f"{prefix} {str(key).upper()}"
+        if dataclasses.is_dataclass(value) or isinstance(value, dict):
+            cards += _summary_cards(value, name, max_items)
             continue
-        cards.append((f"HIERARCH {prefix} {key.upper()}", value, ""))
+        if isinstance(value, np.ndarray):
+            if value.size > max_items:
+                continue
+            value = value.ravel().tolist()
+        if isinstance(value, (tuple, list)):
+            if len(value) <= max_items and all(isinstance(v, (int, float, np.number, str, bool)) for v in value):
+                cards += _summary_cards({str(i + 1): v for i, v in enumerate(value)}, name, max_items)
+            continue
+        if isinstance(value, (bool, np.bool_)):
+            cards.append((f"HIERARCH {name}", bool(value)))
+        elif isinstance(value, (int, np.integer)):
+            cards.append((f"HIERARCH {name}", int(value)))
+        elif isinstance(value, (float, np.floating)):
+            if np.isfinite(value):
+                cards.append((f"HIERARCH {name}", float(value)))
+        elif isinstance(value, str):
+            cards.append((f"HIERARCH {name}", value))
     return cards
 
 
-def write_difference(difference, search: Exposure, path: str | Path) -> Path:
+def write_difference(difference, search: Exposure, path: str | Path, *, template_fwhm: float | None = None) -> Path:
     """Write a difference image (IMAGE, VARIANCE, MASK on the search WCS) with the kernel summary.
 
-    The header carries the search exposure's metadata, which image was
-    convolved, and the scalar fields of the kernel solution and fit
-    statistics as ``HIERARCH DIA ...`` cards.  Atomic.
+    The header carries the search exposure's metadata, which image was convolved and the
+    PSF FWHMs (search pixels) of both images and of the convolved one, and the scalar fields
+    of the kernel solution and fit statistics as ``HIERARCH DIA ...`` cards (none truncated).
+    Atomic.
+
+    Parameters
+    ----------
+    difference : dia.Difference
+    search : Exposure
+        The search exposure (its WCS and metadata are the difference's).
+    path : path
+    template_fwhm : float, optional
+        The template's FWHM in search pixels (``AlignedPair.template.fwhm``).
     """
     diff = difference.to_numpy() if hasattr(difference, "to_numpy") else difference
     exposure = dataclasses.replace(
@@ -595,9 +775,17 @@ def write_difference(difference, search: Exposure, path: str | Path) -> Path:
     hdr = exposure.header
     hdr["IMAGETYP"] = ("difference", "search minus PSF-matched template")
     hdr["CONVOLV"] = (str(diff.convolved), "which image was convolved with the kernel")
+    fwhms = {"search": float(search.fwhm), "template": float(template_fwhm) if template_fwhm is not None else float("nan")}
+    for key, value, comment in (("SFWHM", fwhms["search"], "[pix] search PSF FWHM"),
+                                ("TFWHM", fwhms["template"], "[pix] template PSF FWHM on the search grid"),
+                                ("CONVFWHM", fwhms.get(str(diff.convolved), float("nan")),
+                                 "[pix] FWHM of the convolved image before convolution")):
+        if np.isfinite(value):
+            hdr[key] = (value, comment)
+    hdr["DECORREL"] = (bool(getattr(diff, "decorrelated", False)), "noise decorrelation applied")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fits.verify.VerifyWarning)  # long keys become HIERARCH cards
-        for key, value, comment in _summary_cards(getattr(diff, "solution", None), "DIA KERNEL") + \
+        for key, value in _summary_cards(getattr(diff, "solution", None), "DIA KERNEL") + \
                 _summary_cards(getattr(diff, "stats", None), "DIA FIT"):
             hdr[key] = value
     return write_exposure(exposure, path)

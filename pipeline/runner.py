@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
+import logging
 import platform
 import socket
 import sys
@@ -22,18 +24,36 @@ from pipeline.graph import (
     _json_default,
     build_graph,
     ccd_outputs_complete,
+    ccd_paths,
     collect_catalog,
     config_hash,
+    resume_key,
     status_record,
 )
-from pipeline.io import PairEntry, atomic_path
+from pipeline.io import InputError, PairEntry, atomic_path, validate_ccd_id
+from pipeline.outdir import OutputError, open_output_folder
 
-__all__ = ["RunResult", "run_pipeline", "format_summary", "versions"]
+__all__ = ["RunResult", "RunSetupError", "run_pipeline", "format_summary", "versions", "check_model",
+           "EXIT_SOME_FAILED", "EXIT_ALL_FAILED", "EXIT_SETUP", "EXIT_OUTPUT"]
+
+logger = logging.getLogger(__name__)
 
 #: exit status of a run in which some (not all) CCDs failed
 EXIT_SOME_FAILED = 3
 #: exit status of a run in which every CCD failed
 EXIT_ALL_FAILED = 4
+#: exit status when nothing ran: bad arguments, configuration, manifest, model or output folder
+EXIT_SETUP = 2
+#: exit status when the CCDs ran but the merged catalog or run.json could not be written
+EXIT_OUTPUT = 5
+
+
+#: The package loggers whose records a run's log file collects.
+LOGGERS = ("pipeline", "dia", "classifier")
+
+
+class RunSetupError(RuntimeError):
+    """The run cannot start (model, workers); raised before any CCD is computed."""
 
 
 @dataclasses.dataclass
@@ -98,6 +118,63 @@ def _tune_threads(config: RunConfig, scheduler: SchedulerConfig) -> RunConfig:
     return dataclasses.replace(config, psf_match=dataclasses.replace(config.psf_match, fft_workers=per_task))
 
 
+def _check_entries(entries: list[PairEntry]) -> None:
+    if not entries:
+        raise InputError("no CCD pairs to process (the manifest is empty)")
+    seen: dict[str, str] = {}
+    for entry in entries:
+        validate_ccd_id(entry.ccd)
+        if entry.ccd.lower() in seen:
+            raise InputError(f"ccd identifier {entry.ccd!r} appears twice (as {seen[entry.ccd.lower()]!r}); "
+                             f"identifiers must be unique, ignoring case")
+        seen[entry.ccd.lower()] = entry.ccd
+
+
+def check_model(config: RunConfig) -> tuple[str, str]:
+    """Load this mode's weights once in this process; return ``(path, sha256)``.
+
+    Runs before any CCD so that an unknown model, a corrupt or mislabelled weights file, or
+    non-finite weights stop the run at once with the loader's message instead of failing every
+    CCD after the compute.
+
+    Raises
+    ------
+    classifier.infer.WeightsError
+    """
+    from classifier.infer import load_weights
+
+    _, _, _, path = load_weights(config.model)
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return str(path), digest
+
+
+def _cpu_clock(scheduler: SchedulerConfig, client) -> str:
+    """``thread`` when several tasks share a process (their CPU times must not mix), else ``process``."""
+    if client is not None:
+        try:
+            return "thread" if max(client.nthreads().values(), default=1) > 1 else "process"
+        except Exception:
+            return "thread"
+    if scheduler.kind == "threads":
+        return "thread"
+    return "thread" if scheduler.threads_per_worker > 1 else "process"
+
+
+def _resummarize(record: dict, entry: PairEntry, out_dir: Path, config: RunConfig) -> dict:
+    """A reused CCD's truth summary at this run's score threshold (the catalog does not change)."""
+    if entry.truth is None or record.get("score_threshold") == config.score_threshold:
+        return record
+    from astropy.table import Table
+
+    from pipeline.truth import read_truth, summarize_against_truth
+
+    table = Table.read(ccd_paths(out_dir, entry.ccd)["catalog"], format="fits")
+    shape = tuple(record["shape"]) if record.get("shape") else None
+    summary = summarize_against_truth(table, read_truth(entry.truth), config.score_threshold,
+                                      edge=config.detect.edge, shape=shape).as_dict()
+    return dict(record, truth_summary=summary, score_threshold=config.score_threshold)
+
+
 def run_pipeline(
     entries: list[PairEntry],
     config: RunConfig,
@@ -108,8 +185,15 @@ def run_pipeline(
     progress: bool = True,
     client=None,
     on_dashboard=None,
+    folder=None,
+    log_file: str | None = None,
 ) -> RunResult:
     """Run the pipeline on CCD pairs and write ``candidates.fits``, ``candidates.parquet`` and ``run.json``.
+
+    Before any CCD is computed the CCD identifiers are checked, the model is loaded once
+    (:func:`check_model`) and the output folder is created, checked writable and locked
+    (:func:`pipeline.outdir.open_output_folder`); each of these raises with one clear message.
+    Afterwards no CCD's failure stops the others.
 
     Parameters
     ----------
@@ -122,40 +206,94 @@ def run_pipeline(
     scheduler : SchedulerConfig
         Where to compute (ignored when ``client`` is given).
     resume : bool
-        Skip CCDs whose outputs are complete and were made with the same configuration.
+        Reuse CCDs whose outputs are complete and were made from the same input files, the
+        same science configuration and the same weights (see :mod:`pipeline.graph`).
     progress : bool
         Show a progress bar.
     client : distributed.Client, optional
         An existing client to use.
     on_dashboard : callable, optional
         Called with the dashboard URL once the cluster is up.
+    folder : pipeline.outdir.OutputFolder, optional
+        ``out_dir`` already opened and locked by the caller (kept open); default: opened here.
+    log_file : str, optional
+        Also write the log records of the ``pipeline``, ``dia`` and ``classifier`` loggers that
+        their levels let through to this file in ``out_dir`` (the CLI uses ``run.log`` at INFO).
+
+    Raises
+    ------
+    pipeline.io.InputError
+        Empty list of entries, unsafe or repeated CCD identifiers.
+    classifier.infer.WeightsError
+        The model cannot be loaded.
+    pipeline.outdir.OutputError
+        The output folder cannot be used, or (after the CCDs ran) the merged outputs cannot be
+        written; per-CCD outputs already written are kept for ``--resume``.
+    RunSetupError
+        The workers cannot load the model.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_entries(entries)
+    weights_path, weights_sha = check_model(config)
     config = _tune_threads(config, scheduler)
-    chash = config_hash(config)
+    chash = config_hash(config, weights_sha)
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    own_folder = folder is None
+    if own_folder:
+        folder = open_output_folder(out_dir, subfolders=("ccds", "diff") if config.save_diff else ("ccds",))
+    handler = None
+    try:
+        if log_file:
+            handler = logging.FileHandler(out_dir / log_file, mode="a", encoding="utf-8")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            for name in LOGGERS:
+                logging.getLogger(name).addHandler(handler)
+        logger.info("run started: mode %s, %d CCD(s), model %s (sha256 %s), config hash %s",
+                    config.mode, len(entries), weights_path, weights_sha[:12], chash)
+        return _run_locked(entries, config, out_dir, scheduler, chash, weights_path, weights_sha, started, t0,
+                           folder, resume=resume, progress=progress, client=client, on_dashboard=on_dashboard)
+    finally:
+        if handler is not None:
+            for name in LOGGERS:
+                logging.getLogger(name).removeHandler(handler)
+            handler.close()
+        if own_folder:
+            folder.close()
 
+
+def _run_locked(entries, config, out_dir, scheduler, chash, weights_path, weights_sha, started, t0, folder, *,
+                resume, progress, client, on_dashboard) -> RunResult:
     reused: dict[str, dict] = {}
+    redone: dict[str, str] = {}
     todo = []
     for entry in entries:
-        record = ccd_outputs_complete(out_dir, entry.ccd, chash) if resume else None
+        record, why = (None, "") if not resume else ccd_outputs_complete(
+            out_dir, entry, resume_key(entry, chash), need_diff=config.save_diff)
         if record is not None:
-            reused[entry.ccd] = dict(record, resumed=True)
-        else:
-            todo.append(entry)
+            try:
+                reused[entry.ccd] = dict(_resummarize(record, entry, out_dir, config), resumed=True)
+                continue
+            except Exception as exc:  # truth or catalog unreadable now: compute the CCD again
+                why = f"its truth summary could not be recomputed ({type(exc).__name__}: {exc})"
+        if resume:
+            redone[entry.ccd] = why
+            logger.info("resume: %s is computed again: %s", entry.ccd, why)
+        todo.append(entry)
 
     own_client = cluster = None
-    if client is None and todo:
-        own_client, cluster = start_client(scheduler)
-        client = own_client
-    link = dashboard_link(client)
-    if link and on_dashboard is not None:
-        on_dashboard(link)
-    warm_s = _warm_up(client, config) if todo else 0.0
+    warm_s = 0.0
     try:
-        states = _execute(todo, config, out_dir, client, scheduler, progress) if todo else {}
+        if client is None and todo:
+            own_client, cluster = start_client(scheduler)
+            client = own_client
+        link = dashboard_link(client)
+        if link and on_dashboard is not None:
+            on_dashboard(link)
+        clock = _cpu_clock(scheduler, client)
+        if todo:
+            warm_s = _warm_up(client, config)
+        states = _execute(todo, config, out_dir, client, scheduler, progress, chash, clock) if todo else {}
     finally:
         if own_client is not None:
             own_client.close()
@@ -167,15 +305,14 @@ def run_pipeline(
         if entry.ccd in reused:
             records.append(reused[entry.ccd])
         else:
-            state = states[entry.ccd]
-            rec = status_record(state, chash)
+            rec = status_record(states[entry.ccd], chash, config.score_threshold)
             rec["resumed"] = False
             records.append(rec)
-    catalog = collect_catalog(out_dir, [r["ccd"] for r in records if r["status"] == "done"])
-    with atomic_path(out_dir / "candidates.fits") as tmp:
-        catalog.write(tmp, format="fits", overwrite=True)
-    with atomic_path(out_dir / "candidates.parquet") as tmp:
-        catalog.write(tmp, format="parquet", overwrite=True)
+    unreadable: dict[str, str] = {}
+    catalog = collect_catalog(out_dir, [r["ccd"] for r in records if r["status"] == "done"], unreadable)
+    for rec in records:
+        if rec["ccd"] in unreadable:
+            rec.update(status="failed", failed_stage="collect", error=unreadable[rec["ccd"]])
     wall = time.perf_counter() - t0
     result = RunResult(records=records, catalog=catalog, out_dir=out_dir, wall_s=wall, dashboard=link)
     run_json = {
@@ -191,6 +328,15 @@ def run_pipeline(
         "dashboard": link,
         "config": config_to_dict(config),
         "config_hash": chash,
+        "weights": {"path": weights_path, "sha256": weights_sha},
+        "measurement": {
+            "cpu_s": {"thread": "CPU time of the thread that ran the task (threads it started, e.g. FFT "
+                                "workers, are not counted)",
+                      "process": "CPU time of the worker process while it ran the task (one task at a time)"}[clock],
+            "peak_rss_mb": "peak resident memory of the process that ran the stage, so far; shared by every "
+                           "task of that process, not a per-task figure",
+        },
+        "resume": {"requested": resume, "reused": sorted(reused), "computed_again": redone},
         "n_ccds": len(records),
         "n_failed": result.n_failed,
         "n_candidates": len(catalog),
@@ -199,10 +345,19 @@ def run_pipeline(
         "stage_wall_s": stage_table(records, "wall_s"),
         "stage_cpu_s": stage_table(records, "cpu_s"),
         "truth_summary": total_summary(records),
+        "removed_temporaries": [str(p) for p in folder.removed_temporaries],
         "ccds": records,
     }
-    with atomic_path(out_dir / "run.json") as tmp:
-        tmp.write_text(json.dumps(run_json, indent=1, default=_json_default))
+    try:
+        with atomic_path(out_dir / "candidates.fits") as tmp:
+            catalog.write(tmp, format="fits", overwrite=True)
+        with atomic_path(out_dir / "candidates.parquet") as tmp:
+            catalog.write(tmp, format="parquet", overwrite=True)
+        with atomic_path(out_dir / "run.json") as tmp:
+            tmp.write_text(json.dumps(run_json, indent=1, default=_json_default))
+    except OSError as exc:
+        raise OutputError(f"cannot write the run's outputs in {out_dir}: {exc.strerror or exc}; the per-CCD "
+                          f"results in {out_dir / 'ccds'} are kept: free space and rerun with --resume") from None
     return result
 
 
@@ -217,8 +372,9 @@ def _warm_up(client, config: RunConfig) -> float:
     """Load the CNN once in every worker (or in this process) before the CCDs are timed.
 
     Model loading (torch import, weights) is a once-per-worker cost; doing it up front keeps it
-    out of the per-CCD stage times, and it is reported on its own in run.json.  A failure here
-    is not fatal: the score stage reports it per CCD.
+    out of the per-CCD stage times, and it is reported on its own in run.json.  The weights were
+    already checked in this process (:func:`check_model`), so a failure here is a worker's
+    (no CUDA device, say) and stops the run before any CCD is computed.
     """
     t0 = time.perf_counter()
     args = (config.model, config.device, config.torch_threads, config.batch_size)
@@ -227,16 +383,17 @@ def _warm_up(client, config: RunConfig) -> float:
             _load_model(*args)
         else:
             client.run(_load_model, *args)
-    except Exception:
-        pass
+    except Exception as exc:
+        raise RunSetupError(f"the workers cannot load model {config.model!r} on {config.device}: "
+                            f"{type(exc).__name__}: {exc}") from None
     return time.perf_counter() - t0
 
 
-def _execute(entries, config, out_dir, client, scheduler, progress) -> dict[str, CcdState]:
+def _execute(entries, config, out_dir, client, scheduler, progress, chash, clock) -> dict[str, CcdState]:
     import dask
     from tqdm.auto import tqdm
 
-    finals = build_graph(entries, config, out_dir)
+    finals = build_graph(entries, config, out_dir, chash, clock)
     ccds = list(finals)
     if client is None:
         n_tasks = len(ccds) * len(STAGES[config.mode])
@@ -263,7 +420,8 @@ def _execute(entries, config, out_dir, client, scheduler, progress) -> dict[str,
             try:
                 out[ccd] = fut.result()
             except Exception as exc:  # a worker died more often than retries allow
-                state = CcdState(ccd=ccd, entry=next(e for e in entries if e.ccd == ccd))
+                entry = next(e for e in entries if e.ccd == ccd)
+                state = CcdState(ccd=ccd, entry=entry, resume_key=resume_key(entry, chash))
                 state.status, state.failed_stage, state.error = "failed", "scheduler", f"{type(exc).__name__}: {exc}"
                 out[ccd] = state
             bar.update(1)

@@ -20,7 +20,16 @@ import functools
 import numpy as np
 from astropy.table import Table
 
-from pipeline.align import AlignedPair, align_pair, resample_cutouts
+from dia import PsfMatchConfig
+from dia.masks import MaskBits
+from pipeline.align import (
+    AlignedPair,
+    RegistrationCheck,
+    align_pair,
+    check_registration,
+    resample_cutouts,
+    template_coverage,
+)
 from pipeline.config import RunConfig
 from pipeline.detect import (
     CandidateTable,
@@ -29,16 +38,20 @@ from pipeline.detect import (
     estimate_background,
     fit_psf_model,
 )
-from pipeline.io import Exposure, PairEntry
+from pipeline.io import Exposure, InputError, PairEntry
 from pipeline.stamps import STAMP_SIZE, Stamps, cut_stamps, ring_background
-from pipeline.truth import match_truth
+from pipeline.truth import match_truth, read_truth
 
 __all__ = [
     "LoadedPair",
     "load_pair",
     "ensure_fwhm",
     "align",
+    "difference_image",
     "psf_match_subtract",
+    "DirectPairCheck",
+    "check_direct_pair",
+    "drop_without_template",
     "detect_on_difference",
     "cut_triplets",
     "detect_without_difference",
@@ -66,38 +79,102 @@ def ensure_fwhm(exposure: Exposure) -> Exposure:
     from dia import estimate_fwhm
 
     fwhm = float(estimate_fwhm(exposure.image, exposure.mask, saturation=exposure.saturation))
-    return dataclasses.replace(exposure, fwhm=fwhm)
+    if not (np.isfinite(fwhm) and fwhm > 0):
+        raise InputError(f"{exposure.name}: no FWHM keyword and the PSF size could not be measured from the "
+                         f"image (got {fwhm}); give it a FWHM header keyword in pixels")
+    provenance = dict(exposure.provenance, fwhm=f"measured from the stars ({fwhm:.3f} px)")
+    return dataclasses.replace(exposure, fwhm=fwhm, provenance=provenance)
 
 
 def load_pair(entry: PairEntry) -> LoadedPair:
     """Read a manifest entry: both exposures (FWHM measured if absent) and the truth table."""
     search, template = entry.load()
-    truth = Table.read(entry.truth, format="ascii.ecsv") if entry.truth is not None else None
+    truth = read_truth(entry.truth) if entry.truth is not None else None
     return LoadedPair(entry.ccd, ensure_fwhm(search), ensure_fwhm(template), truth)
 
 
 def align(pair: LoadedPair, config: RunConfig) -> AlignedPair:
-    """Resample the template onto the search grid (dia mode only)."""
+    """Resample the template onto the search grid and check its registration (dia mode only)."""
     return align_pair(pair.search, pair.template, config.align)
 
 
-def psf_match_subtract(aligned: AlignedPair, config: RunConfig):
-    """Alard-Lupton PSF matching and subtraction; returns a :class:`dia.Difference` on the host."""
-    from dia import subtract
+def difference_image(aligned: AlignedPair, config: PsfMatchConfig, device: str = "cpu"):
+    """PSF-match and subtract an aligned pair: the one code path of ``pipeline run`` and ``pipeline subtract``.
 
+    The rules that decide the result live here only: which image is convolved
+    (:func:`dia.subtract.choose_convolved` on FWHMs in search pixels) and, when the search is
+    the convolved one, the resampled template's per-pixel variance reduced by the
+    interpolation (:attr:`AlignedPair.variance_factor`), because it then enters the difference
+    pixel by pixel.  Returns a :class:`dia.Difference` with NumPy planes.
+    """
+    from dia import subtract
     from dia.subtract import choose_convolved
 
     s, t = aligned.search, aligned.template
     t_var = t.variance
-    if choose_convolved(s.fwhm, t.fwhm, config.psf_match.convolve) == "search":
-        # the resampled template enters the difference pixel by pixel: its per-pixel variance
-        # is reduced by the interpolation (see AlignedPair.variance_factor)
+    if choose_convolved(s.fwhm, t.fwhm, config.convolve) == "search":
         t_var = t.variance * np.float32(aligned.variance_factor)
     diff = subtract(
         s.image, s.variance, s.mask, t.image, t_var, t.mask,
-        search_fwhm=s.fwhm, template_fwhm=t.fwhm, config=config.psf_match, device=config.device,
+        search_fwhm=s.fwhm, template_fwhm=t.fwhm, config=config, device=device,
     )
     return diff.to_numpy()
+
+
+def psf_match_subtract(aligned: AlignedPair, config: RunConfig):
+    """Alard-Lupton PSF matching and subtraction with the run's settings (:func:`difference_image`)."""
+    return difference_image(aligned, config.psf_match, config.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectPairCheck:
+    """What the direct mode knows about a pair before detecting: template coverage and registration."""
+
+    coverage: float
+    registration: RegistrationCheck | None
+
+
+def check_direct_pair(pair: LoadedPair, config: RunConfig) -> DirectPairCheck:
+    """The checks dia gets from alignment, for the direct mode (which never resamples the full frame).
+
+    Raises
+    ------
+    InputError
+        The template covers less than ``align.min_overlap`` of the search image with data (far
+        away, or mostly NaN), or its pixels do not match its WCS (:func:`check_registration`).
+    """
+    s, t = pair.search, pair.template
+    coverage = template_coverage(s, t)
+    if coverage < config.align.min_overlap:
+        raise InputError(
+            f"no overlap: template {t.name!r} has data over {coverage:.1%} of search {s.name!r} "
+            f"(need >= {config.align.min_overlap:.0%}, align.min_overlap); check the WCS of both files "
+            f"and the template's NaN / zero-weight pixels"
+        )
+    return DirectPairCheck(coverage=coverage, registration=check_registration(s, t, config.align))
+
+
+def drop_without_template(candidates: Table, pair: LoadedPair) -> tuple[Table, int]:
+    """Remove direct-mode candidates at positions where the template has no data.
+
+    Without template pixels there is nothing to compare with, so such a position cannot be a
+    detection of change -- as in dia mode, where the difference has no data there.  Returns
+    the kept candidates and how many were dropped.
+    """
+    if len(candidates) == 0:
+        return candidates, 0
+    t = pair.template
+    world = pair.search.wcs.pixel_to_world_values(np.asarray(candidates["x"], float), np.asarray(candidates["y"], float))
+    tx, ty = (np.rint(np.asarray(v, float)) for v in t.wcs.world_to_pixel_values(*world))
+    tny, tnx = t.shape
+    inside = np.isfinite(tx) & np.isfinite(ty) & (tx >= 0) & (tx < tnx) & (ty >= 0) & (ty < tny)
+    ix = np.where(inside, tx, 0).astype(int)
+    iy = np.where(inside, ty, 0).astype(int)
+    keep = inside & ((t.mask[iy, ix] & int(MaskBits.NO_DATA)) == 0)
+    kept = candidates[keep]
+    if "id" in kept.colnames:
+        kept["id"] = np.arange(len(kept))
+    return kept, int((~keep).sum())
 
 
 def _difference_fwhm(aligned: AlignedPair, diff) -> float:

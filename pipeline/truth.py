@@ -15,10 +15,41 @@ import numpy as np
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
-__all__ = ["MatchConfig", "match_truth", "CompletenessSummary", "summarize_against_truth", "REAL_KIND"]
+__all__ = ["MatchConfig", "match_truth", "CompletenessSummary", "summarize_against_truth", "REAL_KIND", "read_truth",
+           "TRUTH_COLUMNS"]
 
 #: The only truth kind that counts as real.
 REAL_KIND = "transient"
+
+#: Columns a truth table must have (the simulator writes more).
+TRUTH_COLUMNS = ("id", "kind", "x", "y", "mag")
+
+
+def read_truth(path) -> Table:
+    """Read a truth table (ECSV, the simulator's format), checking its columns.
+
+    Raises
+    ------
+    pipeline.io.InputError
+        Naming the file and the problem: missing, not an ECSV table (a FITS file given by
+        mistake, say), or lacking the columns matching needs.
+    """
+    from pathlib import Path
+
+    from pipeline.io import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: truth table does not exist")
+    try:
+        table = Table.read(path, format="ascii.ecsv")
+    except Exception as exc:  # UnicodeDecodeError for binary files, InconsistentTableError, ValueError...
+        raise InputError(f"{path}: cannot read the truth table as ECSV ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+    missing = [c for c in TRUTH_COLUMNS if c not in table.colnames]
+    if missing:
+        raise InputError(f"{path}: truth table lacks column(s) {missing}; has {table.colnames}")
+    return table
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,16 +40,16 @@ def _run_config(args):
     import dataclasses
 
     from pipeline.cluster import SchedulerConfig, load_workflow
-    from pipeline.config import RunConfig, config_from_dict, load_toml
+    from pipeline.config import RunConfig, config_from_dict, load_toml, run_table
 
     overrides: dict = {}
     scheduler = SchedulerConfig()
     if args.workflow:
         scheduler, overrides = load_workflow(args.workflow)
     if args.config:
-        data = load_toml(args.config)
-        overrides.update(data.get("run", data))
-    config = config_from_dict(RunConfig, overrides, where=args.config or args.workflow or "")
+        overrides.update(run_table(load_toml(args.config), "run", args.config))
+    config = config_from_dict(RunConfig, overrides, where=f"{args.config or args.workflow} [run]"
+                              if (args.config or args.workflow) else "")
     changes = {}
     if args.mode:
         changes["mode"] = args.mode
@@ -79,49 +79,88 @@ def _run_config(args):
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the pipeline and print the summary; exit 3 if some CCDs failed, 4 if all did."""
+    """Run the pipeline and print the summary.
+
+    Exit status: 0 all CCDs done; 3 some failed; 4 all failed; 2 nothing ran (bad arguments,
+    configuration, manifest, model, output folder or cluster; one line on stderr); 5 the CCDs
+    ran but the merged outputs could not be written (per-CCD results kept for ``--resume``).
+    """
+    import logging
     import time
     from pathlib import Path
 
+    from classifier.infer import WeightsError
     from pipeline.io import InputError, read_manifest
-    from pipeline.runner import format_summary, run_pipeline
+    from pipeline.outdir import OutputError, open_output_folder
+    from pipeline.runner import (
+        EXIT_OUTPUT,
+        EXIT_SETUP,
+        LOGGERS,
+        RunSetupError,
+        check_model,
+        format_summary,
+        run_pipeline,
+    )
 
+    def fail(exc: BaseException, status: int = EXIT_SETUP) -> int:
+        print(f"pipeline run: {exc}", file=sys.stderr)
+        return status
+
+    for name in LOGGERS:  # the application decides: decisions go to OUT/run.log at INFO
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.INFO)
     try:
         config, scheduler = _run_config(args)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"pipeline run: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     out = Path(args.out)
-    if args.input:
-        try:
+    entries = None
+    try:
+        if args.input:
             entries = read_manifest(args.input)
-        except InputError as exc:
-            print(f"pipeline run: {exc}", file=sys.stderr)
-            return 2
-    else:
-        import dataclasses
-
-        from pipeline.simulate import SimulationConfig, write_simulation
-
-        sim = SimulationConfig()
-        if args.instrument:
-            sim = dataclasses.replace(sim, instrument=args.instrument)
-        if args.shape:
-            sim = dataclasses.replace(sim, shape=args.shape)
-        n = args.ccds or DEFAULT_FIELD["ccds"]
-        seed = DEFAULT_FIELD["seed"] if args.seed is None else args.seed
-        t0 = time.perf_counter()
-        manifest = out / "input" / "manifest.ecsv"
-        if not (args.resume and manifest.exists()):
-            manifest = write_simulation(out / "input", n, seed, sim)
-        print(f"embedded default field: {n} simulated {sim.instrument} CCD pair(s), seed {seed} "
-              f"({time.perf_counter() - t0:.1f} s) -> {manifest}")
-        entries = read_manifest(manifest)
-
-    def show_dashboard(link):
-        print(f"Dask dashboard: {link}", flush=True)
-
-    result = run_pipeline(entries, config, out, scheduler, resume=args.resume,
-                          progress=not args.no_progress, on_dashboard=show_dashboard)
+        check_model(config)
+        folder = open_output_folder(out, subfolders=("ccds", "diff") if config.save_diff else ("ccds",))
+    except (InputError, WeightsError, OutputError) as exc:
+        return fail(exc)
+    try:
+        if entries is None:
+            entries = _embedded_default(args, out)
+        result = run_pipeline(entries, config, out, scheduler, resume=args.resume, progress=not args.no_progress,
+                              on_dashboard=lambda link: print(f"Dask dashboard: {link}", flush=True),
+                              folder=folder, log_file="run.log")
+    except (InputError, WeightsError, RunSetupError) as exc:
+        return fail(exc)
+    except OutputError as exc:
+        return fail(exc, EXIT_OUTPUT)
+    except Exception as exc:  # the cluster could not start, say: one line, not a traceback
+        if type(exc).__name__ != "ClusterStartError":
+            raise
+        return fail(exc)
+    finally:
+        folder.close()
     print(format_summary(result, config))
     return result.exit_status
+
+
+def _embedded_default(args, out):
+    """Simulate the embedded default field into ``OUT/input`` (reused by ``--resume``); its manifest entries."""
+    import dataclasses
+    import time
+
+    from pipeline.io import read_manifest
+    from pipeline.simulate import SimulationConfig, write_simulation
+
+    sim = SimulationConfig()
+    if args.instrument:
+        sim = dataclasses.replace(sim, instrument=args.instrument)
+    if args.shape:
+        sim = dataclasses.replace(sim, shape=args.shape)
+    n = args.ccds or DEFAULT_FIELD["ccds"]
+    seed = DEFAULT_FIELD["seed"] if args.seed is None else args.seed
+    t0 = time.perf_counter()
+    manifest = out / "input" / "manifest.ecsv"
+    if not (args.resume and manifest.exists()):
+        manifest = write_simulation(out / "input", n, seed, sim)
+    print(f"embedded default field: {n} simulated {sim.instrument} CCD pair(s), seed {seed} "
+          f"({time.perf_counter() - t0:.1f} s) -> {manifest}")
+    return read_manifest(manifest)

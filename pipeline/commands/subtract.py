@@ -23,41 +23,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Align, PSF-match, subtract and write; print a one-line kernel summary."""
+    """Align, PSF-match, subtract and write; print a one-line kernel summary.
+
+    The difference is built by :func:`pipeline.steps.difference_image`, the function
+    ``pipeline run`` uses, so both commands give the same difference for the same pair.
+    """
     import dataclasses
     import time
 
     from dia import PsfMatchConfig, StarSelectionError
-    from pipeline.align import align_pair
-    from pipeline.config import config_from_dict, load_toml
+    from pipeline.align import AlignConfig, align_pair
+    from pipeline.config import config_from_dict, load_toml, run_table
     from pipeline.io import InputError, read_exposure, write_difference
-    from pipeline.steps import ensure_fwhm
+    from pipeline.outdir import OutputError
+    from pipeline.steps import difference_image, ensure_fwhm
 
     def hdu(value):
         return None if value is None else (int(value) if str(value).isdigit() else value)
 
     try:
         data = load_toml(args.config) if args.config else {}
-        config = config_from_dict(PsfMatchConfig, data.get("psf_match", data), where=args.config or "")
+        config = config_from_dict(PsfMatchConfig, run_table(data, "psf_match", args.config or ""),
+                                  where=f"{args.config} [psf_match]" if args.config else "")
         config = dataclasses.replace(config, convolve=args.convolve, decorrelate=args.decorrelate or config.decorrelate)
         t0 = time.perf_counter()
         search = ensure_fwhm(read_exposure(args.search, hdu=hdu(args.search_hdu)))
         template = ensure_fwhm(read_exposure(args.template, hdu=hdu(args.template_hdu)))
         t1 = time.perf_counter()
-        aligned = align_pair(search, template)
+        aligned = align_pair(search, template, AlignConfig())
         t2 = time.perf_counter()
-        from dia import subtract
-
-        diff = subtract(search.image, search.variance, search.mask, aligned.template.image,
-                        aligned.template.variance, aligned.template.mask, search_fwhm=search.fwhm,
-                        template_fwhm=template.fwhm, config=config, device=args.device).to_numpy()
+        diff = difference_image(aligned, config, args.device)
         t3 = time.perf_counter()
-        write_difference(diff, search, args.out)
-    except (InputError, StarSelectionError, ValueError, FileNotFoundError, RuntimeError, ImportError) as exc:
+        write_difference(diff, search, args.out, template_fwhm=aligned.template.fwhm)
+    except (InputError, StarSelectionError, ValueError, FileNotFoundError, RuntimeError, ImportError,
+            OutputError) as exc:
         print(f"pipeline subtract: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the output cannot be written (full disk, no permission)
+        print(f"pipeline subtract: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     stats = diff.stats
     print(f"{args.out}: convolved the {diff.convolved} (FWHM search {search.fwhm:.2f} px, template "
-          f"{template.fwhm:.2f} px); {stats.used} kernel stars used of {stats.found} peaks; "
-          f"load {t1 - t0:.2f} s, align {t2 - t1:.2f} s, match+subtract {t3 - t2:.2f} s ({args.device})")
+          f"{aligned.template.fwhm:.2f} px on the search grid); {stats.used} kernel stars used of {stats.found} "
+          f"peaks; load {t1 - t0:.2f} s, align {t2 - t1:.2f} s, match+subtract {t3 - t2:.2f} s ({args.device})")
     return 0
