@@ -42,12 +42,26 @@ class StarSelection:
     not_selected: int
 
 
+#: The PsfMatchConfig setting that controls each rejection reason (named in error messages).
+REASON_SETTINGS = {
+    "edge": "kernel_size / stamp_half_width",
+    "too_faint": "min_peak_snr",
+    "saturated": "saturation and the SAT mask bit",
+    "masked": "the input masks",
+    "not_isolated": "isolation_ratio",
+    "no_counterpart": "min_peak_snr",
+    "clipped": "clip_sigma",
+}
+
+
 def describe_rejections(found: int, usable: int, rejected: dict[str, int], needed: int) -> str:
-    """Human-readable summary used in StarSelectionError messages."""
-    reasons = ", ".join(f"{k}: {v}" for k, v in rejected.items() if v) or "none"
+    """Human-readable summary used in StarSelectionError messages, naming the settings involved."""
+    reasons = ", ".join(f"{k}: {v} [{REASON_SETTINGS.get(k, '?')}]" for k, v in rejected.items() if v) or "none"
     return (
-        f"too few usable kernel-fit stars: {usable} usable, {needed} needed; "
-        f"{found} candidate peaks found, rejected by reason ({reasons})"
+        f"too few usable kernel-fit stars: {usable} usable, {needed} needed (psf_match.min_stars, or one more "
+        f"than the spatial_order / background_order terms); "
+        f"{found} candidate peaks found, rejected by reason ({reasons}); the psf_match settings in brackets "
+        f"control each reason"
     )
 
 

@@ -171,7 +171,11 @@ def subtract_on_backend(be: Backend, planes: dict[str, Any], *, search_fwhm: flo
     for name, img, var, mask in (("search", s_img, s_var, s_mask), ("template", t_img, t_var, t_mask)):
         usable = ((mask & _BAD) == 0) & xp.isfinite(img) & xp.isfinite(var)
         if not bool(usable.any()):
-            raise ValueError(f"{name}: every pixel is masked (mask & BAD_FOR_FIT) or non-finite; nothing to subtract")
+            n = int(mask.size)
+            bits = ", ".join(f"{b.name} {int(((mask & int(b)) != 0).sum()) / n:.0%}" for b in MaskBits
+                             if int(b) & _BAD and bool(((mask & int(b)) != 0).any()))
+            raise ValueError(f"{name}: every pixel is masked or non-finite, nothing to subtract (flagged: "
+                             f"{bits or 'none'}; non-finite: {int((~xp.isfinite(img)).sum()) / n:.0%})")
     lap("transfer")
 
     convolved = choose_convolved(search_fwhm, template_fwhm, config.convolve)

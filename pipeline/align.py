@@ -240,7 +240,8 @@ def check_registration(search: Exposure, template: Exposure, config: AlignConfig
     """Check that bright search stars appear in the template where the two WCSs put them.
 
     The brightest isolated point-like sources of the search image are mapped through both
-    WCSs into template pixels; a star counts as found when the template's per-pixel S/N peaks
+    WCSs into template pixels (those falling where the template has no data are left out); a
+    star counts as found when the template's per-pixel S/N peaks
     above 5 within ``registration_radius_fwhm`` template FWHM of that position.  Cheap (a few
     dozen small windows) and independent of PSF matching, so both modes use it.
 
@@ -265,6 +266,10 @@ def check_registration(search: Exposure, template: Exposure, config: AlignConfig
     tny, tnx = template.shape
     r = int(np.ceil(radius))
     inside = np.isfinite(tx) & np.isfinite(ty) & (tx >= r) & (tx < tnx - r) & (ty >= r) & (ty < tny - r)
+    # only where the template has data: a star over its NaN / zero-weight part cannot be found
+    ix0 = np.where(inside, np.rint(tx), 0).astype(int)
+    iy0 = np.where(inside, np.rint(ty), 0).astype(int)
+    inside &= (template.mask[iy0, ix0] & int(MaskBits.NO_DATA | MaskBits.BAD)) == 0
     tx, ty = tx[inside], ty[inside]
     n = int(tx.size)
     if n < config.registration_min_stars:
@@ -394,10 +399,12 @@ def align_pair(search: Exposure, template: Exposure, config: AlignConfig = Align
         mask = np.zeros(shape, dtype=np.int32)
         for plane, b in zip(resampled[1:], bits):
             mask[np.nan_to_num(plane) > 1e-3] |= b
-    # bicubic reaches one pixel further than bilinear: grow no-data by one pixel
+    # bicubic reaches one *template* pixel further than bilinear: grow no-data by that many search
+    # pixels (two for a 2x-binned template)
+    scale = pixel_scale_ratio(search, template)
     nodata = ~(footprint > 0) | ~np.isfinite(image) | ~np.isfinite(variance)
     if config.order in ("bicubic", "biquadratic"):
-        nodata = ndimage.binary_dilation(nodata)
+        nodata = ndimage.binary_dilation(nodata, iterations=max(1, int(np.ceil(1.0 / scale - 1e-6))))
     mask[nodata] |= MaskBits.NO_DATA
     fill_var = float(np.nanmax(variance)) if np.isfinite(variance).any() else 1.0
     aligned = dataclasses.replace(
@@ -410,7 +417,6 @@ def align_pair(search: Exposure, template: Exposure, config: AlignConfig = Align
     )
     factor = _interpolation_variance_factor(search, template, config)
     # PSF sizes past alignment are in search pixels: a 2x-binned template's FWHM doubles
-    scale = pixel_scale_ratio(search, template)
     aligned.fwhm = float(template.fwhm) / scale
     covered = float((~nodata).mean())
     if covered < config.min_overlap:

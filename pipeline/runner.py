@@ -113,8 +113,8 @@ def _tune_threads(config: RunConfig, scheduler: SchedulerConfig) -> RunConfig:
         return config
     if scheduler.kind == "threads":
         per_task = max(1, default_threads() // max(1, scheduler.workers))
-    else:
-        per_task = scheduler.threads_per_worker
+    else:  # a worker runs threads_per_worker tasks at once, one core each
+        per_task = 1
     return dataclasses.replace(config, psf_match=dataclasses.replace(config.psf_match, fft_workers=per_task))
 
 

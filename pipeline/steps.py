@@ -107,17 +107,22 @@ def difference_image(aligned: AlignedPair, config: PsfMatchConfig, device: str =
     interpolation (:attr:`AlignedPair.variance_factor`), because it then enters the difference
     pixel by pixel.  Returns a :class:`dia.Difference` with NumPy planes.
     """
-    from dia import subtract
+    from dia import StarSelectionError, subtract
     from dia.subtract import choose_convolved
 
     s, t = aligned.search, aligned.template
     t_var = t.variance
     if choose_convolved(s.fwhm, t.fwhm, config.convolve) == "search":
         t_var = t.variance * np.float32(aligned.variance_factor)
-    diff = subtract(
-        s.image, s.variance, s.mask, t.image, t_var, t.mask,
-        search_fwhm=s.fwhm, template_fwhm=t.fwhm, config=config, device=device,
-    )
+    try:
+        diff = subtract(
+            s.image, s.variance, s.mask, t.image, t_var, t.mask,
+            search_fwhm=s.fwhm, template_fwhm=t.fwhm, config=config, device=device,
+        )
+    except StarSelectionError as exc:
+        raise StarSelectionError(f"{s.name} - {t.name}: {exc}", exc.found, exc.usable, exc.rejected) from None
+    except ValueError as exc:  # dia is array code: name the files here
+        raise ValueError(f"{s.name} - {t.name}: {exc}") from None
     return diff.to_numpy()
 
 

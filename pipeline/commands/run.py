@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 __all__ = ["add_arguments", "main", "DEFAULT_FIELD"]
@@ -90,6 +91,7 @@ def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from classifier.infer import WeightsError
+    from pipeline.cluster import ClusterStartError
     from pipeline.io import InputError, read_manifest
     from pipeline.outdir import OutputError, open_output_folder
     from pipeline.runner import (
@@ -109,6 +111,12 @@ def main(args: argparse.Namespace) -> int:
     for name in LOGGERS:  # the application decides: decisions go to OUT/run.log at INFO
         if logging.getLogger(name).level == logging.NOTSET:
             logging.getLogger(name).setLevel(logging.INFO)
+    # warnings also on the terminal (the run's file handler stops logging's last-resort printing)
+    if not any(isinstance(h, _Terminal) for h in logging.getLogger("pipeline").handlers):
+        terminal = _Terminal()
+        terminal.setLevel(logging.WARNING)
+        terminal.setFormatter(logging.Formatter("pipeline run: warning: %(message)s"))
+        logging.getLogger("pipeline").addHandler(terminal)
     try:
         config, scheduler = _run_config(args)
     except (ValueError, FileNotFoundError) as exc:
@@ -132,14 +140,24 @@ def main(args: argparse.Namespace) -> int:
         return fail(exc)
     except OutputError as exc:
         return fail(exc, EXIT_OUTPUT)
-    except Exception as exc:  # the cluster could not start, say: one line, not a traceback
-        if type(exc).__name__ != "ClusterStartError":
-            raise
-        return fail(exc)
+    except ClusterStartError as exc:  # job submission failed, no worker came, scheduler unreachable
+        return fail(f"{args.workflow}: {exc}" if args.workflow else exc)
     finally:
         folder.close()
     print(format_summary(result, config))
     return result.exit_status
+
+
+class _Terminal(logging.StreamHandler):
+    """Log records to whatever ``sys.stderr`` is when they are emitted."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def _embedded_default(args, out):
