@@ -379,3 +379,368 @@ def test_integer_and_compressed_images_give_the_same_catalog(runs, capsys):
     real_a = set(np.asarray(good["truth_id"])[np.asarray(good["score"]) >= 0.5])
     real_b = set(np.asarray(ints["truth_id"])[np.asarray(ints["score"]) >= 0.5])
     assert len(real_a ^ real_b) <= 2
+
+
+# ============================================================================ part 2: run-level faults
+
+
+def _two_ccds(sim_field: Path, folder: Path, rows=None) -> Path:
+    """A manifest of the two simulated CCDs (absolute paths), optionally with other rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    src = sim_field.parent
+    if rows is None:
+        rows = [(f"ccd0{i}", str(src / f"ccd0{i}_search.fits"), str(src / f"ccd0{i}_template.fits"),
+                 str(src / f"ccd0{i}_truth.ecsv")) for i in (0, 1)]
+    path = folder / "manifest.ecsv"
+    Table(rows=rows, names=("ccd", "search", "template", "truth"), dtype=(str, str, str, str)).write(
+        path, format="ascii.ecsv", overwrite=True)
+    return path
+
+
+def _direct(manifest, out, *extra) -> list[str]:
+    return ["run", "--mode", "direct", "--input", str(manifest), "--out", str(out), "--no-progress", *extra]
+
+
+def _no_temporaries(folder: Path) -> list[Path]:
+    return [p for p in Path(folder).rglob("*") if p.name.startswith(".") and p.name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def clean_direct(sim_field, tmp_path_factory):
+    """A clean direct run of the two simulated CCDs: the reference for the runs below."""
+    root = tmp_path_factory.mktemp("clean-direct")
+    manifest = _two_ccds(sim_field, root)
+    assert cli(_direct(manifest, root / "out")) == 0
+    return root / "out"
+
+
+def _same_catalog(out_a: Path, out_b: Path) -> None:
+    a, b = Table.read(out_a / "candidates.fits"), Table.read(out_b / "candidates.fits")
+    assert len(a) == len(b) > 0
+    assert list(a["ccd"]) == list(b["ccd"])
+    for col in ("x", "y", "flux", "score"):
+        np.testing.assert_allclose(np.asarray(a[col]), np.asarray(b[col]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad_id, why", [
+    ("../../escaped", "not a plain file name"),
+    ("/tmp/absolute-ccd", "not a plain file name"),
+    ("x" * 260, "260 characters long"),
+    ("has space", "not a plain file name"),
+    (".hidden", "not a plain file name"),
+    ("-dash", "not a plain file name"),
+])
+def test_unsafe_ccd_ids_are_refused_before_anything_runs(bad_id, why, sim_field, tmp_path, capsys):
+    src = sim_field.parent
+    before = _checksums(src)
+    rows = [("ccd00", str(src / "ccd00_search.fits"), str(src / "ccd00_template.fits"), ""),
+            (bad_id, str(src / "ccd01_search.fits"), str(src / "ccd01_template.fits"), "")]
+    manifest = _two_ccds(sim_field, tmp_path / "in", rows)
+    out = tmp_path / "deep" / "er" / "out"
+    status, stdout, stderr = _run_cli(_direct(manifest, out), capsys)
+    assert status == EXIT_SETUP
+    assert "manifest.ecsv: bad manifest row(s): row 2" in stderr and why in stderr
+    assert not out.exists() and not (tmp_path / "escaped").exists()
+    assert _checksums(src) == before
+
+
+def test_ccd_ids_that_differ_only_by_case_are_refused(sim_field, tmp_path, capsys):
+    src = sim_field.parent
+    rows = [("ccd00", str(src / "ccd00_search.fits"), str(src / "ccd00_template.fits"), ""),
+            ("CCD00", str(src / "ccd01_search.fits"), str(src / "ccd01_template.fits"), "")]
+    status, _, stderr = _run_cli(_direct(_two_ccds(sim_field, tmp_path, rows), tmp_path / "out"), capsys)
+    assert status == EXIT_SETUP and "'CCD00' repeats row 1" in stderr
+
+
+def test_empty_manifest_and_missing_columns(tmp_path, capsys):
+    Table(names=("ccd", "search", "template"), dtype=(str, str, str)).write(tmp_path / "empty.ecsv")
+    status, _, stderr = _run_cli(_direct(tmp_path / "empty.ecsv", tmp_path / "out"), capsys)
+    assert status == EXIT_SETUP and "empty.ecsv: manifest has no rows" in stderr
+    Table(rows=[("a", "b")], names=("ccd", "search")).write(tmp_path / "cols.ecsv")
+    status, _, stderr = _run_cli(_direct(tmp_path / "cols.ecsv", tmp_path / "out"), capsys)
+    assert status == EXIT_SETUP and "cols.ecsv: manifest lacks required column(s) ['template']" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("[run\nmode = 'dia'", r"cfg\.toml: not valid TOML"),
+    ("[run]\nsave_diff = \"no\"", r"cfg\.toml \[run\]\.save_diff: expected true or false, got 'no'"),
+    ("[run]\naperture_correction = \"false\"", r"\[run\]\.aperture_correction: expected true or false"),
+    ("[run]\nbatch_size = 1.5", r"\[run\]\.batch_size: expected an integer, got 1\.5"),
+    ("[run.psf_match]\nmin_stars = \"3\"", r"\[run\]\.psf_match\.min_stars: expected an integer, got '3'"),
+    ("[run.psf_match]\nkernel_degrees = [4, \"2\"]", r"psf_match\.kernel_degrees\[1\]: expected an integer"),
+    ("mode = \"direct\"\n[run]\nsave_diff = true", r"cfg\.toml: key\(s\) mode outside the \[run\] table"),
+    ("[run]\nthreshhold = 0.3", r"unknown RunConfig parameter\(s\) in \S*cfg\.toml \[run\]: threshhold; valid parameters are"),
+    ("[run]\nmode = \"difference\"", r"cfg\.toml \[run\]: RunConfig\.mode must be 'dia' or 'direct'"),
+    ("[run.align]\nmin_overlap = 2.0", r"AlignConfig\.min_overlap must be in \[0, 1\]"),
+])
+def test_bad_configuration_is_refused_before_anything_runs(toml, message, sim_field, tmp_path, capsys):
+    (tmp_path / "cfg.toml").write_text(toml)
+    manifest = _two_ccds(sim_field, tmp_path)
+    status, _, stderr = _run_cli(_direct(manifest, tmp_path / "out", "--config", str(tmp_path / "cfg.toml")), capsys)
+    assert status == EXIT_SETUP, stderr
+    assert re.search(message, stderr), stderr
+    assert "Traceback" not in stderr and not (tmp_path / "out").exists()
+
+
+def _weights(kind: str, path: Path) -> Path:
+    from classifier.infer import WEIGHTS_DIR
+
+    good = torch.load(WEIGHTS_DIR / "pair-direct.pt", weights_only=True)
+    if kind == "corrupt":
+        path.write_bytes(os.urandom(5000))
+    elif kind == "truncated":
+        path.write_bytes((WEIGHTS_DIR / "pair-direct.pt").read_bytes()[:3000])
+    elif kind == "mislabelled":  # pair weights that claim to be the triplet-paper architecture
+        bad = {"state_dict": good["state_dict"], "metadata": dict(good["metadata"])}
+        bad["metadata"]["model"] = dict(good["metadata"]["model"], name="triplet-paper")
+        torch.save(bad, path)
+    elif kind == "pickled":  # arbitrary pickled objects are never unpickled
+        path.write_bytes(pickle.dumps({"state_dict": _Evil(), "metadata": {}}))
+    elif kind == "nan":
+        bad = {"state_dict": {k: v.clone() for k, v in good["state_dict"].items()}, "metadata": good["metadata"]}
+        first = next(k for k, v in bad["state_dict"].items() if v.is_floating_point())
+        bad["state_dict"][first].view(-1)[0] = float("nan")
+        torch.save(bad, path)
+    return path
+
+
+class _Evil:
+    def __reduce__(self):  # would run a command if unpickled
+        return (os.system, ("touch /tmp/pipeline-was-unpickled",))
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("unknown", r"weights file not found: no-such-model"),
+    ("corrupt", r"bad\.pt: corrupt or not a torch weights file"),
+    ("truncated", r"bad\.pt: corrupt or not a torch weights file"),
+    ("mislabelled", r"bad\.pt: metadata channels=.* does not match model 'triplet-paper'"),
+    ("pickled", r"bad\.pt: corrupt or not a torch weights file"),
+    ("nan", r"bad\.pt: weights hold NaN or infinite values"),
+])
+def test_bad_weights_stop_the_run_before_any_ccd(kind, message, sim_field, tmp_path, capsys):
+    model = "no-such-model" if kind == "unknown" else str(_weights(kind, tmp_path / "bad.pt"))
+    manifest = _two_ccds(sim_field, tmp_path)
+    t0 = time.perf_counter()
+    status, _, stderr = _run_cli(_direct(manifest, tmp_path / "out", "--model", model), capsys)
+    assert status == EXIT_SETUP and re.search(message, stderr), stderr
+    assert time.perf_counter() - t0 < 30 and not (tmp_path / "out").exists()  # nothing was computed
+    assert not Path("/tmp/pipeline-was-unpickled").exists()
+
+
+def test_unusable_output_folders(sim_field, tmp_path, capsys):
+    manifest = _two_ccds(sim_field, tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    status, _, stderr = _run_cli(_direct(manifest, tmp_path / "a-file"), capsys)
+    assert status == EXIT_SETUP and "a-file is a file, not a folder" in stderr
+    status, _, stderr = _run_cli(_direct(manifest, tmp_path / "a-file" / "out"), capsys)
+    assert status == EXIT_SETUP and "cannot create output folder" in stderr and "a-file" in stderr
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_and_the_first_is_unharmed(sim_field, clean_direct, tmp_path,
+                                                                              capsys):
+    manifest = _two_ccds(sim_field, tmp_path)
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *_direct(manifest, out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "ccds").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    # a dia run into the same folder while the direct run works
+    status, _, stderr = _run_cli(["run", "--mode", "dia", "--input", str(manifest), "--out", str(out),
+                                  "--no-progress"], capsys)
+    stdout_first, stderr_first = first.communicate(timeout=600)
+    assert status == EXIT_SETUP, stderr
+    assert re.search(r"out is in use by another pipeline run \(pid \d+ on .* since .*\)", stderr), stderr
+    assert first.returncode == 0, stderr_first[-2000:]
+    assert "2/2 CCDs done" in stdout_first
+    _same_catalog(out, clean_direct)
+    assert set(Table.read(out / "candidates.fits")["mode"]) == {"direct"}
+    # the lock is released: a later run into the folder works
+    assert cli(_direct(manifest, out, "--resume")) == 0
+
+
+def _fail_writes(monkeypatch, module, match, error=errno.ENOSPC):
+    """Make ``atomic_path`` in ``module`` fail like a full disk for paths containing ``match``."""
+    import contextlib
+
+    from pipeline import io
+
+    real = io.atomic_path
+
+    @contextlib.contextmanager
+    def failing(path):
+        with real(path) as tmp:
+            yield tmp
+            if match in str(path):
+                tmp.write_bytes(b"partial")  # half-written, then the disk is full
+                raise OSError(error, os.strerror(error), str(tmp))
+
+    monkeypatch.setattr(module, "atomic_path", failing)
+
+
+def test_disk_full_on_one_ccd_fails_only_that_ccd_and_resume_completes(sim_field, clean_direct, tmp_path,
+                                                                        monkeypatch, capsys):
+    from pipeline import graph
+
+    manifest = _two_ccds(sim_field, tmp_path)
+    out = tmp_path / "out"
+    _fail_writes(monkeypatch, graph, "ccd01.fits")
+    status, stdout, _ = _run_cli(_direct(manifest, out), capsys)
+    assert status == EXIT_SOME_FAILED
+    run = json.loads((out / "run.json").read_text())
+    by = {c["ccd"]: c for c in run["ccds"]}
+    assert by["ccd00"]["status"] == "done"
+    assert by["ccd01"]["failed_stage"] == "write" and "No space left on device" in by["ccd01"]["error"]
+    assert "ccd01: FAILED at write" in stdout
+    assert not _no_temporaries(out) and not (out / "ccds" / "ccd01.fits").exists()
+    monkeypatch.undo()
+    status, _, _ = _run_cli(_direct(manifest, out, "--resume"), capsys)
+    assert status == 0
+    run = json.loads((out / "run.json").read_text())
+    assert {c["ccd"]: c["resumed"] for c in run["ccds"]} == {"ccd00": True, "ccd01": False}
+    _same_catalog(out, clean_direct)
+
+
+def test_status_file_that_cannot_be_written_fails_that_ccd_only(sim_field, tmp_path, monkeypatch, capsys):
+    from pipeline import graph
+
+    manifest = _two_ccds(sim_field, tmp_path)
+    _fail_writes(monkeypatch, graph, "ccd00.json", errno.EIO)
+    status, _, _ = _run_cli(_direct(manifest, tmp_path / "out"), capsys)
+    assert status == EXIT_SOME_FAILED
+    by = {c["ccd"]: c for c in json.loads((tmp_path / "out" / "run.json").read_text())["ccds"]}
+    assert by["ccd01"]["status"] == "done"
+    assert by["ccd00"]["status"] == "failed" and "cannot write the CCD's status file" in by["ccd00"]["error"]
+    assert not _no_temporaries(tmp_path / "out")
+
+
+def test_run_outputs_that_cannot_be_written_exit_5_and_keep_the_ccds_for_resume(sim_field, clean_direct, tmp_path,
+                                                                               monkeypatch, capsys):
+    from pipeline import runner
+
+    manifest = _two_ccds(sim_field, tmp_path)
+    out = tmp_path / "out"
+    _fail_writes(monkeypatch, runner, "run.json")
+    status, _, stderr = _run_cli(_direct(manifest, out), capsys)
+    assert status == EXIT_OUTPUT
+    assert "cannot write the run's outputs" in stderr and "No space left on device" in stderr and "--resume" in stderr
+    assert not (out / "run.json").exists() and not _no_temporaries(out)
+    monkeypatch.undo()
+    assert cli(_direct(manifest, out, "--resume")) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert all(c["resumed"] for c in run["ccds"])
+    _same_catalog(out, clean_direct)
+
+
+def test_a_really_full_disk(sim_field, clean_direct, tmp_path, monkeypatch, capsys):
+    """A small tmpfs as the output folder (needs root and mount; skipped otherwise)."""
+    from pipeline import outdir
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        manifest = _two_ccds(sim_field, tmp_path)
+        out = mnt / "out"
+        # nearly full at the start: refused before computing, one line
+        (mnt / "filler").write_bytes(b"\0" * 600_000)
+        status, stdout, stderr = _run_cli(_direct(manifest, out), capsys)
+        assert status == EXIT_SETUP and re.search(r"out has only \d+ bytes free", stderr), stderr
+        # room to start but not to finish: the CCDs and outputs that do not fit fail, cleanly
+        monkeypatch.setattr(outdir, "MIN_FREE_BYTES", 0)
+        (mnt / "filler").unlink()
+        (mnt / "filler").write_bytes(b"\0" * (shutil.disk_usage(mnt).free - 80_000))  # ~half the outputs fit
+        status, stdout, stderr = _run_cli(_direct(manifest, out), capsys)
+        assert status in (EXIT_SOME_FAILED, 4, EXIT_OUTPUT), (status, stdout, stderr)
+        text = stderr + stdout + ((out / "run.json").read_text() if (out / "run.json").exists() else "")
+        assert "No space left on device" in text
+        assert not _no_temporaries(out)
+        # move the partial results to a disk with room, resume there
+        shutil.copytree(out, tmp_path / "moved")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+    assert cli(_direct(manifest, tmp_path / "moved", "--resume")) == 0
+    _same_catalog(tmp_path / "moved", clean_direct)
+
+
+def test_resume_keys_on_inputs_science_and_weights_only(sim_field, clean_direct, tmp_path, capsys):
+    src = sim_field.parent
+    inputs = tmp_path / "in"
+    shutil.copytree(src, inputs)
+    rows = [(f"ccd0{i}", f"ccd0{i}_search.fits", f"ccd0{i}_template.fits", f"ccd0{i}_truth.ecsv") for i in (0, 1)]
+    manifest = _two_ccds(sim_field, inputs, rows)
+    out = tmp_path / "out"
+    assert cli(_direct(manifest, out)) == 0
+
+    def resumed(*extra) -> dict:
+        status, _, stderr = _run_cli(_direct(manifest, out, "--resume", *extra), capsys)
+        assert status == 0, stderr
+        run = json.loads((out / "run.json").read_text())
+        return {c["ccd"]: c["resumed"] for c in run["ccds"]} | {"_why": run["resume"]["computed_again"],
+                                                                 "_run": run}
+
+    # execution settings and the threshold do not redo anything; the truth summary follows the threshold
+    r = resumed("--workers", "1", "--threshold", "0.9")
+    assert (r["ccd00"], r["ccd01"]) == (True, True)
+    assert cli(_direct(manifest, tmp_path / "fresh", "--threshold", "0.9")) == 0
+    fresh = json.loads((tmp_path / "fresh" / "run.json").read_text())
+    assert r["_run"]["truth_summary"] == fresh["truth_summary"]
+    assert r["_run"]["truth_summary"] != json.loads((clean_direct / "run.json").read_text())["truth_summary"]
+    # a row pointed at other files is redone, and says why
+    Table(rows=[rows[0], ("ccd01", "ccd00_search.fits", "ccd00_template.fits", "ccd00_truth.ecsv")],
+          names=("ccd", "search", "template", "truth")).write(manifest, format="ascii.ecsv", overwrite=True)
+    r = resumed()
+    assert (r["ccd00"], r["ccd01"]) == (True, False) and "input changed (search, template, truth)" in r["_why"]["ccd01"]
+    # an input rewritten in place (new mtime) is redone
+    Table(rows=rows, names=("ccd", "search", "template", "truth")).write(manifest, format="ascii.ecsv",
+                                                                          overwrite=True)
+    os.utime(inputs / "ccd00_search.fits", ns=(time.time_ns(), time.time_ns()))
+    r = resumed()
+    assert r["ccd00"] is False and "input changed (search)" in r["_why"]["ccd00"]
+    assert r["ccd01"] is False  # it was pointed back at its own files
+    # a corrupt catalog whose status says done is redone, not a crash
+    cat_path = out / "ccds" / "ccd01.fits"
+    cat_path.write_bytes(cat_path.read_bytes()[:4000])
+    r = resumed()
+    assert r["ccd01"] is False and "catalog" in r["_why"]["ccd01"] and r["ccd00"] is True
+    # a science setting or other weights redo everything
+    r = resumed("--model", "pair")
+    assert (r["ccd00"], r["ccd01"]) == (False, False)
+    assert "configuration or the weights changed" in r["_why"]["ccd00"]
+    assert cli(_direct(manifest, out)) == 0
+    _same_catalog(out, clean_direct)
+
+
+def test_orphan_temporaries_of_a_killed_run_are_removed(sim_field, tmp_path, capsys):
+    manifest = _two_ccds(sim_field, tmp_path)
+    out = tmp_path / "out"
+    assert cli(_direct(manifest, out)) == 0
+    orphans = [out / ".candidates.fits.abc123.tmp", out / "ccds" / ".ccd00.fits.xyz789.tmp"]
+    for p in orphans:
+        p.write_bytes(b"left by a SIGKILL")
+    assert cli(_direct(manifest, out, "--resume")) == 0
+    assert not any(p.exists() for p in orphans)
+    run = json.loads((out / "run.json").read_text())
+    assert sorted(run["removed_temporaries"]) == sorted(str(p) for p in orphans)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_get_the_umask_permissions(umask, mode, tmp_path):
+    code = (f"import os; os.umask({umask}); from pipeline.io import atomic_path\n"
+            f"with atomic_path({str(tmp_path / 'f.txt')!r}) as t: t.write_text('x')\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == mode
+
+
+def test_cpu_times_under_the_threads_scheduler_are_per_task(clean_direct):
+    run = json.loads((clean_direct / "run.json").read_text())
+    assert run["scheduler"]["kind"] == "threads" and "thread" in run["measurement"]["cpu_s"]
+    for rec in run["ccds"]:
+        assert rec["cpu_clock"] == "thread"
+        for stage, cpu in rec["cpu_s"].items():
+            # one thread cannot use more CPU than wall time; a process-wide clock would, with 2 busy threads
+            assert cpu <= 1.05 * rec["wall_s"][stage] + 0.02, (stage, cpu, rec["wall_s"][stage])
