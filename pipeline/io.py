@@ -777,9 +777,9 @@ def write_difference(difference, search: Exposure, path: str | Path, *, template
     hdr["CONVOLV"] = (str(diff.convolved), "which image was convolved with the kernel")
     fwhms = {"search": float(search.fwhm), "template": float(template_fwhm) if template_fwhm is not None else float("nan")}
     for key, value, comment in (("SFWHM", fwhms["search"], "[pix] search PSF FWHM"),
-                                ("TFWHM", fwhms["template"], "[pix] template PSF FWHM on the search grid"),
+                                ("TFWHM", fwhms["template"], "[pix] template FWHM, search px"),
                                 ("CONVFWHM", fwhms.get(str(diff.convolved), float("nan")),
-                                 "[pix] FWHM of the convolved image before convolution")):
+                                 "[pix] FWHM of the convolved image")):
         if np.isfinite(value):
             hdr[key] = (value, comment)
     hdr["DECORREL"] = (bool(getattr(diff, "decorrelated", False)), "noise decorrelation applied")
