@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from classifier.infer import Scorer  # noqa: E402
+from classifier.infer import Scorer, torch_threads  # noqa: E402
 from classifier.models import MODELS, get_spec, prepare_input  # noqa: E402
 from classifier.synthetic import make_synthetic_set  # noqa: E402
 from classifier.train import save_weights  # noqa: E402
@@ -51,7 +51,18 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    # the scorer and the baseline both run with --threads; the caller's torch setting is restored
+    with torch_threads(args.threads):
+        rows = _measure(args)
+    info = {"threads": args.threads, "batch": args.batch, "chunk": args.chunk, "repeat": args.repeat, "torch": torch.__version__,
+            "numpy": np.__version__, "cpu": platform.processor() or platform.machine(), "results": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(info, indent=1))
+    return 0
+
+
+def _measure(args) -> list[dict]:
+    """Time every requested model and precision (scorer and whole-batch baseline); one row each."""
     stamps = make_synthetic_set(args.batch, seed=0).stamps
     tmp = Path(__import__("tempfile").mkdtemp())
     rows = []
@@ -75,11 +86,7 @@ def main(argv=None) -> int:
             rows.append(row)
             tgt = f"(target {TARGETS[name]})" if name in TARGETS else ""
             print(f"{name:14s} {prec:9s} {rate:8.0f} stamps/s  (baseline {base_rate:7.0f}/s, x{base / fast:4.2f})  {tgt}")
-    info = {"threads": args.threads, "batch": args.batch, "chunk": args.chunk, "repeat": args.repeat, "torch": torch.__version__,
-            "numpy": np.__version__, "cpu": platform.processor() or platform.machine(), "results": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(info, indent=1))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -22,10 +22,7 @@ from pipeline.simulate import SimulationConfig, simulate_pair, write_simulation
 
 
 def _cutout_png(pair, path: Path, size: int = 400) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from classifier.plotting import new_figure, save_figure
 
     truth = pair.truth
     tr = truth[truth["kind"] == "transient"]
@@ -44,7 +41,8 @@ def _cutout_png(pair, path: Path, size: int = 400) -> None:
 
     tmpl, _ = reproject_interp((pair.template.image, pair.template.wcs), pair.search.wcs, shape_out=(ny, nx))
     panels = [("search", pair.search.image), ("template (resampled to search grid)", tmpl)]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 6.8))
+    fig = new_figure((13, 6.8))  # no pyplot: the caller's backend is untouched
+    axes = fig.subplots(1, 2)
     for ax, (title, img) in zip(axes, panels):
         cut = img[y0:y0 + size, x0:x0 + size]
         lo, hi = np.nanpercentile(cut, [5, 99.5])
@@ -62,8 +60,7 @@ def _cutout_png(pair, path: Path, size: int = 400) -> None:
     fig.suptitle(f"DECam CCD, seed {pair.truth.meta['seed']}: search seeing {pair.truth.meta['search_seeing']:.2f}\", "
                  f"template {pair.truth.meta['template_seeing']:.2f}\"; green = transients, red = artifacts")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> int:

@@ -58,7 +58,6 @@ def main(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(line, flush=True)
 
-    warnings.filterwarnings("ignore", category=UserWarning)
     try:
         data = run_benchmark(config, args.out, manifest=args.input, log=log)
     except InputError as exc:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from classifier.plotting import save_figure
+from classifier.plotting import new_figure, save_figure
 
 from pipeline.io import atomic_path
 
@@ -69,18 +69,15 @@ def _main_runs(data: dict) -> dict[str, dict]:
 
 def make_plots(data: dict, plot_dir: str | Path) -> dict[str, str]:
     """Stage-cost bars, completeness versus magnitude and S/N, cost versus accuracy (PNG paths)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    # figures on their own Agg canvas, no pyplot: the caller's matplotlib backend is untouched
     plot_dir = Path(plot_dir)
     runs = _main_runs(data)
     out: dict[str, str] = {}
 
     # stage-cost bars: one panel per mode, wall and CPU seconds per CCD per stage
     modes = [m for m in ("dia", "direct") if f"cpu-{m}" in runs]
-    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 3.8), sharex=True, squeeze=False)
+    fig = new_figure((5.5 * len(modes), 3.8))
+    axes = fig.subplots(1, len(modes), sharex=True, squeeze=False)
     for ax, mode in zip(axes[0], modes):
         cost = runs[f"cpu-{mode}"]["cost"]
         labels = [_STAGE_LABELS[s["stage"]] for s in cost["stages"]]
@@ -100,7 +97,8 @@ def make_plots(data: dict, plot_dir: str | Path) -> dict[str, str]:
 
     e2e = {m: runs[f"cpu-{m}"].get("end_to_end") for m in modes if runs[f"cpu-{m}"].get("end_to_end")}
     if e2e:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        fig = new_figure((11, 4))
+        a1, a2 = fig.subplots(1, 2)
         for mode, e in e2e.items():
             c = [(r["lo"] + r["hi"]) / 2 for r in e["by_mag"]]
             a1.plot(c, [np.nan if r["completeness"] is None else r["completeness"] for r in e["by_mag"]], "o-",
@@ -130,7 +128,8 @@ def make_plots(data: dict, plot_dir: str | Path) -> dict[str, str]:
         out["completeness"] = str(save_figure(fig, plot_dir / "completeness.png"))
 
         # cost (x) versus accuracy (y): one point per mode and device
-        fig, (b1, b2) = plt.subplots(1, 2, figsize=(10, 4))
+        fig = new_figure((10, 4))
+        b1, b2 = fig.subplots(1, 2)
         for key, r in runs.items():
             e = r.get("end_to_end")
             if not e:

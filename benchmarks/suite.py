@@ -181,7 +181,6 @@ def _labelled_stamps(entry, run_config) -> dict:
     from pipeline import steps
     from pipeline.datasets import pair_stamp_sets
 
-    warnings.simplefilter("ignore")
     t0 = time.perf_counter()
     pair = steps.load_pair(entry)
     sets, errors = pair_stamp_sets(pair, run_config, ("dia", "direct"), drop_edge=True)
@@ -271,9 +270,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | Path, manifest: str | 
         sim = dataclasses.replace(base, instrument=config.instrument, shape=config.shape,
                                   transient_density=base.transient_density * config.density_factor)
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            manifest = write_simulation(out / "input", config.n_ccds, config.seed, sim)
+        manifest = write_simulation(out / "input", config.n_ccds, config.seed, sim)
         sim_s = time.perf_counter() - t0
         say(f"simulated {config.n_ccds} {config.instrument} CCD pair(s), seed {config.seed} ({sim_s:.1f} s)")
         data["input"] = {"manifest": str(manifest), "simulated": True, "simulate_s": sim_s,
@@ -315,7 +312,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | Path, manifest: str | 
     warm: dict[str, Any] = {}
     stamp_results: list[dict] | None = None
     for dev, k in plan:
-        sched = SchedulerConfig(kind="local", workers=k, threads_per_worker=1, dashboard_address=":0",
+        sched = SchedulerConfig(kind="local", workers=k, threads_per_worker=1, dashboard_address="localhost:0",
                                 gpus_per_worker=1 if dev == "gpu" else 0)
         client, cluster = start_client(sched)
         try:
@@ -421,15 +418,22 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | Path, manifest: str | 
 
 def _stamp_level(stamp_results: list[dict], by_key: dict, config: BenchmarkConfig, out_dir: Path, plots: Path):
     """Score the labelled stamps with every shipped model; ROC plot and saliency galleries."""
-    import torch
+    from classifier.infer import torch_threads
 
+    threads = config.stamp_threads or machine_info()["cores"]
+    # torch's thread count is process-wide: set for the stamp-level pass only, then restored
+    with torch_threads(threads):
+        return _score_stamp_sets(stamp_results, by_key, config, out_dir, plots, threads)
+
+
+def _score_stamp_sets(stamp_results: list[dict], by_key: dict, config: BenchmarkConfig, out_dir: Path, plots: Path,
+                      threads: int):
+    """The body of :func:`_stamp_level`, run with its thread setting."""
     from classifier.data import StampSet
     from classifier.evaluate import EvaluationConfig, evaluate_scores, plot_roc
     from classifier.infer import Scorer, WeightsError
     from classifier.saliency import plot_saliency_gallery, saliency_maps, saliency_table
 
-    threads = config.stamp_threads or machine_info()["cores"]
-    torch.set_num_threads(threads)
     eval_cfg = EvaluationConfig(threshold=config.score_threshold, fpr_points=tuple(config.fpr_points))
     streams = {}
     errors = {r["ccd"]: r["errors"] for r in stamp_results if r["errors"]}

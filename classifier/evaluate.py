@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from classifier.plotting import save_figure
+from classifier.plotting import new_figure, save_figure
 
 __all__ = ["roc_auc", "roc_curve", "confusion_matrix", "accuracy", "missed_detection_rate",
            "EvaluationConfig", "EvaluationResult", "evaluate_scores", "plot_roc"]
@@ -235,15 +235,11 @@ def plot_roc(results: dict[str, EvaluationResult] | EvaluationResult, path: str 
 
     The caller chooses the path; the file is written to a temporary name, then renamed.
     """
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if isinstance(results, EvaluationResult):
         results = {"model": results}
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = new_figure((5, 5))  # no pyplot: the caller's backend is untouched
+    ax = fig.subplots()
     for label, res in results.items():
         ax.plot(res.roc["fpr"], res.roc["tpr"], label=f"{label} (AUC {res.roc_auc:.4f}, acc {res.accuracy:.4f})")
     for f in (0.01, 0.03):

@@ -7,6 +7,8 @@ Weights files are ``{"state_dict", "metadata"}`` dicts written by :func:`classif
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import torch
 from .data import CHANNELS
 from .models import MODELS, ModelSpec, build_model, get_spec, prepare_input
 
-__all__ = ["Scorer", "shipped_weights", "load_weights", "WEIGHTS_DIR", "WeightsError"]
+__all__ = ["Scorer", "shipped_weights", "load_weights", "torch_threads", "WEIGHTS_DIR", "WeightsError"]
 
 #: Folder of the shipped weights (``<name>.pt``).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -24,6 +26,62 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 class WeightsError(ValueError):
     """A weights file that is missing, corrupt or does not match its model."""
+
+
+# torch.set_num_threads sets the calling thread's OpenMP thread count and the default that threads
+# starting to use torch later inherit; it never resets a count another thread has already set.
+# Each scope therefore restores its own thread's previous count, and the last scope to close
+# restores the count from before the first one opened, so the default inherited by new threads is
+# put back even when scopes in several threads interleave.
+_THREADS_LOCK = threading.Lock()
+_THREADS_OPEN = [0]  # scopes open in the process
+_THREADS_SAVED = [0]  # the count before the first of them
+_THREADS_LOCAL = threading.local()  # .previous: this thread's counts before its open scopes
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block with ``n`` torch CPU threads, then put the previous setting back.
+
+    Parameters
+    ----------
+    n : int or None
+        Threads of torch's intra-op pool inside the block; None leaves the setting alone.
+
+    Notes
+    -----
+    ``torch.set_num_threads`` is not scoped: it changes the calling thread's count and the
+    default of every thread that starts using torch afterwards.  Here the calling thread gets its
+    own count back when the block ends, and when the last open block in the process ends the
+    default is what it was before the first one began (a Dask worker started with
+    ``OMP_NUM_THREADS=1`` keeps 1 outside scoring).  Blocks may nest and may overlap in several
+    threads.
+    """
+    if n is None:
+        yield
+        return
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"torch_threads: need at least 1 thread, got {n}")
+    stack = _THREADS_LOCAL.__dict__.setdefault("previous", [])
+    with _THREADS_LOCK:
+        current = torch.get_num_threads()
+        if _THREADS_OPEN[0] == 0:
+            _THREADS_SAVED[0] = current
+        _THREADS_OPEN[0] += 1
+        stack.append(current)
+        if current != n:
+            torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_OPEN[0] -= 1
+            previous = stack.pop()
+            if not _THREADS_OPEN[0]:  # always: this also resets the default new threads inherit
+                torch.set_num_threads(_THREADS_SAVED[0])
+            elif torch.get_num_threads() != previous:
+                torch.set_num_threads(previous)
 
 
 def shipped_weights(name: str) -> Path:
@@ -104,6 +162,10 @@ def load_weights(model: str | Path, map_location: str | torch.device = "cpu") ->
            if tuple(state[k].shape) != tuple(v.shape)]
     if bad:
         raise WeightsError(f"{path}: weights do not fit architecture {name!r}: shape mismatch {'; '.join(bad[:3])}")
+    nonfinite = [k for k, v in state.items() if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise WeightsError(f"{path}: weights hold NaN or infinite values in {', '.join(nonfinite[:5])}"
+                           f"{'...' if len(nonfinite) > 5 else ''}; the file is corrupt or came from a diverged training run")
     net.load_state_dict(state)
     return net.eval(), spec, meta, path
 
@@ -120,7 +182,9 @@ class Scorer:
     batch_size : int
         Stamps per forward pass.
     threads : int, optional
-        torch CPU threads to set (default: leave torch's setting alone).
+        torch CPU threads this scorer uses while it scores (default: whatever the process has).
+        The process-wide setting is changed only for the duration of each call and restored
+        afterwards (:func:`torch_threads`); constructing a scorer changes nothing.
     precision : {"float32", "bfloat16"}
         Arithmetic of the network (normalisation is always float32).  ``bfloat16`` is ~2x
         faster on CPUs with AVX512-BF16 / AMX; on held-out stamps it changed P(real) by a median
@@ -152,8 +216,9 @@ class Scorer:
             raise ValueError(f"Scorer: batch_size must be >= 1, got {batch_size}")
         if cpu_chunk < 1:
             raise ValueError(f"Scorer: cpu_chunk must be >= 1, got {cpu_chunk}")
-        if threads is not None:
-            torch.set_num_threads(int(threads))
+        if threads is not None and int(threads) < 1:
+            raise ValueError(f"Scorer: threads must be >= 1, got {threads}")
+        self.threads = None if threads is None else int(threads)
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.precision = precision
@@ -179,6 +244,10 @@ class Scorer:
 
         ``fast=True`` uses the model's ``infer`` form (same values, no autograd graph needed).
         """
+        with torch_threads(self.threads):
+            return self._logits(stamps, channels, fast)
+
+    def _logits(self, stamps: np.ndarray | torch.Tensor, channels: tuple[str, ...], fast: bool) -> torch.Tensor:
         if self.device.type == "cuda" and not isinstance(stamps, torch.Tensor):
             # normalise on the GPU too
             stamps = torch.from_numpy(np.ascontiguousarray(stamps, dtype=np.float32)).to(self.device)
@@ -209,9 +278,10 @@ class Scorer:
         # on a GPU, whole batches through forward
         step = self.batch_size if self.device.type == "cuda" else min(self.cpu_chunk, self.batch_size)
         fast = self.device.type == "cpu"
-        for i in range(0, n, step):
-            logits = self.logits(stamps[i:i + step], channels, fast=fast)
-            out[i:i + step] = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+        with torch_threads(self.threads):  # once per call, not per chunk
+            for i in range(0, n, step):
+                logits = self._logits(stamps[i:i + step], channels, fast)
+                out[i:i + step] = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
         return out
 
     def describe(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .data import CHANNELS
-from .plotting import save_figure
+from .plotting import new_figure, save_figure
 from .models import ModelSpec, panel_slices, prepare_input
 
 __all__ = ["SaliencyResult", "saliency_maps", "saliency_table", "plot_saliency_gallery"]
@@ -111,13 +111,10 @@ def plot_saliency_gallery(stamps: np.ndarray, result: SaliencyResult, labels: np
 
     The file is written to a temporary name, then renamed.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = min(n_max, result.maps.shape[0])
     k = len(result.channels)
-    fig, axes = plt.subplots(max(n, 1), 2 * k, figsize=(2.0 * 2 * k, 2.0 * max(n, 1)), squeeze=False)
+    fig = new_figure((2.0 * 2 * k, 2.0 * max(n, 1)))  # no pyplot: the caller's backend is untouched
+    axes = fig.subplots(max(n, 1), 2 * k, squeeze=False)
     for i in range(n):
         for j, ch in enumerate(result.channels):
             img = stamps[i, channels.index(ch)]

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .data import StampSet
+from .infer import torch_threads
 from .models import ModelSpec, build_model, get_spec, prepare_input
 
 __all__ = ["TrainConfig", "TrainResult", "train_model", "dihedral_augment", "resolve_device",
@@ -64,8 +65,9 @@ class TrainConfig:
     seed : int
         Seed of initialisation, shuffling, augmentation and dropout.
     threads : int or None
-        torch CPU threads (None: all cores, ``os.cpu_count()``).  Set deliberately because a Dask
-        nanny sets ``OMP_NUM_THREADS=1``.
+        torch CPU threads while :func:`train_model` runs (None: all cores, ``os.cpu_count()``),
+        the caller's setting restored afterwards.  Set deliberately because a Dask nanny sets
+        ``OMP_NUM_THREADS=1``.
     eval_batch_size : int
         Batch size of the validation passes.
     progress : bool
@@ -237,16 +239,26 @@ def train_model(name: str, train: StampSet, val: StampSet, config: TrainConfig |
     -------
     TrainResult
     """
+    config = config or TrainConfig.for_model(name)
+    # torch's thread count is process-wide: hold it for this call only, then restore the caller's
+    # the seeded global RNG (weight initialisation) is used inside a fork, so the caller's torch
+    # random state is the same afterwards
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch_threads(config.threads or os.cpu_count() or 1), torch.random.fork_rng(devices=cuda):
+        return _train_model(name, train, val, config, out_dir, device, resume, callback)
+
+
+def _train_model(name: str, train: StampSet, val: StampSet, config: TrainConfig, out_dir: str | Path,
+                 device: str, resume: bool, callback: Callable[[int, dict[str, float]], None] | None) -> TrainResult:
+    """The body of :func:`train_model`, run with its thread setting."""
     from tqdm.auto import tqdm
 
     from .evaluate import roc_auc
 
     spec = get_spec(name)
-    config = config or TrainConfig.for_model(name)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"training needs non-empty train and val sets (got {len(train)} and {len(val)})")
     dev = resolve_device(device)
-    torch.set_num_threads(config.threads or os.cpu_count() or 1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     last_path, model_path, hist_path = out / "last.pt", out / "model.pt", out / "history.json"

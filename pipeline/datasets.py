@@ -21,7 +21,6 @@ import concurrent.futures as cf
 import dataclasses
 import os
 import time
-import warnings
 from typing import Callable
 
 import numpy as np
@@ -159,7 +158,6 @@ def build_ccd_stamps(ccd_index: int, config: DatasetConfig, run_config: RunConfi
     from pipeline import steps
     from pipeline.simulate import SimulationConfig, ccd_name, simulate_pair
 
-    warnings.simplefilter("ignore")
     base = SimulationConfig()
     sim_cfg = dataclasses.replace(base, shape=tuple(config.shape),
                                   transient_density=base.transient_density * config.transient_density_factor)
@@ -176,10 +174,17 @@ def build_ccd_stamps(ccd_index: int, config: DatasetConfig, run_config: RunConfi
 
 
 def _worker(args):
-    # one process per core: keep each single-threaded
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    """One CCD in a worker process, its BLAS / OpenMP pools held to one thread (one process per core).
+
+    The limit is scoped (threadpoolctl) rather than set through ``OMP_NUM_THREADS``: the
+    environment variable is read when a library loads, so setting it here would not reach
+    the pools already loaded, and in the serial path it would leak into the caller's process.
+    """
+    from threadpoolctl import threadpool_limits
+
     k, config, run_config, streams = args
-    return build_ccd_stamps(k, config, run_config, streams)
+    with threadpool_limits(limits=1):
+        return build_ccd_stamps(k, config, run_config, streams)
 
 
 def build_datasets(config: DatasetConfig, run_config: RunConfig = RunConfig(),

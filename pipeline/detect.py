@@ -250,9 +250,10 @@ def find_peaks(snr: np.ndarray, threshold: float, n_pixels: int, max_peaks: int 
         S/N at the peak pixel.
     """
     from photutils.segmentation import detect_sources
+    from photutils.utils.exceptions import NoDetectionsWarning
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # NoDetectionsWarning: an empty result is a valid answer
+        warnings.simplefilter("ignore", NoDetectionsWarning)  # an empty result is a valid answer
         segm = detect_sources(snr, threshold, n_pixels=n_pixels)
     if segm is None or segm.n_labels == 0:
         e = np.zeros(0)

@@ -11,6 +11,7 @@ stamps have no missing pixel.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 
@@ -138,10 +139,8 @@ def ring_background(data: np.ndarray, width: int = 5) -> np.ndarray:
     """
     ring = np.ones(data.shape[-2:], bool)
     ring[width:-width, width:-width] = False
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            bkg = np.nanmedian(data[..., ring], axis=-1)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        # a ring with no data at all (a stamp off the image) has no median: 0 below, said by NO_DATA
+        warnings.filterwarnings("ignore", message="All-NaN slice encountered", category=RuntimeWarning)
+        bkg = np.nanmedian(data[..., ring], axis=-1)
     return np.nan_to_num(bkg)

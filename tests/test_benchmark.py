@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
-import warnings
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +27,7 @@ def bench(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bench")
     config = BenchmarkConfig(n_ccds=2, shape=SHAPE, seed=11, density_factor=4.0, workers=2, saliency_n=4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        data = run_benchmark(config, out)
-    return out, data
+    return out, run_benchmark(config, out)
 
 
 def _run_json(out: Path, run: dict) -> dict:
@@ -47,8 +47,15 @@ def test_report_files(bench):
     md = (out / "report.md").read_text()
     for rel in data["figures"].values():
         assert (out / rel).is_file() and f"]({rel})" in md
-    assert data["machine"]["cores"] >= 1 and data["versions"]["numpy"] == np.__version__
-    assert "no GPU" not in data["device_note"] or data["config"]["device"] == "gpu"
+    assert data["machine"]["cores"] == len(os.sched_getaffinity(0)) and data["versions"]["numpy"] == np.__version__
+    # --device cpu (the default): CPU runs only, whatever this machine has, and the report says so
+    # with the reason the GPU check gave
+    from benchmarks.suite import gpu_available
+
+    assert data["config"]["device"] == "cpu" and {r["device"] for r in data["runs"]} == {"cpu"}
+    note = data["device_note"]
+    assert note.startswith("CPU only") and gpu_available()[1] in note
+    assert f"Device: {note}" in md
 
 
 def test_costs_equal_run_json(bench):
@@ -203,3 +210,27 @@ def test_cli_rejects_missing_manifest(tmp_path, capsys):
 
     assert main(["benchmark", "--out", str(tmp_path / "o"), "--input", str(tmp_path / "none.ecsv")]) == 2
     assert "no such manifest" in capsys.readouterr().err
+
+
+def test_report_plots_leave_the_matplotlib_backend_alone(bench, tmp_path):
+    """The report's plots and the simulator benchmark's picture neither switch the caller's
+    backend nor load pyplot (in a fresh process whose backend is svg)."""
+    out, _ = bench
+    code = textwrap.dedent(f"""
+        import json
+        import sys
+        import matplotlib
+        matplotlib.use("svg")  # a caller's choice, not Agg
+        from benchmarks.bench_simulate import _cutout_png
+        from benchmarks.report import make_plots
+        from pipeline.simulate import SimulationConfig, simulate_pair
+        paths = make_plots(json.loads(open({str(out / "report.json")!r}).read()), {str(tmp_path)!r})
+        _cutout_png(simulate_pair(SimulationConfig(shape=(256, 256)), 1, 0), {str(tmp_path / "sim.png")!r}, size=128)
+        print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules, len(paths))
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["svg", "False", "3"]
+    for png in tmp_path.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list(tmp_path.glob("*.png"))) == 4

@@ -357,21 +357,60 @@ def test_save_weights_roundtrip(tmp_path):
 # ----------------------------------------------------------------------------- saliency
 
 
+class _Linear(torch.nn.Module):
+    """Logits ``(0, <w, x> + b)``: P(real) = sigmoid(<w, x> + b), so dP/dx = P (1 - P) w exactly."""
+
+    def __init__(self, w: np.ndarray, b: float) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.as_tensor(w))
+        self.b = b
+
+    def forward(self, x):
+        s = (x * self.w).sum(dim=(1, 2, 3)) + self.b
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+
+#: where each model's input holds the template and the search stamps (the documented layouts):
+#: (channel, columns)
+_PANELS = {"triplet-paper": {"template": (0, slice(102, 153)), "search": (0, slice(51, 102))},  # [diff | srch | tmpl]
+           "pair-paper": {"template": (0, slice(51, 102)), "search": (0, slice(0, 51))},  # [search | template]
+           "triplet": {"template": (0, slice(0, 51)), "search": (1, slice(0, 51))},
+           "pair": {"template": (0, slice(0, 51)), "search": (1, slice(0, 51))}}
+
+
 @pytest.mark.parametrize("name", list(MODELS))
-def test_saliency_fractions_sum_to_one(name):
-    torch.manual_seed(0)
-    net = build_model(name)
+def test_saliency_of_a_linear_model_is_its_hand_gradient(name):
+    """A linear model that reads the template and search stamps only: each map is P (1 - P) |w|
+    over its stamp, computed by hand; the difference map is zero; the fractions are the shares of
+    sum |w| (P (1 - P) cancels): template 2/3, search 1/3."""
+    spec = get_spec(name)
     stamps = make_synthetic_set(12, seed=3).stamps
-    res = saliency_maps(net, get_spec(name), stamps, batch_size=5)
-    assert res.fractions.shape == (12, len(get_spec(name).channels))
-    np.testing.assert_allclose(res.fractions.sum(1), 1.0, atol=1e-6)
-    assert (res.fractions >= 0).all() and res.maps.shape[2:] == (51, 51)
+    x = prepare_input(stamps, spec).astype(np.float64)
+    rng = np.random.default_rng(0)
+    w = np.zeros(x.shape[1:], np.float32)
+    for stamp, share in (("template", 2.0), ("search", 1.0)):
+        ch, cols = _PANELS[name][stamp]
+        v = rng.normal(0.0, 0.01, (51, 51))  # signed: saliency is |grad|
+        w[ch, :, cols] = share * v / np.abs(v).sum()
+    p = 1.0 / (1.0 + np.exp(-((x * w).sum(axis=(1, 2, 3)) + 0.3)))
+    assert (p * (1 - p)).min() > 0.01  # not saturated: the gradient is not ~0
+    res = saliency_maps(_Linear(w, 0.3), spec, stamps, batch_size=5)  # batches of 5, 5, 2
+    assert res.channels == spec.channels and res.maps.shape == (12, len(spec.channels), 51, 51)
+    np.testing.assert_allclose(res.scores, p, rtol=1e-5)
+    for stamp, share in (("template", 2 / 3), ("search", 1 / 3)):
+        k = res.channels.index(stamp)
+        ch, cols = _PANELS[name][stamp]
+        expected = (p * (1 - p))[:, None, None] * np.abs(w[ch, :, cols])[None]
+        np.testing.assert_allclose(res.maps[:, k], expected, rtol=1e-4, atol=1e-10)
+        np.testing.assert_allclose(res.fractions[:, k], share, rtol=1e-4)
+    if "difference" in res.channels:
+        assert (res.maps[:, res.channels.index("difference")] == 0).all()
+        assert (res.fractions[:, res.channels.index("difference")] == 0).all()
 
 
 def test_saliency_maps_follow_the_input_stamp():
     """A model that only reads the search panel puts all its saliency there."""
     spec = get_spec("triplet-paper")
-    net = build_model("triplet-paper")
     stamps = make_synthetic_set(6, seed=4).stamps
 
     class SearchOnly(torch.nn.Module):
@@ -382,7 +421,130 @@ def test_saliency_maps_follow_the_input_stamp():
     res = saliency_maps(SearchOnly(), spec, stamps)
     k = res.channels.index("search")
     np.testing.assert_allclose(res.fractions[:, k], 1.0)
-    labels = np.array([1, 0, 1, 0, 1, 0])
-    table = saliency_table(res, labels)
-    assert sum(row["n"] for row in table.values()) == 6
-    del net
+
+
+def test_saliency_table_groups_by_outcome():
+    """Mean fractions of hand-made objects in each of TP, FP, TN, FN (score >= 0.5 is 'real')."""
+    from classifier.saliency import SaliencyResult
+
+    fractions = np.array([[0.2, 0.3, 0.5], [0.6, 0.2, 0.2], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4], [0.4, 0.4, 0.2],
+                          [0.5, 0.5, 0.0]])
+    res = SaliencyResult(np.zeros((6, 3, 51, 51), np.float32), fractions, np.array([0.9, 0.8, 0.2, 0.1, 0.7, 0.5]),
+                         ("template", "search", "difference"))
+    table = saliency_table(res, np.array([1, 0, 0, 1, 1, 0]))
+    assert {g: table[g]["n"] for g in table} == {"TP": 2, "FP": 2, "TN": 1, "FN": 1}
+    assert table["TP"] == pytest.approx({"n": 2, "template": 0.3, "search": 0.35, "difference": 0.35})
+    assert table["FP"] == pytest.approx({"n": 2, "template": 0.55, "search": 0.35, "difference": 0.1})
+    assert table["TN"] == pytest.approx({"n": 1, "template": 0.1, "search": 0.1, "difference": 0.8})
+    assert table["FN"] == pytest.approx({"n": 1, "template": 0.3, "search": 0.3, "difference": 0.4})
+    none_real = saliency_table(res, np.zeros(6, int))
+    assert none_real["TP"] == {"n": 0, "template": None, "search": None, "difference": None}
+
+
+# ----------------------------------------------------------------------------- process-wide state
+
+
+@pytest.fixture
+def torch_threads_3():
+    """torch set to 3 threads for the test (a value no code under test asks for), then put back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield 3
+    torch.set_num_threads(before)
+
+
+def test_scorer_uses_its_threads_only_while_scoring(tmp_path, torch_threads_3):
+    path = save_weights(build_model("pair-paper"), get_spec("pair-paper"), tmp_path / "p.pt")
+    stamps = make_synthetic_set(70, seed=5).stamps
+    scorer = Scorer(path, threads=1)
+    assert torch.get_num_threads() == 3  # constructing a scorer changes nothing
+    seen = []
+    infer = scorer.net.infer
+    scorer.net.infer = lambda x: (seen.append(torch.get_num_threads()), infer(x))[1]
+    scores = scorer.score(stamps)  # two CPU chunks (64 + 6)
+    assert seen == [1, 1]  # "threads this scorer uses"
+    assert torch.get_num_threads() == 3 and _in_a_new_thread(torch.get_num_threads) == 3
+    np.testing.assert_allclose(scores, Scorer(path).score(stamps), rtol=0, atol=1e-6)
+
+
+def _in_a_new_thread(fn):
+    """``fn()`` run in a thread that has not used torch yet (it inherits torch's default count)."""
+    import threading
+
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join(60)
+    return out[0]
+
+
+def test_thread_scopes_overlapping_in_two_threads_restore_the_setting(torch_threads_3):
+    """Thread A enters a 1-thread scope; B, starting while A is inside, enters a 2-thread scope;
+    A leaves while B is inside (B keeps its 2), then B leaves.  Afterwards a new thread inherits
+    3 again: a plain save/restore in each thread would have left the 1 that B started with."""
+    import threading
+
+    from classifier.infer import torch_threads
+
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, int] = {}
+
+    def a():
+        with torch_threads(1):
+            a_in.set()
+            b_in.wait(30)
+        seen["a_after"] = torch.get_num_threads()
+        a_out.set()
+
+    def b():
+        a_in.wait(30)
+        with torch_threads(2):
+            b_in.set()
+            a_out.wait(30)
+            seen["b_after_a_left"] = torch.get_num_threads()
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert a_in.is_set() and b_in.is_set() and a_out.is_set()
+    assert seen == {"a_after": 3, "b_after_a_left": 2}
+    assert torch.get_num_threads() == 3 and _in_a_new_thread(torch.get_num_threads) == 3
+
+
+def test_training_uses_its_threads_only_while_training(small_set, tmp_path, torch_threads_3):
+    seen = []
+    train_model("pair-paper", small_set.select("train").subset(np.arange(64)), small_set.select("val"),
+                _fast_config(epochs=1, threads=1), tmp_path, device="cpu",
+                callback=lambda epoch, record: seen.append(torch.get_num_threads()))
+    assert seen == [1]
+    assert torch.get_num_threads() == 3 and _in_a_new_thread(torch.get_num_threads) == 3
+
+
+def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
+    """ROC and saliency plots neither switch the caller's backend nor load pyplot (fresh process)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys
+        import matplotlib
+        matplotlib.use("svg")  # a caller's choice, not Agg
+        import numpy as np
+        from classifier.evaluate import evaluate_scores, plot_roc
+        from classifier.saliency import SaliencyResult, plot_saliency_gallery
+        labels, scores = np.array([1, 0, 1, 0]), np.array([0.9, 0.4, 0.6, 0.2])
+        plot_roc(evaluate_scores(labels, scores), {str(tmp_path / "roc.png")!r})
+        res = SaliencyResult(np.ones((2, 3, 51, 51), np.float32), np.full((2, 3), 1 / 3), scores[:2],
+                             ("template", "search", "difference"))
+        stamps = np.random.default_rng(0).normal(size=(2, 3, 51, 51))
+        plot_saliency_gallery(stamps, res, labels[:2], {str(tmp_path / "saliency.png")!r})
+        print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["svg", "False"]
+    for name in ("roc.png", "saliency.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,10 +1,13 @@
 """Candidate detection: matched-filter S/N, photometry against injected fluxes, flags, direct mode."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
 from conftest import render_gaussians
+from dia import subtract
 from dia.masks import MaskBits
 from pipeline.detect import (
     CandidateFlags,
@@ -113,3 +116,88 @@ def test_direct_detection_finds_transients_and_rejects_static_stars(sim_pair):
 def test_detect_config_validation():
     with pytest.raises(ValueError, match="threshold"):
         DetectConfig(threshold=0)
+
+
+def _flags_at(cands, x, y, radius=1.0):
+    """Flags of the one candidate within ``radius`` px of (x, y) (fails if there is none)."""
+    d = np.hypot(np.asarray(cands["x"]) - x, np.asarray(cands["y"]) - y)
+    assert d.size and d.min() <= radius, f"no candidate within {radius} px of ({x}, {y})"
+    return CandidateFlags(int(cands["flags"][int(np.argmin(d))]))
+
+
+def test_masked_flag_marks_flagged_pixels_in_the_core():
+    """MASKED: a flagged pixel (any bit but SAT and EDGE) on the candidate pixel or in its 3x3 core."""
+    pos = {"bad_centre": (80, 80), "cr_diagonal": (200, 80), "suspect_3px": (320, 80),
+           "sat_centre": (80, 200), "clean": (200, 200)}
+    xs, ys = (np.array([p[k] for p in pos.values()], float) for k in (0, 1))
+    image, var = render_gaussians((300, 400), xs, ys, np.full(xs.size, 6000.0), 4.0, 10.0, seed=8)  # S/N ~100
+    mask = np.zeros(image.shape, np.int32)
+    mask[80, 80] = MaskBits.BAD
+    mask[81, 201] = MaskBits.CR
+    mask[80, 323] = MaskBits.SUSPECT
+    mask[200, 80] = MaskBits.SAT
+    cands = detect_difference(image, var, mask, 4.0, config=DetectConfig(edge=25))
+    flags = {name: _flags_at(cands, *p) for name, p in pos.items()}
+    assert flags["bad_centre"] & CandidateFlags.MASKED
+    assert flags["cr_diagonal"] & CandidateFlags.MASKED
+    assert not flags["suspect_3px"] & CandidateFlags.MASKED
+    # saturation has its own flag
+    assert flags["sat_centre"] & CandidateFlags.SATURATED and not flags["sat_centre"] & CandidateFlags.MASKED
+    assert flags["clean"] == 0
+
+
+def _psf_matching_field(seed=4, shape=(400, 400), n_stars=160):
+    """Search (FWHM 4) and template (FWHM 2.8, so the one convolved) of one star field, with four
+    transients of S/N ~100 in the search only at (100|300, 100|300)."""
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    xs, ys = rng.uniform(8, nx - 8, n_stars), rng.uniform(8, ny - 8, n_stars)
+    flux = np.exp(rng.uniform(np.log(2e3), np.log(2e5), n_stars))
+    trans = np.array([[100.0, 100.0], [300.0, 100.0], [100.0, 300.0], [300.0, 300.0]])
+    far = np.min(np.hypot(xs[:, None] - trans[:, 0], ys[:, None] - trans[:, 1]), axis=1) > 20
+    xs, ys, flux = xs[far], ys[far], flux[far]
+    template, t_var = render_gaussians(shape, xs, ys, flux, 2.8, 8.0, seed=seed + 1)
+    search, s_var = render_gaussians(shape, np.r_[xs, trans[:, 0]], np.r_[ys, trans[:, 1]],
+                                     np.r_[flux, np.full(len(trans), 6000.0)], 4.0, 8.0, seed=seed + 2)
+    return search, s_var, template, t_var, trans
+
+
+def test_convolved_flag_from_masked_pixels_of_the_convolved_image():
+    """dia mode: a bad pixel of the convolved image (the template) reaches the difference through
+    the kernel, so a transient a few pixels from it is CONVOLVED (not MASKED); a bad pixel of the
+    unconvolved search at the same distance spreads nowhere and flags nothing."""
+    search, s_var, template, t_var, trans = _psf_matching_field()
+    s_mask = np.zeros(search.shape, np.int32)
+    t_mask = np.zeros(search.shape, np.int32)
+    t_mask[100, 106] = MaskBits.BAD  # 6 px right of transient (100, 100), in the convolved template
+    s_mask[100, 306] = MaskBits.BAD  # 6 px right of transient (300, 100), in the search
+    t_mask[300, 100] = MaskBits.BAD  # on transient (100, 300), in the template
+    diff = subtract(search, s_var, s_mask, template, t_var, t_mask, search_fwhm=4.0, template_fwhm=2.8)
+    assert diff.convolved == "template"
+    cands = detect_difference(diff.image, diff.variance, diff.mask, 4.0)
+    assert len(cands) == 4  # the stars subtract cleanly, every transient is found
+    near_t, near_s, on_t, clean = (_flags_at(cands, x, y) for x, y in trans)
+    assert near_t & CandidateFlags.CONVOLVED and not near_t & CandidateFlags.MASKED
+    assert near_s == 0
+    assert on_t & CandidateFlags.MASKED and on_t & CandidateFlags.CONVOLVED
+    assert clean == 0
+
+
+def test_direct_masked_flag_from_search_and_template_masks(sim_pair):
+    """direct mode: MASKED when the search pixel of the candidate is flagged, or the template pixel
+    at the same sky position (through the two WCSs: the template is rotated and shifted)."""
+    s, t, truth = sim_pair.search, sim_pair.template, sim_pair.truth
+    base = match_truth(detect_direct(s, t, DirectDetectConfig()), truth)
+    good = base[(np.asarray(base["truth_kind"]) == "transient") & (np.asarray(base["flags"]) == 0)]
+    assert len(good) >= 3
+    (xa, ya), (xb, yb), (xc, yc) = ((float(r["x"]), float(r["y"])) for r in good[:3])
+    s_mask, t_mask = s.mask.copy(), t.mask.copy()
+    s_mask[int(round(ya)), int(round(xa))] |= MaskBits.BAD
+    tx, ty = t.wcs.world_to_pixel_values(*s.wcs.pixel_to_world_values(xb, yb))
+    t_mask[int(round(float(ty))), int(round(float(tx)))] |= MaskBits.BAD
+    s_mask[int(round(yc)), int(round(xc)) + 3] |= MaskBits.BAD  # 3 px away: not the candidate's pixel
+    cands = detect_direct(dataclasses.replace(s, mask=s_mask), dataclasses.replace(t, mask=t_mask),
+                          DirectDetectConfig())
+    assert _flags_at(cands, xa, ya) & CandidateFlags.MASKED
+    assert _flags_at(cands, xb, yb) & CandidateFlags.MASKED
+    assert _flags_at(cands, xc, yc) == 0

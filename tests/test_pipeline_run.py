@@ -159,7 +159,7 @@ def test_resume_after_interrupted_run_gives_the_same_catalog(sim_field, tmp_path
 def test_local_cluster_matches_threads_and_survives_a_killed_worker(sim_field, tmp_path, dia_run):
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address="localhost:0") as cluster, \
             Client(cluster) as client:
         holder = {}
 
@@ -203,7 +203,7 @@ def test_slurm_workflow_submits_jobs_and_cleans_up(sim_field, tmp_path):
 kind = "slurm"
 jobs = 1
 threads_per_worker = 1
-dashboard_address = ":0"
+dashboard_address = "localhost:0"
 
 [scheduler.cluster]
 queue = "debug"
