@@ -14,8 +14,9 @@ Schemes (``normalize_stamps(stamps, scheme, channels)``):
       per-stamp min-max scaling destroys; ``asinh`` keeps noise linear and bright stars in range.
     * difference: minus its clipped mean, divided by its own clipped std, then ``asinh``.
 
-Missing pixels (NaN) are ignored by the statistics and set to 0 after normalising, so the
-output is finite and deterministic.  A constant stamp maps to 0.
+Missing pixels (NaN, and infinite values) are ignored by the statistics and set to 0 after
+normalising, so the output is finite and deterministic.  A constant stamp maps to 0.  The
+statistics are accumulated in float64 (see ``_mean_std``); the pixels stay float32.
 """
 
 from __future__ import annotations
@@ -52,27 +53,41 @@ def _back(t: torch.Tensor, was_numpy: bool):
 def _mean_std(x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (stamp, channel) mean and population std of (N, K, P) pixels, NaN-aware.
 
-    Two passes (mean, then mean squared deviation): as exact as ``torch.std_mean`` and several
-    times faster on CPU for rows of a few thousand pixels.
+    Two passes (mean, then mean squared deviation), accumulated in float64 and returned in
+    float32: a constant stamp gets a std of exactly 0 (float32 sums leave a rounding error
+    that a later division blows up to +-1), and pixels near the float32 limit do not overflow
+    the sums.  Several times faster on CPU than ``torch.std_mean`` for rows of a few thousand
+    pixels.
     """
+    x64 = x.to(torch.float64)
     if valid is None:
-        mean = x.mean(dim=-1, keepdim=True)
-        dev = x - mean
-        return mean, torch.sqrt((dev * dev).mean(dim=-1, keepdim=True))
-    n = valid.sum(dim=-1, keepdim=True).clamp_min(1)
-    xz = torch.where(valid, x, 0.0)
-    mean = xz.sum(dim=-1, keepdim=True) / n
-    dev = torch.where(valid, x - mean, 0.0)
-    std = torch.sqrt((dev * dev).sum(dim=-1, keepdim=True) / n)
-    return mean, std
+        mean = x64.mean(dim=-1, keepdim=True)
+        dev = x64 - mean
+        std = torch.sqrt((dev * dev).mean(dim=-1, keepdim=True))
+    else:
+        n = valid.sum(dim=-1, keepdim=True).clamp_min(1)
+        mean = torch.where(valid, x64, 0.0).sum(dim=-1, keepdim=True) / n
+        dev = torch.where(valid, x64 - mean, 0.0)
+        std = torch.sqrt((dev * dev).sum(dim=-1, keepdim=True) / n)
+    return mean.to(torch.float32), std.to(torch.float32)
 
 
 def _valid(x: torch.Tensor) -> torch.Tensor | None:
-    # one cheap reduction first: a finite total means no NaN anywhere (the usual case)
-    if bool(torch.isfinite(x.sum())):
-        return None
-    nan = torch.isnan(x)
-    return ~nan if bool(nan.any()) else None
+    """Mask of usable pixels (finite ones), or None when all are (the usual case)."""
+    finite = torch.isfinite(x)
+    return None if bool(finite.all()) else finite
+
+
+def _divisor(x: torch.Tensor) -> torch.Tensor:
+    """Where ``x`` can be divided by: positive, finite, and with a finite float32 inverse (a
+    denormal spread, e.g. of two tiny pixels, would scale the stamp to infinity)."""
+    return torch.isfinite(x) & (x > 0) & torch.isfinite(1.0 / torch.where(x > 0, x, 1.0))
+
+
+def _inverse(x: torch.Tensor) -> torch.Tensor:
+    """``1 / x`` where ``x`` is a usable divisor (:func:`_divisor`), else 0."""
+    ok = _divisor(x)
+    return torch.where(ok, 1.0 / torch.where(ok, x, 1.0), 0.0)
 
 
 def _finish(out: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -95,10 +110,12 @@ def zscore(x):
     """
     t, was_np = _as_tensor(x)
     shape = t.shape
+    if t.numel() == 0:
+        return _back(t.clone(), was_np)
     t = t.reshape(shape[0], shape[1], -1)
     valid = _valid(t)
     mean, std = _mean_std(t, valid)
-    scale = torch.where(std > 0, 1.0 / torch.where(std > 0, std, 1.0), 0.0)
+    scale = _inverse(std)
     return _back(_finish((t - mean) * scale, valid).reshape(shape), was_np)
 
 
@@ -110,6 +127,8 @@ def paper_minmax(x, nsigma: float = 3.0):
     """
     t, was_np = _as_tensor(x)
     shape = t.shape
+    if t.numel() == 0:
+        return _back(t.clone(), was_np)
     t = t.reshape(shape[0], shape[1], -1)
     valid = _valid(t)
     mean, std = _mean_std(t, valid)
@@ -119,7 +138,7 @@ def paper_minmax(x, nsigma: float = 3.0):
     lo = torch.where(t >= mean - nsigma * std, t, torch.inf).amin(dim=-1, keepdim=True)
     hi = torch.where(t <= mean + nsigma * std, t, -torch.inf).amax(dim=-1, keepdim=True)
     span = hi - lo
-    ok = torch.isfinite(span) & (span > 0)
+    ok = _divisor(span)
     lo = torch.where(ok, lo, 0.0)
     scale = torch.where(ok, 1.0 / torch.where(ok, span, 1.0), 0.0)
     return _back(_finish((t - lo) * scale, valid).reshape(shape), was_np)
@@ -139,6 +158,8 @@ def shared_scale(x, image_channels: Sequence[int], reference: int | None):
     """
     t, was_np = _as_tensor(x)
     shape = t.shape
+    if t.numel() == 0:
+        return _back(t.clone(), was_np)
     t = t.reshape(shape[0], shape[1], -1)
     valid = _valid(t)
     # robust background and noise: mean and std after one 3-sigma clip (much cheaper than
@@ -148,8 +169,8 @@ def shared_scale(x, image_channels: Sequence[int], reference: int | None):
     if valid is not None:
         inside = inside & valid
     med, sig = _mean_std(t, inside)
-    sig = torch.where(sig > 0, sig, std)
-    sig = torch.where(sig > 0, sig, 1.0)
+    sig = torch.where(_divisor(sig), sig, std)
+    sig = torch.where(_divisor(sig), sig, 1.0)
     if image_channels:
         ref = reference if reference is not None else image_channels[-1]
         # every image channel takes the reference channel's noise; built out of place (an

@@ -65,7 +65,7 @@ class CandidateFlags(enum.IntFlag):
 
 #: name -> (dtype, unit, description) of every column a candidate table may carry.
 CANDIDATE_COLUMNS: dict[str, tuple[str, str, str]] = {
-    "ccd": ("U32", "", "CCD pair identifier"),
+    "ccd": ("U64", "", "CCD pair identifier (pipeline.io.CCD_ID_MAX_LENGTH characters at most)"),
     "id": ("i8", "", "candidate number within the CCD"),
     "x": ("f8", "pix", "x position on the search grid (0-based)"),
     "y": ("f8", "pix", "y position on the search grid (0-based)"),
@@ -77,7 +77,7 @@ CANDIDATE_COLUMNS: dict[str, tuple[str, str, str]] = {
     "flags": ("i4", "", "CandidateFlags bits"),
     "score": ("f4", "", "CNN probability of being real (NaN before scoring)"),
     "mode": ("U8", "", "pipeline mode: dia or direct"),
-    "model": ("U32", "", "CNN model name"),
+    "model": ("U32", "", "CNN model name or weights file (the column widens to fit)"),
     "truth_id": ("i8", "", "matched truth object id (-1 none)"),
     "truth_kind": ("U16", "", "matched truth object kind ('' none)"),
     "truth_mag": ("f8", "mag", "matched truth magnitude (NaN none)"),
@@ -779,7 +779,7 @@ def detect_difference(
     flux_err = flux_err * noise_scale
     order = np.argsort(-peak, kind="stable")
     table = CandidateTable.from_columns(
-        ccd=np.full(x.size, str(ccd), dtype="U32")[order],
+        ccd=np.full(x.size, str(ccd), dtype=CANDIDATE_COLUMNS["ccd"][0])[order],
         id=np.arange(x.size),
         x=x[order], y=y[order], ra=np.asarray(ra)[order], dec=np.asarray(dec)[order],
         flux=flux[order], flux_err=flux_err[order], snr=peak[order],
@@ -906,7 +906,7 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
         ra = dec = np.zeros(0)
     order = np.argsort(-delta_snr, kind="stable")
     return CandidateTable.from_columns(
-        ccd=np.full(x.size, str(ccd), dtype="U32")[order], id=np.arange(x.size),
+        ccd=np.full(x.size, str(ccd), dtype=CANDIDATE_COLUMNS["ccd"][0])[order], id=np.arange(x.size),
         x=x[order], y=y[order], ra=np.asarray(ra)[order], dec=np.asarray(dec)[order],
         flux=delta[order], flux_err=err[order], snr=peak[order], flags=flags[order],
         search_flux=f_s[order], template_flux=f_t[order], delta_snr=delta_snr[order],

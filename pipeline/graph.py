@@ -40,7 +40,7 @@ from astropy.table import Table, vstack
 
 from pipeline import steps
 from pipeline.config import RunConfig, science_dict
-from pipeline.io import PairEntry, atomic_path, validate_ccd_id
+from pipeline.io import InputError, PairEntry, atomic_path, read_catalog, validate_ccd_id, write_catalog
 
 __all__ = ["CcdState", "STAGES", "build_graph", "config_hash", "resume_key", "input_fingerprint",
            "ccd_outputs_complete", "collect_catalog", "run_stage", "status_record", "ccd_paths"]
@@ -152,9 +152,9 @@ def ccd_outputs_complete(out_dir: Path, entry: PairEntry, key: str, *,
     if need_diff and not paths["diff"].exists():
         return None, "its difference image is missing (--save-diff)"
     try:
-        n = len(Table.read(paths["catalog"], format="fits"))
-    except Exception as exc:  # a truncated or foreign file: redo the CCD rather than crash the run
-        return None, f"its catalog is missing or unreadable ({type(exc).__name__})"
+        n = len(read_catalog(paths["catalog"]))
+    except InputError as exc:  # a truncated, damaged or foreign file: redo the CCD rather than crash the run
+        return None, f"its catalog is missing, unreadable or damaged ({exc})"
     if n != record.get("n_candidates"):
         return None, f"its catalog has {n} rows, its status says {record.get('n_candidates')}"
     return record, ""
@@ -250,8 +250,7 @@ def _stage_write(state: CcdState, config: RunConfig, out_dir: Path) -> None:
             table, truth, config.score_threshold, edge=config.detect.edge, shape=state.pair.search.shape
         ).as_dict()
     paths = ccd_paths(out_dir, state.ccd)
-    with atomic_path(paths["catalog"]) as tmp:
-        table.write(tmp, format="fits", overwrite=True)
+    write_catalog(table, paths["catalog"])
     state.candidates = table
     state.pair = None
 
@@ -408,16 +407,20 @@ def collect_catalog(out_dir: Path, ccds: list[str], errors: dict[str, str] | Non
     for ccd in ccds:
         path = ccd_paths(out_dir, ccd)["catalog"]
         try:
-            tables.append(Table.read(path, format="fits"))
-        except Exception as exc:  # missing, truncated or foreign: reported, not fatal
+            tables.append(_plain_columns(read_catalog(path)))
+        except Exception as exc:  # missing, truncated, damaged or foreign: reported, not fatal
             if errors is not None:
-                errors[ccd] = f"cannot read its catalog {path}: {type(exc).__name__}: {exc}"
+                errors[ccd] = f"cannot use its catalog: {exc}"
     if not tables:
         from pipeline.detect import CandidateTable
 
         return CandidateTable.empty(("ccd", "id", "x", "y", "ra", "dec", "flux", "flux_err", "snr", "flags",
                                      "score", "mode", "model"))
-    table = vstack(tables, metadata_conflicts="silent")
+    return Table(vstack(tables, metadata_conflicts="silent"), masked=False)
+
+
+def _plain_columns(table: Table) -> Table:
+    """A catalog read back from FITS with plain columns: NaN for masked floats, str for bytes."""
     for name in table.colnames:
         col = table[name]
         if hasattr(col, "mask"):  # FITS reads NaN / empty cells back as masked: keep plain columns

@@ -49,6 +49,8 @@ __all__ = [
     "write_difference",
     "validate_ccd_id",
     "remove_orphan_temporaries",
+    "write_catalog",
+    "read_catalog",
     "CCD_ID_PATTERN",
     "MIN_IMAGE_SIDE",
 ]
@@ -282,6 +284,42 @@ def write_exposure(exposure: Exposure, path: str | Path, *, overwrite: bool = Tr
     with atomic_path(path) as tmp:
         hdus.writeto(tmp, overwrite=True, output_verify="silentfix")
     return path
+
+
+def write_catalog(table: Table, path: str | Path) -> Path:
+    """Write a candidate table as a FITS binary table with ``CHECKSUM``/``DATASUM`` cards (atomic).
+
+    The checksums let :func:`read_catalog` tell a catalog damaged after it was written (a
+    truncated copy, bytes overwritten on disk) from a good one, which a successful parse alone
+    cannot.
+    """
+    hdul = fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(table)])
+    with atomic_path(path) as tmp:
+        hdul.writeto(tmp, checksum=True)
+    return Path(path)
+
+
+def read_catalog(path: str | Path) -> Table:
+    """Read a catalog written by :func:`write_catalog`, verifying its checksums.
+
+    Raises
+    ------
+    InputError
+        Missing, unreadable, or damaged (checksum mismatch) -- naming the file.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with fits.open(path, checksum=True, memmap=False) as hdul:
+                table = Table.read(hdul[1], format="fits")
+    except Exception as exc:  # missing, truncated, not FITS, no table HDU
+        raise InputError(f"{path}: cannot read the catalog ({type(exc).__name__}: {exc})") from None
+    damaged = [str(w.message) for w in caught if "verification failed" in str(w.message).lower()
+               or "truncated" in str(w.message).lower()]
+    if damaged:
+        raise InputError(f"{path}: the catalog is damaged ({damaged[0]})")
+    return table
 
 
 # ----------------------------------------------------------------------------- reading
@@ -642,8 +680,8 @@ def read_manifest(path: str | Path) -> list[PairEntry]:
     entries = []
     seen: dict[str, int] = {}
     problems = []
-    for row in table:
-        def cell(name):
+    for line, row in enumerate(table, start=1):
+        def cell(name, row=row):
             if name not in table.colnames:
                 return None
             value = row[name]
@@ -658,7 +696,6 @@ def read_manifest(path: str | Path) -> list[PairEntry]:
             p = Path(value)
             return p if p.is_absolute() else base / p
 
-        line = len(entries) + len(problems) + 1
         ccd = cell("ccd")
         try:
             validate_ccd_id(ccd)

@@ -30,7 +30,7 @@ from pipeline.graph import (
     resume_key,
     status_record,
 )
-from pipeline.io import InputError, PairEntry, atomic_path, validate_ccd_id
+from pipeline.io import InputError, PairEntry, atomic_path, read_catalog, validate_ccd_id, write_catalog
 from pipeline.outdir import OutputError, open_output_folder
 
 __all__ = ["RunResult", "RunSetupError", "run_pipeline", "format_summary", "versions", "check_model",
@@ -164,11 +164,9 @@ def _resummarize(record: dict, entry: PairEntry, out_dir: Path, config: RunConfi
     """A reused CCD's truth summary at this run's score threshold (the catalog does not change)."""
     if entry.truth is None or record.get("score_threshold") == config.score_threshold:
         return record
-    from astropy.table import Table
-
     from pipeline.truth import read_truth, summarize_against_truth
 
-    table = Table.read(ccd_paths(out_dir, entry.ccd)["catalog"], format="fits")
+    table = read_catalog(ccd_paths(out_dir, entry.ccd)["catalog"])
     shape = tuple(record["shape"]) if record.get("shape") else None
     summary = summarize_against_truth(table, read_truth(entry.truth), config.score_threshold,
                                       edge=config.detect.edge, shape=shape).as_dict()
@@ -349,8 +347,7 @@ def _run_locked(entries, config, out_dir, scheduler, chash, weights_path, weight
         "ccds": records,
     }
     try:
-        with atomic_path(out_dir / "candidates.fits") as tmp:
-            catalog.write(tmp, format="fits", overwrite=True)
+        write_catalog(catalog, out_dir / "candidates.fits")
         with atomic_path(out_dir / "candidates.parquet") as tmp:
             catalog.write(tmp, format="parquet", overwrite=True)
         with atomic_path(out_dir / "run.json") as tmp:

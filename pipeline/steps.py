@@ -263,7 +263,7 @@ def finalize_candidates(candidates: Table, scores: np.ndarray, config: RunConfig
     out = candidates.copy()
     out["score"] = np.asarray(scores, np.float32)
     out["mode"] = np.full(len(out), config.mode, dtype="U8")
-    out["model"] = np.full(len(out), config.model, dtype="U32")
+    out["model"] = np.full(len(out), config.model, dtype=f"U{max(32, len(config.model))}")  # never cut
     if truth is not None:
         out = match_truth(out, truth, config.match)
     return out

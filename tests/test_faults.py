@@ -582,11 +582,11 @@ def _fail_writes(monkeypatch, module, match, error=errno.ENOSPC):
 
 def test_disk_full_on_one_ccd_fails_only_that_ccd_and_resume_completes(sim_field, clean_direct, tmp_path,
                                                                         monkeypatch, capsys):
-    from pipeline import graph
+    from pipeline import io
 
     manifest = _two_ccds(sim_field, tmp_path)
     out = tmp_path / "out"
-    _fail_writes(monkeypatch, graph, "ccd01.fits")
+    _fail_writes(monkeypatch, io, "ccd01.fits")  # the catalog writer (io.write_catalog)
     status, stdout, _ = _run_cli(_direct(manifest, out), capsys)
     assert status == EXIT_SOME_FAILED
     run = json.loads((out / "run.json").read_text())
