@@ -126,28 +126,33 @@ def main(argv=None) -> int:
         import cupy as cp
 
         planes = [cp.asarray(a) for a in planes]
-        subtract(*planes, search_fwhm=pair["search_fwhm"], template_fwhm=pair["template_fwhm"], config=cfg, device="gpu")  # warm-up
+        subtract(*planes, search_fwhm=pair["search_fwhm"], template_fwhm=pair["template_fwhm"], config=cfg,
+                 device="gpu")  # warm-up
     runs = []
     for _ in range(args.repeat):
-        d = subtract(*planes, search_fwhm=pair["search_fwhm"], template_fwhm=pair["template_fwhm"], config=cfg, device=args.device)
+        d = subtract(*planes, search_fwhm=pair["search_fwhm"], template_fwhm=pair["template_fwhm"], config=cfg,
+                     device=args.device)
         runs.append(d.timings)
     med = {k: float(np.median([r[k] for r in runs])) for k in STEPS if k in runs[0]}
     q = quality(pair, d)
     result = {
         "shape": list(pair["search"].shape), "device": args.device, "repeat": args.repeat,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}, numpy {np.__version__}",
+        "machine": (f"{platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}, "
+                    f"numpy {np.__version__}"),
         "input_build_s": build_s, "median_step_s": med, "align_median_s": pair.get("align_s"),
         "convolved": d.convolved, "stars": {"found": d.stats.found, "used": d.stats.used, "rejected": d.stats.rejected},
-        "kernel": {"sigmas": list(d.solution.basis.sigmas), "size": d.solution.basis.size, "n_basis": d.solution.basis.n_basis,
-                   "kernel_sum_centre": d.solution.kernel_sum_centre},
+        "kernel": {"sigmas": list(d.solution.basis.sigmas), "size": d.solution.basis.size,
+                   "n_basis": d.solution.basis.n_basis, "kernel_sum_centre": d.solution.kernel_sum_centre},
         "fit_chi2_median": d.stats.chi2_median, "quality": q,
     }
-    print(f"dia.subtract on {result['shape'][0]}x{result['shape'][1]} ({args.device}, median of {args.repeat}; {result['machine']})")
+    print(f"dia.subtract on {result['shape'][0]}x{result['shape'][1]} "
+          f"({args.device}, median of {args.repeat}; {result['machine']})")
     print(f"{'step':<12}{'seconds':>10}")
     for k, v in med.items():
         print(f"{k:<12}{v:>10.3f}")
     print(f"stars: found {d.stats.found}, used {d.stats.used}, rejected {d.stats.rejected}")
-    print(f"kernel: {d.solution.basis.n_basis} basis functions, sigmas {tuple(round(s, 2) for s in d.solution.basis.sigmas)}, "
+    print(f"kernel: {d.solution.basis.n_basis} basis functions, "
+          f"sigmas {tuple(round(s, 2) for s in d.solution.basis.sigmas)}, "
           f"size {d.solution.basis.size}, sum at centre {d.solution.kernel_sum_centre:.4f}; convolved: {d.convolved}")
     print("quality: " + json.dumps(q))
     if pair.get("align_s") is not None:

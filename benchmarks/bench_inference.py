@@ -54,8 +54,9 @@ def main(argv=None) -> int:
     # the scorer and the baseline both run with --threads; the caller's torch setting is restored
     with torch_threads(args.threads):
         rows = _measure(args)
-    info = {"threads": args.threads, "batch": args.batch, "chunk": args.chunk, "repeat": args.repeat, "torch": torch.__version__,
-            "numpy": np.__version__, "cpu": platform.processor() or platform.machine(), "results": rows}
+    info = {"threads": args.threads, "batch": args.batch, "chunk": args.chunk, "repeat": args.repeat,
+            "torch": torch.__version__, "numpy": np.__version__, "cpu": platform.processor() or platform.machine(),
+            "results": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(info, indent=1))
     return 0
@@ -78,14 +79,16 @@ def _measure(args) -> list[dict]:
                 logits = scorer.net(x.contiguous(memory_format=torch.channels_last))
                 return torch.softmax(logits.float(), dim=1)[:, 1].numpy()
 
-            fast, base = _median_time(lambda: scorer.score(stamps), args.repeat), _median_time(baseline, args.repeat)
+            fast = _median_time(lambda scorer=scorer: scorer.score(stamps), args.repeat)
+            base = _median_time(baseline, args.repeat)
             rate, base_rate = args.batch / fast, args.batch / base
             row = {"model": name, "precision": prec, "median_s": fast, "stamps_per_s": rate,
                    "baseline_median_s": base, "baseline_stamps_per_s": base_rate, "speed_up": base / fast,
                    "target": TARGETS.get(name)}
             rows.append(row)
             tgt = f"(target {TARGETS[name]})" if name in TARGETS else ""
-            print(f"{name:14s} {prec:9s} {rate:8.0f} stamps/s  (baseline {base_rate:7.0f}/s, x{base / fast:4.2f})  {tgt}")
+            print(f"{name:14s} {prec:9s} {rate:8.0f} stamps/s  "
+                  f"(baseline {base_rate:7.0f}/s, x{base / fast:4.2f})  {tgt}")
     return rows
 
 

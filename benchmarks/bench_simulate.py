@@ -32,7 +32,9 @@ def _cutout_png(pair, path: Path, size: int = 400) -> None:
     best, best_n = (0, 0), -1
     for y0 in range(0, ny - size, size // 4):
         for x0 in range(0, nx - size, size // 4):
-            inside = lambda t: np.sum((t["x"] >= x0) & (t["x"] < x0 + size) & (t["y"] >= y0) & (t["y"] < y0 + size))  # noqa: E731
+            def inside(t, x0=x0, y0=y0):
+                return np.sum((t["x"] >= x0) & (t["x"] < x0 + size) & (t["y"] >= y0) & (t["y"] < y0 + size))
+
             n = 2 * inside(tr) + inside(art)
             if n > best_n:
                 best, best_n = (y0, x0), n
@@ -95,7 +97,8 @@ def main(argv=None) -> int:
     m = pair.truth.meta
     print(f"last CCD: search m5 {m['search_m5']:.2f}, template m5 {m['template_m5']:.2f}, "
           f"seeing {m['search_seeing']:.2f}\"/{m['template_seeing']:.2f}\", "
-          f"offset ({m['template_offset_x']:.1f}, {m['template_offset_y']:.1f}) px, rot {m['template_rotation_deg']:.2f} deg")
+          f"offset ({m['template_offset_x']:.1f}, {m['template_offset_y']:.1f}) px, "
+          f"rot {m['template_rotation_deg']:.2f} deg")
     kinds, counts = np.unique(pair.truth["kind"], return_counts=True)
     print("last CCD truth rows: " + ", ".join(f"{k} {c}" for k, c in zip(kinds, counts)))
     if args.png:

@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of ``pipeline benchmark``."""
     from pipeline.simulate.command import parse_shape
 
-    parser.add_argument("--out", required=True, help="output folder (report.md, report.html, report.json, runs/, plots/)")
+    parser.add_argument("--out", required=True,
+                        help="output folder (report.md, report.html, report.json, runs/, plots/)")
     parser.add_argument("--ccds", type=int, default=4, help="simulated CCD pairs (default 4)")
     parser.add_argument("--instrument", choices=("decam", "ztf", "lsst"), default="decam",
                         help="simulated instrument (default decam: 4096 x 2048 CCDs)")
@@ -35,7 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark; print the headline table and where the reports are."""
-    import warnings
     from pathlib import Path
 
     from benchmarks.report import headline_markdown

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         for prec, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
             net = build_model(name).eval().to(dev, dtype=dtype).to(memory_format=torch.channels_last)
             with torch.inference_mode():
-                def run():
+                def run(spec=spec, dtype=dtype, net=net):
                     x = prepare_input(stamps, spec).to(dtype).contiguous(memory_format=torch.channels_last)
                     return torch.softmax(net(x).float(), 1)[:, 1]
                 for _ in range(3):

@@ -57,7 +57,8 @@ def render(shape, xs, ys, fluxes, fwhm_at, hw=15):
     return np.bincount((gy[ok] * nx + gx[ok]), weights=stamps[ok], minlength=ny * nx).reshape(shape)
 
 
-def make_pair(shape=(4096, 2048), seed=0, search_fwhm=4.6, template_fwhm=3.4, n_stars=None, n_transients=20, saturation=60000.0):
+def make_pair(shape=(4096, 2048), seed=0, search_fwhm=4.6, template_fwhm=3.4, n_stars=None, n_transients=20,
+              saturation=60000.0):
     """A DECam-like synthetic pair (0.263"/px: seeing 1.2" search, 0.9" template).
 
     Returns a dict with the six planes, the FWHMs and the truth (stars, transients).
@@ -132,7 +133,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     ny, nx = (int(v) for v in args.shape.lower().split("x"))
     out_json = args.json or (os.path.join(os.environ["OUT"], "gpu_dia_check.json") if os.environ.get("OUT") else None)
-    report: dict = {"shape": [ny, nx], "device_requested": args.device, "python": platform.python_version(), "numpy": np.__version__}
+    report: dict = {"shape": [ny, nx], "device_requested": args.device, "python": platform.python_version(),
+                    "numpy": np.__version__}
 
     t = time.perf_counter()
     pair = make_pair((ny, nx))
@@ -189,13 +191,16 @@ def main(argv=None) -> int:
         report.update(compare(ref, res, pair["search"]))
         if args.float64:
             cfg64 = PsfMatchConfig(float32=False)
-            ref64 = subtract(*host, device="cpu", search_fwhm=kw["search_fwhm"], template_fwhm=kw["template_fwhm"], config=cfg64)
-            subtract(*dev, device=args.device, search_fwhm=kw["search_fwhm"], template_fwhm=kw["template_fwhm"], config=cfg64)
+            ref64 = subtract(*host, device="cpu", search_fwhm=kw["search_fwhm"], template_fwhm=kw["template_fwhm"],
+                             config=cfg64)
+            subtract(*dev, device=args.device, search_fwhm=kw["search_fwhm"], template_fwhm=kw["template_fwhm"],
+                     config=cfg64)
             t64 = []
             for _ in range(max(3, args.repeat // 2)):
                 sync()
                 t = time.perf_counter()
-                d64 = subtract(*dev, device=args.device, search_fwhm=kw["search_fwhm"], template_fwhm=kw["template_fwhm"], config=cfg64)
+                d64 = subtract(*dev, device=args.device, search_fwhm=kw["search_fwhm"],
+                               template_fwhm=kw["template_fwhm"], config=cfg64)
                 sync()
                 t64.append(time.perf_counter() - t)
             report["float64_device_time_per_ccd_s_median"] = float(np.median(t64))

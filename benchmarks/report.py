@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from classifier.plotting import new_figure, save_figure
-
 from pipeline.io import atomic_path
 
 __all__ = ["make_plots", "headline", "headline_markdown", "build_blocks", "to_markdown", "to_html",
@@ -87,8 +86,8 @@ def make_plots(data: dict, plot_dir: str | Path) -> dict[str, str]:
         ax.set_yticks(y, labels)
         ax.invert_yaxis()
         ax.set_xlabel("seconds per CCD (mean)")
-        ax.set_title(f"{mode}: {cost['wall_per_ccd']:.2f} s wall / CCD, {cost['ccds_per_core_hour']:.0f} CCDs per core-hour",
-                     fontsize=9)
+        ax.set_title(f"{mode}: {cost['wall_per_ccd']:.2f} s wall / CCD, "
+                     f"{cost['ccds_per_core_hour']:.0f} CCDs per core-hour", fontsize=9)
         ax.legend(fontsize=8, loc="lower right")
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"Stage cost per CCD ({data['config']['workers']} CPU workers, 1 thread each)", fontsize=10)
@@ -107,7 +106,8 @@ def make_plots(data: dict, plot_dir: str | Path) -> dict[str, str]:
                     color=_COLORS[mode], alpha=0.5, label=f"{mode}: detected")
             if e["m50"] is not None:
                 a1.axvline(e["m50"], color=_COLORS[mode], lw=0.8, ls=":")
-                a1.text(e["m50"], 0.56 if mode == "dia" else 0.40, f" m50={e['m50']:.2f}", color=_COLORS[mode], fontsize=8)
+                a1.text(e["m50"], 0.56 if mode == "dia" else 0.40, f" m50={e['m50']:.2f}", color=_COLORS[mode],
+                        fontsize=8)
             rows = [r for r in e["by_snr"] if r["n"]]
             xs = [math.sqrt(max(r["lo"], 1.0) * (r["hi"] if r["hi"] is not None and math.isfinite(r["hi"])
                                                  else 2 * r["lo"])) for r in rows]
@@ -130,7 +130,7 @@ def make_plots(data: dict, plot_dir: str | Path) -> dict[str, str]:
         # cost (x) versus accuracy (y): one point per mode and device
         fig = new_figure((10, 4))
         b1, b2 = fig.subplots(1, 2)
-        for key, r in runs.items():
+        for r in runs.values():
             e = r.get("end_to_end")
             if not e:
                 continue
@@ -228,7 +228,10 @@ def _headline_blocks(data: dict) -> list:
 
 
 def build_blocks(data: dict) -> list:
-    """The report as blocks: ``("h1"|"h2"|"h3", text)``, ``("p", text)``, ``("table", header, rows)``, ``("img", name, path)``."""
+    """The report as blocks.
+
+    ``("h1"|"h2"|"h3", text)``, ``("p", text)``, ``("table", header, rows)``, ``("img", name, path)``.
+    """
     cfg = data["config"]
     mach = data["machine"]
     runs = _main_runs(data)
@@ -304,8 +307,10 @@ def build_blocks(data: dict) -> list:
         b.append(("h2", "Scaling"))
         rows = []
         for mode, s in data["scaling"].items():
-            rows.append([mode, " / ".join(str(w) for w in s["workers"]), " / ".join(_fmt(v, 1) for v in s["run_wall_s"]),
-                         " / ".join(_fmt(v, 2) for v in s["core_s_per_ccd"]), _fmt(s["speedup"], 2), _pct(s["efficiency"])])
+            rows.append([mode, " / ".join(str(w) for w in s["workers"]),
+                         " / ".join(_fmt(v, 1) for v in s["run_wall_s"]),
+                         " / ".join(_fmt(v, 2) for v in s["core_s_per_ccd"]), _fmt(s["speedup"], 2),
+                         _pct(s["efficiency"])])
         b.append(("table", ["mode", "workers", "run wall s", "core-s / CCD", "speed-up", "parallel efficiency"], rows))
         b.append(("p", "The same CCDs on both worker counts (CPU). Efficiency = speed-up / ratio of worker counts; "
                        "core-s / CCD growing with the worker count means the workers slow each other (shared cores, "
@@ -338,7 +343,8 @@ def build_blocks(data: dict) -> list:
         streams = sl["streams"]
         dia_s = streams.get("dia", {})
         same = sl.get("same_candidates_as_run") or {}
-        b.append(("p", f"All dia-stream candidates of the benchmark CCDs (not flagged EDGE): {dia_s.get('n', 0)} stamps, "
+        b.append(("p", "All dia-stream candidates of the benchmark CCDs (not flagged EDGE): "
+                       f"{dia_s.get('n', 0)} stamps, "
                        f"{dia_s.get('n_real', 0)} real (within 2 px of an injected transient), "
                        f"{dia_s.get('n_bogus', 0)} bogus, unbalanced as they come. Triplet models see "
                        "(template, search, difference); pair models the template and search channels of the same "
@@ -404,9 +410,10 @@ def build_blocks(data: dict) -> list:
             if not e:
                 continue
             rows.append([mode, _fmt(e["n_transients"]), f"{e['n_detected']} ({_pct(e['completeness_detected'])})",
-                         f"{e['n_selected']} ({_pct(e['completeness'])})", _fmt(e["m50"], 2), _fmt(e["m50_detected"], 2),
-                         _fmt(e["n_false_positives"]), _fmt(e["false_positives_per_ccd"], 2),
-                         _fmt(e["false_positives_per_deg2"], 1), _pct(e["purity"]), _fmt(e["n_candidates"])])
+                         f"{e['n_selected']} ({_pct(e['completeness'])})", _fmt(e["m50"], 2),
+                         _fmt(e["m50_detected"], 2), _fmt(e["n_false_positives"]),
+                         _fmt(e["false_positives_per_ccd"], 2), _fmt(e["false_positives_per_deg2"], 1),
+                         _pct(e["purity"]), _fmt(e["n_candidates"])])
         b.append(("table", ["mode", "transients", "detected", "selected", "m50", "m50 detected", "FP", "FP / CCD",
                             "FP / deg²", "purity", "candidates"], rows))
         modes = [m for m, e in e2e.items() if e]
@@ -436,7 +443,8 @@ def build_blocks(data: dict) -> list:
     b.append(("p", "Versions: " + ", ".join(f"{k2} {v}" for k2, v in data["versions"].items()) + "."))
     b.append(("p", "Seeds: " + ", ".join(f"{k2} = {v}" for k2, v in data["seeds"].items()) + "."))
     b.append(("p", "Benchmark configuration: `" + json.dumps(cfg) + "`"))
-    b.append(("p", "Run configuration (dia mode; direct differs only in `mode`): `" + json.dumps(data["run_config"]["dia"]) + "`"))
+    b.append(("p", "Run configuration (dia mode; direct differs only in `mode`): `"
+                   + json.dumps(data["run_config"]["dia"]) + "`"))
     b.append(("p", "Each run's own `run.json` (per-CCD, per-stage times, worker, peak memory): "
                    + ", ".join(f"`{r['run_json']}`" for r in data["runs"]) + "."))
     return b

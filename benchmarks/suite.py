@@ -211,8 +211,9 @@ def _read_truths(entries) -> dict | None:
 
 
 def _catalogs_by_ccd(run_dir: Path, ccds) -> dict:
-    from pipeline.graph import ccd_paths
     from astropy.table import Table
+
+    from pipeline.graph import ccd_paths
 
     out = {}
     for ccd in ccds:
@@ -328,7 +329,8 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | Path, manifest: str | 
                 res = run_pipeline(entries, run_configs[(dev, mode)], run_dir, sched, progress=False, client=client)
                 run_json = json.loads((run_dir / "run.json").read_text())
                 runs.append({"key": f"{dev}-{mode}-w{k}", "device": dev, "mode": mode, "workers": k,
-                             "dir": str(run_dir.relative_to(out)), "run_json": str((run_dir / "run.json").relative_to(out)),
+                             "dir": str(run_dir.relative_to(out)),
+                             "run_json": str((run_dir / "run.json").relative_to(out)),
                              "wall_s": res.wall_s, "n_failed": res.n_failed,
                              "failures": {r["ccd"]: r["error"] for r in res.records if r["status"] != "done"},
                              "device_description": run_json.get("device"),

@@ -64,7 +64,8 @@ def read_autoscan_labels(path: str | Path) -> dict[str, np.ndarray]:
                 raise ValueError(f"{path}: column {name} is not numeric ({exc})") from None
     bad = ~np.isin(cols["OBJECT_TYPE"], (0, 1))
     if bad.any():
-        raise ValueError(f"{path}: OBJECT_TYPE must be 0 (real) or 1 (bogus); found {np.unique(cols['OBJECT_TYPE'][bad])}")
+        raise ValueError(f"{path}: OBJECT_TYPE must be 0 (real) or 1 (bogus); "
+                         f"found {np.unique(cols['OBJECT_TYPE'][bad])}")
     return cols
 
 

@@ -115,7 +115,8 @@ def _resolve(model: str | Path) -> Path:
                        f"the shipped weights {have or 'none'})")
 
 
-def load_weights(model: str | Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelSpec, dict, Path]:
+def load_weights(model: str | Path,
+                 map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelSpec, dict, Path]:
     """Load and check a weights file; return ``(module in eval mode, spec, metadata, path)``.
 
     Raises
@@ -165,7 +166,8 @@ def load_weights(model: str | Path, map_location: str | torch.device = "cpu") ->
     nonfinite = [k for k, v in state.items() if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
     if nonfinite:
         raise WeightsError(f"{path}: weights hold NaN or infinite values in {', '.join(nonfinite[:5])}"
-                           f"{'...' if len(nonfinite) > 5 else ''}; the file is corrupt or came from a diverged training run")
+                           f"{'...' if len(nonfinite) > 5 else ''}; "
+                           "the file is corrupt or came from a diverged training run")
     net.load_state_dict(state)
     return net.eval(), spec, meta, path
 

@@ -9,9 +9,10 @@ Schemes (``normalize_stamps(stamps, scheme, channels)``):
       outliers are kept, i.e. bright pixels exceed 1.
 ``"shared"`` (our ``triplet`` / ``pair`` models)
     * template and search: each minus its own background (3-sigma-clipped mean), then both
-      divided by ONE scale, the clipped noise (std) of the search stamp, then ``asinh``.  The common scale keeps the template/search
-      flux ratio (a static star looks the same in both, a new source only in the search), which a
-      per-stamp min-max scaling destroys; ``asinh`` keeps noise linear and bright stars in range.
+      divided by ONE scale, the clipped noise (std) of the search stamp, then ``asinh``.  The common
+      scale keeps the template/search flux ratio (a static star looks the same in both, a new source
+      only in the search), which a per-stamp min-max scaling destroys; ``asinh`` keeps noise linear
+      and bright stars in range.
     * difference: minus its clipped mean, divided by its own clipped std, then ``asinh``.
 
 Missing pixels (NaN, and infinite values) are ignored by the statistics and set to 0 after

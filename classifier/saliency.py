@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from .data import CHANNELS
-from .plotting import new_figure, save_figure
 from .models import ModelSpec, panel_slices, prepare_input
+from .plotting import new_figure, save_figure
 
 __all__ = ["SaliencyResult", "saliency_maps", "saliency_table", "plot_saliency_gallery"]
 

@@ -76,7 +76,8 @@ class PsfMatchConfig:
     # execution settings: same result to rounding, so not part of a run's resume key
     # (metadata "science": False is the convention pipeline.config.science_dict reads)
     fft_band_rows: int | None = dataclasses.field(default=512, metadata={"science": False})
-    """On CPU, full-frame convolutions run in bands of this many rows (overlap-save; cache-sized FFTs); None: one band. The GPU always uses one band."""
+    """On CPU, full-frame convolutions run in bands of this many rows (overlap-save; cache-sized FFTs);
+    None: one band. The GPU always uses one band."""
     fft_workers: int | None = dataclasses.field(default=None, metadata={"science": False})
     """Threads for scipy.fft on CPU (None: all cores)."""
 

@@ -15,7 +15,8 @@ from .backend import Backend
 from .basis import eval_poly_image, normalised_coords
 from .fit import KernelSolution
 
-__all__ = ["fft_shape", "kernel_spectra", "convolve_terms", "convolve_spatial", "convolve_variance", "grow_mask", "kernel_sum_image", "background_image"]
+__all__ = ["fft_shape", "kernel_spectra", "convolve_terms", "convolve_spatial", "convolve_variance", "grow_mask",
+           "kernel_sum_image", "background_image"]
 
 
 def fft_shape(shape: tuple[int, int], half_width: int) -> tuple[int, int]:
@@ -65,7 +66,8 @@ def convolve_terms(be: Backend, image, kernels: np.ndarray, terms, dtype, band_r
         fimg = be.rfft2(padded[r0 : r1 + 2 * hw], s=fshape, tag=f"{tag}-forward")
         acc = None
         for s, (i, j) in enumerate(terms):
-            conv = be.irfft2(fimg * fker[s], s=fshape, tag=f"{tag}-term")[2 * hw : 2 * hw + r1 - r0, 2 * hw : 2 * hw + nx]
+            conv = be.irfft2(fimg * fker[s], s=fshape, tag=f"{tag}-term")
+            conv = conv[2 * hw : 2 * hw + r1 - r0, 2 * hw : 2 * hw + nx]
             if i:
                 conv = conv * xpows[i]
             if j:
@@ -129,7 +131,8 @@ def convolve_variance(be: Backend, variance, solution: KernelSolution, dtype, ba
     kc = solution.kernel_at((nx - 1) / 2, (ny - 1) / 2)
     k2 = kc * kc
     conv = convolve_terms(be, variance, k2[None], [(0, 0)], dtype, band_rows, "variance")
-    ratio = eval_poly_image({k: v / float(k2.sum()) for k, v in kernel_power_coeffs(solution).items()}, (ny, nx), be.xp, dtype)
+    ratio = eval_poly_image({k: v / float(k2.sum()) for k, v in kernel_power_coeffs(solution).items()}, (ny, nx),
+                            be.xp, dtype)
     conv *= ratio
     return conv
 

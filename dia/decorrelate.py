@@ -37,7 +37,8 @@ def decorrelation_kernel(kernel: np.ndarray, var_ref: float, var_conv: float, si
     return phi / phi.sum()
 
 
-def decorrelate_difference(be: Backend, image, variance, y_var, x_var, solution: KernelSolution, convolved: str, mask, dtype):
+def decorrelate_difference(be: Backend, image, variance, y_var, x_var, solution: KernelSolution, convolved: str, mask,
+                           dtype):
     """Apply the decorrelation kernel (from the kernel at the image centre and median variances).
 
     The decorrelated per-pixel variance is ``(v_Y + kappa^2 v_X) / scale^2``
@@ -54,7 +55,8 @@ def decorrelate_difference(be: Backend, image, variance, y_var, x_var, solution:
     fshape = fft_shape((ny, nx), hw)
     clean = xp.where(xp.isfinite(image), image, 0).astype(dtype)
     f = be.rfft2(clean, s=fshape, tag="decorrelate-forward")
-    out = be.irfft2(f * kernel_spectra(be, phi[None], fshape, dtype)[0], s=fshape, tag="decorrelate-inverse")[hw : hw + ny, hw : hw + nx]
+    out = be.irfft2(f * kernel_spectra(be, phi[None], fshape, dtype)[0], s=fshape,
+                    tag="decorrelate-inverse")[hw : hw + ny, hw : hw + nx]
     kappa = float(kc.sum())
     scale2 = kappa * kappa if convolved == "search" else 1.0
     new_var = (y_var.astype(dtype) + (kappa * kappa) * x_var.astype(dtype)) / scale2

@@ -120,7 +120,8 @@ def _basis_fft(be: Backend, basis: KernelBasis, n: int):
     return be.fft.rfft2(be.xp.asarray(pad))
 
 
-def stamp_equations(be: Backend, basis: KernelBasis, conv_img, conv_var, ref_img, ref_var, ref_mask, ys, xs, core_hw: int, chunk: int | None = None):
+def stamp_equations(be: Backend, basis: KernelBasis, conv_img, conv_var, ref_img, ref_var, ref_mask, ys, xs,
+                    core_hw: int, chunk: int | None = None):
     """Normal equations of every stamp (device work, small host results).
 
     Returns ``M (n, m, m)``, ``v (n, m)``, ``c (n,)``, ``npix (n,)`` as NumPy
@@ -198,7 +199,8 @@ def _cholesky_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         d = np.sqrt(np.maximum(a[..., j, j] - np.einsum("...k,...k->...", row, row), tiny))
         low[..., j, j] = d
         if j + 1 < n:
-            low[..., j + 1 :, j] = (a[..., j + 1 :, j] - np.einsum("...ik,...k->...i", low[..., j + 1 :, :j], row)) / d[..., None]
+            low[..., j + 1 :, j] = ((a[..., j + 1 :, j] - np.einsum("...ik,...k->...i", low[..., j + 1 :, :j], row))
+                                    / d[..., None])
     y = np.zeros_like(b)
     for j in range(n):
         y[..., j] = (b[..., j] - np.einsum("...k,...k->...", low[..., j, :j], y[..., :j])) / low[..., j, j]
@@ -258,10 +260,12 @@ def fit_kernel(
     needed = max(config.min_stars, n_s + 1, n_b + 1)
     rejected = dict(stars.rejected)
     if stars.y.size < needed:
-        raise StarSelectionError(describe_rejections(stars.found, int(stars.y.size), rejected, needed), stars.found, int(stars.y.size), rejected)
+        raise StarSelectionError(describe_rejections(stars.found, int(stars.y.size), rejected, needed), stars.found,
+                                 int(stars.y.size), rejected)
 
     clock = StepClock(be, timings, "fit")
-    m_i, v_i, c_i, npix = stamp_equations(be, basis, conv_img, conv_var, ref_img, ref_var, ref_mask, stars.y, stars.x, core_hw)
+    m_i, v_i, c_i, npix = stamp_equations(be, basis, conv_img, conv_var, ref_img, ref_var, ref_mask, stars.y, stars.x,
+                                          core_hw)
     clock("stamps")
     nb = basis.n_basis
     m = nb + 1
@@ -304,7 +308,8 @@ def fit_kernel(
         keep &= ~clip
     rejected["clipped"] = int(n - keep.sum())
     if keep.sum() < needed:
-        raise StarSelectionError(describe_rejections(stars.found, int(keep.sum()), rejected, needed), stars.found, int(keep.sum()), rejected)
+        raise StarSelectionError(describe_rejections(stars.found, int(keep.sum()), rejected, needed), stars.found,
+                                 int(keep.sum()), rejected)
 
     clock("solve")
     coefficients = coef[:nb, :n_s].copy()

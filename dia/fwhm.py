@@ -13,7 +13,8 @@ from .masks import BAD_FOR_FIT
 __all__ = ["estimate_fwhm"]
 
 
-def estimate_fwhm(image, mask=None, *, saturation: float = math.inf, max_stars: int = 200, half_width: int = 12) -> float:
+def estimate_fwhm(image, mask=None, *, saturation: float = math.inf, max_stars: int = 200,
+                  half_width: int = 12) -> float:
     """Median PSF FWHM [px] of bright, isolated, unsaturated, unmasked stars.
 
     Each star's width comes from adaptive Gaussian-weighted second moments

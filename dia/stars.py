@@ -153,7 +153,8 @@ def select_stars(
     clock = StepClock(be, timings, "select")
     ny, nx = conv_img.shape
     block = 128
-    (bgb_c, noise_c), (bgb_r, noise_r) = _levels(be, [(conv_img, conv_var, conv_mask), (ref_img, ref_var, ref_mask)], block)
+    (bgb_c, noise_c), (bgb_r, noise_r) = _levels(be, [(conv_img, conv_var, conv_mask), (ref_img, ref_var, ref_mask)],
+                                                 block)
     bg_c = xp.repeat(xp.repeat(bgb_c, block, axis=0), block, axis=1)[:ny, :nx]
     clock("level")
 
@@ -161,7 +162,8 @@ def select_stars(
     work = xp.where(xp.isfinite(conv_img), conv_img, -xp.inf).astype(xp.float32, copy=False)
     method = peak_method or ("sparse" if be.name == "cpu" else "filter")
     if method == "filter":  # two separable passes over the frame: cheapest on a GPU
-        peak_map = (work == be.ndimage.maximum_filter(work, size=5, mode="nearest")) & (work - bg_c > config.detect_snr * noise_c)
+        peak_map = ((work == be.ndimage.maximum_filter(work, size=5, mode="nearest"))
+                    & (work - bg_c > config.detect_snr * noise_c))
         cy, cx = xp.nonzero(peak_map)
         val = work[cy, cx]
         is_peak = xp.ones(val.shape, dtype=bool)

@@ -64,7 +64,8 @@ class Difference:
             return self
         import cupy
 
-        return dataclasses.replace(self, image=cupy.asnumpy(self.image), variance=cupy.asnumpy(self.variance), mask=cupy.asnumpy(self.mask))
+        return dataclasses.replace(self, image=cupy.asnumpy(self.image), variance=cupy.asnumpy(self.variance),
+                                   mask=cupy.asnumpy(self.mask))
 
 
 def choose_convolved(search_fwhm: float, template_fwhm: float, convolve: str) -> str:
@@ -147,10 +148,12 @@ def subtract(
     }
     _check_inputs(planes, search_fwhm, template_fwhm)
     be = get_backend(device, config.fft_workers)
-    return subtract_on_backend(be, planes, search_fwhm=float(search_fwhm), template_fwhm=float(template_fwhm), config=config)
+    return subtract_on_backend(be, planes, search_fwhm=float(search_fwhm), template_fwhm=float(template_fwhm),
+                               config=config)
 
 
-def subtract_on_backend(be: Backend, planes: dict[str, Any], *, search_fwhm: float, template_fwhm: float, config: PsfMatchConfig) -> Difference:
+def subtract_on_backend(be: Backend, planes: dict[str, Any], *, search_fwhm: float, template_fwhm: float,
+                        config: PsfMatchConfig) -> Difference:
     """The xp-generic body of :func:`subtract` (tests call it with any backend, e.g. to count FFTs)."""
     xp = be.xp
     dtype = xp.float32 if config.float32 else xp.float64
@@ -190,9 +193,11 @@ def subtract_on_backend(be: Backend, planes: dict[str, Any], *, search_fwhm: flo
     core_hw = config.stamp_half_width if config.stamp_half_width is not None else hw + 1
 
     sub: dict[str, float] = {}
-    stars = select_stars(be, x_img, x_var, x_mask, y_img, y_var, y_mask, core_hw=core_hw, kernel_hw=hw, config=config, timings=sub)
+    stars = select_stars(be, x_img, x_var, x_mask, y_img, y_var, y_mask, core_hw=core_hw, kernel_hw=hw, config=config,
+                         timings=sub)
     lap("select")
-    solution, stats = fit_kernel(be, basis, stars, x_img, x_var, y_img, y_var, y_mask, core_hw=core_hw, config=config, timings=sub)
+    solution, stats = fit_kernel(be, basis, stars, x_img, x_var, y_img, y_var, y_mask, core_hw=core_hw, config=config,
+                                 timings=sub)
     lap("fit")
 
     # pixels that must not spread through the kernel: flagged bits and non-finite values

@@ -96,7 +96,8 @@ class CandidateTable(Table):
         """Build a table from 1-D arrays, in the documented column order."""
         n = {len(np.atleast_1d(v)) for v in columns.values()}
         if len(n) > 1:
-            raise ValueError(f"candidate columns differ in length: { {k: len(np.atleast_1d(v)) for k, v in columns.items()} }")
+            raise ValueError("candidate columns differ in length: "
+                             f"{ {k: len(np.atleast_1d(v)) for k, v in columns.items()} }")
         order = [c for c in CANDIDATE_COLUMNS if c in columns] + [c for c in columns if c not in CANDIDATE_COLUMNS]
         table = cls()
         for name in order:
@@ -283,8 +284,10 @@ def _refine_peaks(values: np.ndarray, ix: np.ndarray, iy: np.ndarray):
     """Sub-pixel peak positions from a 3-point parabola through the peak pixel in each axis."""
     ny, nx = values.shape
     peak = values[iy, ix]
-    xm = np.clip(ix - 1, 0, nx - 1); xp = np.clip(ix + 1, 0, nx - 1)
-    ym = np.clip(iy - 1, 0, ny - 1); yp = np.clip(iy + 1, 0, ny - 1)
+    xm = np.clip(ix - 1, 0, nx - 1)
+    xp = np.clip(ix + 1, 0, nx - 1)
+    ym = np.clip(iy - 1, 0, ny - 1)
+    yp = np.clip(iy + 1, 0, ny - 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         dx_den = values[iy, xm] - 2 * peak + values[iy, xp]
         dy_den = values[ym, ix] - 2 * peak + values[yp, ix]
@@ -484,10 +487,11 @@ class PsfModel:
     """Gaussian-core PSF model with a FWHM varying linearly across the image, and a flux correction.
 
     ``fwhm_at(x, y)`` is a polynomial in ``u, v`` (the position scaled to [-1, 1]
-    over ``shape``) with 1, 3 or 6 coefficients ``fwhm_coeffs`` (1, u, v, u^2, uv, v^2).  ``correction`` is the ratio of total flux (a
-    5-FWHM aperture) to the flux measure the model was fitted for (the
-    Gaussian fit at the local FWHM, or an aperture): real PSFs have wings a
-    Gaussian misses -- the classic aperture correction.
+    over ``shape``) with 1, 3 or 6 coefficients ``fwhm_coeffs`` (1, u, v, u^2, uv, v^2).
+    ``correction`` is the ratio of total flux (a 5-FWHM aperture) to the flux
+    measure the model was fitted for (the Gaussian fit at the local FWHM, or an
+    aperture): real PSFs have wings a Gaussian misses -- the classic aperture
+    correction.
     """
 
     fwhm_coeffs: tuple[float, ...]
@@ -765,7 +769,8 @@ def detect_difference(
         flags[dist <= config.dipole_radius * fwhm] |= CandidateFlags.DIPOLE
     if x.size:
         flags[_near_mask(mask, int(BAD_FOR_FIT & ~MaskBits.SAT & ~MaskBits.EDGE), 1)[iy, ix]] |= CandidateFlags.MASKED
-        flags[_near_mask(mask, int(MaskBits.SAT), int(np.ceil(config.psf_radius * fwhm)))[iy, ix]] |= CandidateFlags.SATURATED
+        sat_radius = int(np.ceil(config.psf_radius * fwhm))
+        flags[_near_mask(mask, int(MaskBits.SAT), sat_radius)[iy, ix]] |= CandidateFlags.SATURATED
         flags[_near_mask(mask, int(MaskBits.CONVOLVED), 0)[iy, ix]] |= CandidateFlags.CONVOLVED
         flags[~_edge_distance_ok(mask, config.edge)[iy, ix]] |= CandidateFlags.EDGE
     if wcs is not None and x.size:
@@ -898,7 +903,8 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
     if x.size:
         t_bad = ndimage.map_coordinates(((template.mask & int(BAD_FOR_FIT)) != 0).astype(np.float32),
                                         coords[:, keep], order=1) > 0
-        flags[((search.mask[iy, ix] & int(BAD_FOR_FIT & ~MaskBits.SAT & ~MaskBits.EDGE)) != 0) | t_bad] |= CandidateFlags.MASKED
+        s_bad = (search.mask[iy, ix] & int(BAD_FOR_FIT & ~MaskBits.SAT & ~MaskBits.EDGE)) != 0
+        flags[s_bad | t_bad] |= CandidateFlags.MASKED
         flags[_near_mask(search.mask, int(MaskBits.SAT), int(np.ceil(1.5 * fs)))[iy, ix]] |= CandidateFlags.SATURATED
         flags[~_edge_distance_ok(search.mask, config.edge)[iy, ix] | ~in_t] |= CandidateFlags.EDGE
         ra, dec = search.wcs.pixel_to_world_values(x, y)

@@ -125,7 +125,8 @@ def ccd_paths(out_dir: Path, ccd: str) -> dict[str, Path]:
     """Per-CCD output files (``ccd`` must be a valid identifier: it never leaves the output folder)."""
     validate_ccd_id(ccd)
     base = Path(out_dir) / "ccds"
-    return {"catalog": base / f"{ccd}.fits", "status": base / f"{ccd}.json", "diff": Path(out_dir) / "diff" / f"{ccd}.fits"}
+    return {"catalog": base / f"{ccd}.fits", "status": base / f"{ccd}.json",
+            "diff": Path(out_dir) / "diff" / f"{ccd}.fits"}
 
 
 def ccd_outputs_complete(out_dir: Path, entry: PairEntry, key: str, *,
@@ -178,6 +179,11 @@ def _decide(state: CcdState, stage: str, **items: Any) -> None:
     state.decisions.setdefault(stage, {}).update(items)
     for key, value in items.items():
         logger.info("%s: %s: %s = %s", state.ccd, stage, key, value)
+    check = items.get("registration")
+    if isinstance(check, dict) and not check.get("checked"):
+        logger.warning("%s: the template's registration was not checked: only %d bright isolated search "
+                       "star(s) over the template's data (align.registration_min_stars)", state.ccd,
+                       check.get("n_stars", 0))
 
 
 def _stage_load(state: CcdState, config: RunConfig, out_dir: Path) -> None:

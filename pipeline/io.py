@@ -489,7 +489,8 @@ def read_exposure(
             try:
                 return float(value)
             except (TypeError, ValueError):
-                raise InputError(f"{path}[{label}]: header keyword {'/'.join(keys)} = {value!r} is not a number") from None
+                raise InputError(f"{path}[{label}]: header keyword {'/'.join(keys)} = {value!r} "
+                                 "is not a number") from None
 
         gain = number(("GAIN", "GAINA", "EGAIN"), 1.0, "gain")
         read_noise = number(("RDNOISE", "RDNOISEA", "READNOIS", "RON"), 0.0)
@@ -812,7 +813,8 @@ def write_difference(difference, search: Exposure, path: str | Path, *, template
     hdr = exposure.header
     hdr["IMAGETYP"] = ("difference", "search minus PSF-matched template")
     hdr["CONVOLV"] = (str(diff.convolved), "which image was convolved with the kernel")
-    fwhms = {"search": float(search.fwhm), "template": float(template_fwhm) if template_fwhm is not None else float("nan")}
+    fwhms = {"search": float(search.fwhm),
+             "template": float(template_fwhm) if template_fwhm is not None else float("nan")}
     for key, value, comment in (("SFWHM", fwhms["search"], "[pix] search PSF FWHM"),
                                 ("TFWHM", fwhms["template"], "[pix] template FWHM, search px"),
                                 ("CONVFWHM", fwhms.get(str(diff.convolved), float("nan")),

@@ -441,7 +441,8 @@ def total_summary(records: list[dict]) -> dict | None:
     sums = [r["truth_summary"] for r in records if r.get("truth_summary")]
     if not sums:
         return None
-    tot = {k: int(sum(s[k] for s in sums)) for k in ("n_transients", "n_detected", "n_selected", "n_false_positives", "n_candidates")}
+    tot = {k: int(sum(s[k] for s in sums))
+           for k in ("n_transients", "n_detected", "n_selected", "n_false_positives", "n_candidates")}
     n_pos = tot["n_selected"] + tot["n_false_positives"]
     tot["completeness_detected"] = tot["n_detected"] / tot["n_transients"] if tot["n_transients"] else float("nan")
     tot["completeness"] = tot["n_selected"] / tot["n_transients"] if tot["n_transients"] else float("nan")
@@ -454,10 +455,10 @@ def format_summary(result: RunResult, config: RunConfig) -> str:
     """Terminal summary: CCDs done/failed, candidates, completeness and false positives, stage times."""
     lines = []
     n = len(result.records)
+    n_above = int((np.asarray(result.catalog["score"]) >= config.score_threshold).sum()) if len(result.catalog) else 0
     lines.append(f"{config.mode} mode: {n - result.n_failed}/{n} CCDs done, {result.n_failed} failed, "
                  f"{len(result.catalog)} candidates, "
-                 f"{int((np.asarray(result.catalog['score']) >= config.score_threshold).sum()) if len(result.catalog) else 0} "
-                 f"with score >= {config.score_threshold} ({result.wall_s:.1f} s wall)")
+                 f"{n_above} with score >= {config.score_threshold} ({result.wall_s:.1f} s wall)")
     for rec in result.records:
         tag = " (resumed)" if rec.get("resumed") else ""
         if rec["status"] != "done":
@@ -465,7 +466,8 @@ def format_summary(result: RunResult, config: RunConfig) -> str:
             continue
         s = rec.get("truth_summary")
         if s:
-            lines.append(f"  {rec['ccd']}: {rec['n_candidates']} candidates; completeness {s['n_selected']}/{s['n_transients']}"
+            lines.append(f"  {rec['ccd']}: {rec['n_candidates']} candidates; "
+                         f"completeness {s['n_selected']}/{s['n_transients']}"
                          f" = {s['completeness']:.1%} (detected {s['completeness_detected']:.1%}); "
                          f"false positives {s['n_false_positives']}{tag}")
         else:
@@ -476,6 +478,7 @@ def format_summary(result: RunResult, config: RunConfig) -> str:
                      f"false positives per CCD {tot['false_positives_per_ccd']:.1f}, purity {tot['purity']:.1%}")
     table = stage_table(result.records, "wall_s")
     if table:
-        lines.append("  time per stage (median s per CCD): " + ", ".join(f"{s} {v['median']:.2f}" for s, v in table.items()))
+        lines.append("  time per stage (median s per CCD): "
+                     + ", ".join(f"{s} {v['median']:.2f}" for s, v in table.items()))
     lines.append(f"  outputs: {result.out_dir}/candidates.fits, candidates.parquet, run.json")
     return "\n".join(lines)

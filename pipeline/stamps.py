@@ -106,7 +106,7 @@ def cut_stamps(
     nodata = int(MaskBits.NO_DATA)
     for k, (name, plane) in enumerate(planes.items()):
         m = masks.get(name)
-        mk = _cut(m, ix, iy, size, nodata) if m is not None else _cut(np.zeros(plane.shape, np.int32), ix, iy, size, nodata)
+        mk = _cut(m if m is not None else np.zeros(plane.shape, np.int32), ix, iy, size, nodata)
         dk = _cut(plane.astype(np.float32, copy=False), ix, iy, size, np.nan)
         dk = np.where((mk & nodata) != 0, np.nan, dk)
         data[:, k] = dk

@@ -169,7 +169,8 @@ def drop_without_template(candidates: Table, pair: LoadedPair) -> tuple[Table, i
     if len(candidates) == 0:
         return candidates, 0
     t = pair.template
-    world = pair.search.wcs.pixel_to_world_values(np.asarray(candidates["x"], float), np.asarray(candidates["y"], float))
+    world = pair.search.wcs.pixel_to_world_values(np.asarray(candidates["x"], float),
+                                                  np.asarray(candidates["y"], float))
     tx, ty = (np.rint(np.asarray(v, float)) for v in t.wcs.world_to_pixel_values(*world))
     tny, tnx = t.shape
     inside = np.isfinite(tx) & np.isfinite(ty) & (tx >= 0) & (tx < tnx) & (ty >= 0) & (ty < tny)

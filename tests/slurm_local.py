@@ -87,8 +87,9 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
             if out.returncode == 0 and out.stdout.strip() in ("idle", "idle*", "mixed", "allocated"):
                 return
             time.sleep(0.5)
+        log = self.folder / "slurmctld.log"
         raise RuntimeError(f"local SLURM did not come up: {out.stdout} {out.stderr}; "
-                           f"log: {(self.folder / 'slurmctld.log').read_text()[-2000:] if (self.folder / 'slurmctld.log').exists() else ''}")
+                           f"log: {log.read_text()[-2000:] if log.exists() else ''}")
 
     def jobs(self) -> list[str]:
         out = subprocess.run(["squeue", "-h", "-o", "%i %T"], env=self.env, capture_output=True, text=True)

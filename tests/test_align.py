@@ -28,7 +28,8 @@ def test_aligned_template_puts_stars_at_search_positions(sim_pair):
     inner = (stars["x"] > 40) & (stars["x"] < nx - 40) & (stars["y"] > 40) & (stars["y"] < ny - 40)
     stars = stars[inner]
     assert len(stars) >= 5
-    offsets = np.array([np.subtract(_centroid(aligned.template.image, s["x"], s["y"]), (s["x"], s["y"])) for s in stars])
+    offsets = np.array([np.subtract(_centroid(aligned.template.image, s["x"], s["y"]), (s["x"], s["y"]))
+                        for s in stars])
     # the template was offset by tens of pixels and rotated; after resampling stars sit on the truth
     assert np.median(np.hypot(*offsets.T)) < 0.15
     # the test is only meaningful if the raw template does not line up with the search grid

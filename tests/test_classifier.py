@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from classifier.data import StampSet
-from classifier.evaluate import (accuracy, confusion_matrix, evaluate_scores, missed_detection_rate,
-                                 roc_auc, roc_curve)
+from classifier.evaluate import accuracy, confusion_matrix, evaluate_scores, missed_detection_rate, roc_auc, roc_curve
 from classifier.infer import Scorer, WeightsError, load_weights
 from classifier.models import MODELS, build_model, count_parameters, get_spec, prepare_input
 from classifier.normalize import normalize_stamps
@@ -304,7 +303,8 @@ def test_resume_extends_a_finished_constant_lr_run(small_set, tmp_path):
     cos = dict(batch_size=50, schedule="cosine")
     train_model("pair-paper", train, val, _fast_config(epochs=1, **cos), tmp_path / "cos", device="cpu")
     with pytest.raises(ValueError, match="different config.*epochs"):
-        train_model("pair-paper", train, val, _fast_config(epochs=2, **cos), tmp_path / "cos", device="cpu", resume=True)
+        train_model("pair-paper", train, val, _fast_config(epochs=2, **cos), tmp_path / "cos", device="cpu",
+                    resume=True)
 
 
 def test_pair_scorer_ignores_difference(trained_pair, small_set):

@@ -4,9 +4,9 @@ import dataclasses
 
 import numpy as np
 import pytest
+from conftest import render_gaussians
 from scipy.spatial import cKDTree
 
-from conftest import render_gaussians
 from dia import subtract
 from dia.masks import MaskBits
 from pipeline.detect import (
@@ -67,7 +67,10 @@ def test_dipole_edge_and_saturation_flags():
     shape = image.shape
     s = 4.0 / 2.3548
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
-    blob = lambda x, y, f: f * np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / s**2) / (2 * np.pi * s**2)
+
+    def blob(x, y, f):
+        return f * np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / s**2) / (2 * np.pi * s**2)
+
     image = image + blob(200, 200, 6000) - blob(203, 200, 6000) + blob(100, 300, 4000) + blob(10, 10, 4000)
     mask = np.zeros(shape, np.int32)
     mask[298:303, 104:106] |= MaskBits.SAT

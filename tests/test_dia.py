@@ -52,7 +52,8 @@ class Pair:
     template_fwhm_at: object
 
 
-def make_pair(seed=1, shape=(512, 512), search_fwhm=4.0, template_fwhm=2.8, template_scale=1.4, n_stars=260, n_trans=6, saturation=30000.0):
+def make_pair(seed=1, shape=(512, 512), search_fwhm=4.0, template_fwhm=2.8, template_scale=1.4, n_stars=260, n_trans=6,
+              saturation=30000.0):
     """A search/template pair with known truth.
 
     Stars with log-uniform fluxes, PSF widths that vary linearly across the
@@ -283,7 +284,10 @@ def test_forced_search_on_normal_pair(pair):
 def test_too_few_stars_and_bad_inputs(pair):
     rng = np.random.default_rng(3)
     shape = (256, 256)
-    sky = lambda: (100 + rng.normal(size=shape) * 10).astype(np.float32)
+
+    def sky():
+        return (100 + rng.normal(size=shape) * 10).astype(np.float32)
+
     var = np.full(shape, 100, np.float32)
     m = np.zeros(shape, np.int32)
     with pytest.raises(StarSelectionError) as exc:
@@ -298,13 +302,17 @@ def test_too_few_stars_and_bad_inputs(pair):
     assert exc.value.rejected["saturated"] > 0
     allm = np.full(pair.search.shape, MaskBits.NO_DATA, np.int32)
     with pytest.raises(ValueError, match="template: every pixel is masked"):
-        subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var, allm, search_fwhm=4, template_fwhm=2.8)
+        subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var, allm,
+                 search_fwhm=4, template_fwhm=2.8)
     with pytest.raises(ValueError, match="template_variance has shape"):
-        subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var[:10], pair.template_mask, search_fwhm=4, template_fwhm=2.8)
+        subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var[:10],
+                 pair.template_mask, search_fwhm=4, template_fwhm=2.8)
     with pytest.raises(ValueError, match="search_fwhm must be a positive"):
-        subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var, pair.template_mask, search_fwhm=0, template_fwhm=2.8)
+        subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var, pair.template_mask,
+                 search_fwhm=0, template_fwhm=2.8)
     with pytest.raises(ValueError, match="device must be"):
-        subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var, pair.template_mask, search_fwhm=4, template_fwhm=2.8, device="tpu")
+        subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var, pair.template_mask,
+                 search_fwhm=4, template_fwhm=2.8, device="tpu")
 
 
 def test_gpu_without_cupy_is_clear(pair):
@@ -312,7 +320,8 @@ def test_gpu_without_cupy_is_clear(pair):
         import cupy  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match=r"pip install transient-pipeline\[gpu\]"):
-            subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var, pair.template_mask, search_fwhm=4, template_fwhm=2.8, device="gpu")
+            subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var,
+                     pair.template_mask, search_fwhm=4, template_fwhm=2.8, device="gpu")
     else:
         pytest.skip("CuPy is installed")
 
@@ -426,10 +435,10 @@ def test_xp_generic_numpy_and_gpu_agree(pair, diff):
         pytest.skip("CuPy with a CUDA device is not available")
     for cfg, bound, ref in ((PsfMatchConfig(float32=False), 1e-4, None), (PsfMatchConfig(), 1e-3, diff)):
         if ref is None:
-            ref = subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var, pair.template_mask,
-                           search_fwhm=4.0, template_fwhm=2.8, config=cfg)
-        g = subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var, pair.template_mask,
-                     search_fwhm=4.0, template_fwhm=2.8, config=cfg, device="gpu")
+            ref = subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var,
+                           pair.template_mask, search_fwhm=4.0, template_fwhm=2.8, config=cfg)
+        g = subtract(pair.search, pair.search_var, pair.search_mask, pair.template, pair.template_var,
+                     pair.template_mask, search_fwhm=4.0, template_fwhm=2.8, config=cfg, device="gpu")
         assert isinstance(g.image, cupy.ndarray)
         g = g.to_numpy()
         ok = ref.mask == 0

@@ -470,7 +470,8 @@ def test_empty_manifest_and_missing_columns(tmp_path, capsys):
     ("[run.psf_match]\nmin_stars = \"3\"", r"\[run\]\.psf_match\.min_stars: expected an integer, got '3'"),
     ("[run.psf_match]\nkernel_degrees = [4, \"2\"]", r"psf_match\.kernel_degrees\[1\]: expected an integer"),
     ("mode = \"direct\"\n[run]\nsave_diff = true", r"cfg\.toml: key\(s\) mode outside the \[run\] table"),
-    ("[run]\nthreshhold = 0.3", r"unknown RunConfig parameter\(s\) in \S*cfg\.toml \[run\]: threshhold; valid parameters are"),
+    ("[run]\nthreshhold = 0.3",
+     r"unknown RunConfig parameter\(s\) in \S*cfg\.toml \[run\]: threshhold; valid parameters are"),
     ("[run]\nmode = \"difference\"", r"cfg\.toml \[run\]: RunConfig\.mode must be 'dia' or 'direct'"),
     ("[run.align]\nmin_overlap = 2.0", r"AlignConfig\.min_overlap must be in \[0, 1\]"),
 ])

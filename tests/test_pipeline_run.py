@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
+from slurm_local import LocalSlurm, slurm_available
 
 from pipeline.cluster import SchedulerConfig
 from pipeline.config import RunConfig
 from pipeline.io import read_manifest
 from pipeline.runner import EXIT_SOME_FAILED, run_pipeline
-from slurm_local import LocalSlurm, slurm_available
 
 THREADS = SchedulerConfig(kind="threads", workers=2)
 
@@ -52,7 +52,8 @@ def test_end_to_end_against_truth(mode, request):
     parquet = pq.read_table(result.out_dir / "candidates.parquet")
     assert parquet.num_rows == len(cat) and set(parquet.column_names) == set(cat.colnames)
     assert set(cat["mode"]) == {mode}
-    for col in ("ccd", "x", "y", "ra", "dec", "flux", "snr", "score", "mode", "model", "truth_id", "truth_kind", "truth_mag"):
+    for col in ("ccd", "x", "y", "ra", "dec", "flux", "snr", "score", "mode", "model", "truth_id", "truth_kind",
+                "truth_mag"):
         assert col in cat.colnames
     run = json.loads((result.out_dir / "run.json").read_text())
     tot = run["truth_summary"]

@@ -15,7 +15,8 @@ from dia.masks import MaskBits
 from pipeline.io import read_exposure, read_manifest
 from pipeline.simulate import INSTRUMENTS, SimulationConfig, simulate_pair, write_simulation
 from pipeline.simulate.artifacts import saturate_and_bleed
-from pipeline.simulate.command import main as simulate_main, parse_shape
+from pipeline.simulate.command import main as simulate_main
+from pipeline.simulate.command import parse_shape
 
 NO_ARTIFACTS = dict(cosmic_ray_density=0.0, hot_pixel_rate=0.0, bad_column_rate=0.0, satellite_probability=0.0)
 BLANK = SimulationConfig(shape=(256, 256), star_density_range=(1e-9, 1e-9), galaxy_density=0.0,
@@ -200,7 +201,8 @@ def _fit_moffat(image, variance, x0, y0, half):
     s = 1.0 / 4.0
     p0 = [x0, y0, data.sum() - np.median(data) * data.size, s, 0.0, s, 3.0, np.median(data)]
     res = least_squares(lambda p: ((model(p) - data) / sig).ravel(), p0,
-                        bounds=([x0 - 3, y0 - 3, 0, 1e-3, -1, 1e-3, 1.2, -np.inf], [x0 + 3, y0 + 3, np.inf, 5, 1, 5, 10, np.inf]))
+                        bounds=([x0 - 3, y0 - 3, 0, 1e-3, -1, 1e-3, 1.2, -np.inf],
+                                [x0 + 3, y0 + 3, np.inf, 5, 1, 5, 10, np.inf]))
     x, y, f, a, b, c, beta, bkg = res.x
     alpha = (a * c - b * b / 4) ** -0.25
     return x, y, 2 * alpha * np.sqrt(2 ** (1 / beta) - 1)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from slurm_local import LocalSlurm, slurm_available
 
 from pipeline.cluster import (
     ClusterStartError,
@@ -24,7 +25,6 @@ from pipeline.cluster import (
     start_client,
 )
 from pipeline.config import RunConfig, config_from_dict
-from slurm_local import LocalSlurm, slurm_available
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.toml"))
 OFFLINE = {"host": "127.0.0.1"}  # the scheduler on loopback: no network needed
@@ -89,10 +89,12 @@ def _workflow(tmp_path, scheduler: str, cluster: str = "") -> Path:
 @pytest.mark.parametrize("scheduler, cluster, words", [
     ("threads_per_worker = 2", "cores = 8", ["[scheduler.cluster] cores = 8", "[scheduler] threads_per_worker = 2"]),
     ("threads_per_worker = 4", "processes = 2", ["[scheduler.cluster] processes = 2"]),
-    ("threads_per_worker = 4", 'resource_spec = "select=1:ncpus=8:mem=16GB"', ["resource_spec", "ncpus=8", "threads_per_worker = 4"]),
+    ("threads_per_worker = 4", 'resource_spec = "select=1:ncpus=8:mem=16GB"',
+     ["resource_spec", "ncpus=8", "threads_per_worker = 4"]),
     ("threads_per_worker = 4", 'memory = "lots"', ["[scheduler.cluster] memory", "lots"]),
     ("threads_per_worker = 4", 'security = "yes"', ["[scheduler.cluster] security"]),
-    ("threads_per_worker = 4", 'scheduler_options = { dashboard_address = ":8787" }', ["[scheduler] dashboard_address"]),
+    ("threads_per_worker = 4", 'scheduler_options = { dashboard_address = ":8787" }',
+     ["[scheduler] dashboard_address"]),
     ("worker_timeout_s = -5", "", ["worker_timeout_s", "-5"]),
     ("jobs = 2\nworkers = 3", "", ["jobs", "workers"]),
 ])

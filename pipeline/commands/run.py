@@ -30,9 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=None, help="score threshold (default 0.5)")
     parser.add_argument("--resume", action="store_true", help="skip CCDs whose outputs are complete")
     parser.add_argument("--save-diff", action="store_true", help="keep difference images (dia mode)")
-    parser.add_argument("--ccds", type=int, default=None, help=f"embedded default: CCDs (default {DEFAULT_FIELD['ccds']})")
-    parser.add_argument("--seed", type=int, default=None, help=f"embedded default: seed (default {DEFAULT_FIELD['seed']})")
-    parser.add_argument("--instrument", choices=("decam", "ztf", "lsst"), default=None, help="embedded default: instrument")
+    parser.add_argument("--ccds", type=int, default=None,
+                        help=f"embedded default: CCDs (default {DEFAULT_FIELD['ccds']})")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"embedded default: seed (default {DEFAULT_FIELD['seed']})")
+    parser.add_argument("--instrument", choices=("decam", "ztf", "lsst"), default=None,
+                        help="embedded default: instrument")
     parser.add_argument("--shape", type=parse_shape, default=None, help="embedded default: CCD shape NYxNX")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -70,7 +73,8 @@ def _run_config(args):
         elif args.scheduler in ("threads", "local"):
             sched["kind"] = args.scheduler
         else:
-            raise SystemExit(f"pipeline run: --scheduler must be threads, local or tcp://HOST:PORT, got {args.scheduler!r}")
+            raise SystemExit("pipeline run: --scheduler must be threads, local or tcp://HOST:PORT, "
+                             f"got {args.scheduler!r}")
     if args.workers:
         sched["workers"] = args.workers
     if config.device == "gpu" and scheduler.gpus_per_worker == 0 and (sched.get("kind", scheduler.kind) == "local"):
@@ -87,7 +91,6 @@ def main(args: argparse.Namespace) -> int:
     ran but the merged outputs could not be written (per-CCD results kept for ``--resume``).
     """
     import logging
-    import time
     from pathlib import Path
 
     from classifier.infer import WeightsError

@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search-hdu", default=None, help="HDU of the search image")
     parser.add_argument("--template-hdu", default=None, help="HDU of the template image")
     parser.add_argument("--decorrelate", action="store_true", help="decorrelate the difference noise")
-    parser.add_argument("--config", default=None, help="TOML with PsfMatchConfig parameters ([psf_match] table or top level)")
+    parser.add_argument("--config", default=None,
+                        help="TOML with PsfMatchConfig parameters ([psf_match] table or top level)")
 
 
 def main(args: argparse.Namespace) -> int:

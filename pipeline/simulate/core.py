@@ -335,8 +335,8 @@ def simulate_pair(config: SimulationConfig | None = None, seed: int = 0, ccd_ind
              np.concatenate([flux_s(star_mag + star_dmag), flux_s(tr_mag)]))
     pts_t = (stx, sty, flux_t(star_mag))
     model_s = _render(shape, cs, f5s, pts_s, (gal_x, gal_y, flux_s(gal_mag), gal_re, gal_n, gal_q, gal_th), cfg)
-    model_t = _render(shape, ct, f5t, pts_t, (gtx, gty, flux_t(gal_mag), gal_re, gal_n, gal_q, gal_th + np.radians(rot)),
-                      cfg)
+    model_t = _render(shape, ct, f5t, pts_t,
+                      (gtx, gty, flux_t(gal_mag), gal_re, gal_n, gal_q, gal_th + np.radians(rot)), cfg)
 
     records = []  # artifacts: dicts with image coordinates of their own image
     for cond, model, label in ((cs, model_s, "search"), (ct, model_t, "template")):
@@ -349,7 +349,7 @@ def simulate_pair(config: SimulationConfig | None = None, seed: int = 0, ccd_ind
             records.append(rec)
 
     exposures = {}
-    for cond, model, label, f5, m5 in ((cs, model_s, "search", f5s, m5s), (ct, model_t, "template", f5t, m5t)):
+    for cond, model, label, m5 in ((cs, model_s, "search", m5s), (ct, model_t, "template", m5t)):
         sat_map, bleeds = artifacts.saturate_and_bleed(model, preset.saturation)
         for rec in bleeds:
             rec["image"] = label
