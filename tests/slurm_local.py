@@ -95,6 +95,13 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         out = subprocess.run(["squeue", "-h", "-o", "%i %T"], env=self.env, capture_output=True, text=True)
         return [line for line in out.stdout.splitlines() if line.strip()]
 
+    def jobs_after_draining(self, timeout: float = 30.0) -> list[str]:
+        """The queue once it has emptied, or as it is after ``timeout`` seconds."""
+        deadline = time.time() + timeout
+        while self.jobs() and time.time() < deadline:
+            time.sleep(0.5)
+        return self.jobs()
+
     def stop(self) -> None:
         subprocess.run(["scancel", "--user", "root"], env=self.env, capture_output=True)
         for name in ("slurmd.pid", "slurmctld.pid"):

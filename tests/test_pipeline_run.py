@@ -230,10 +230,7 @@ mode = "direct"
         assert all(w and w.startswith("tcp://") for w in workers)  # ran on SLURM-launched workers
         logs = list((tmp_path / "logs").glob("*"))
         assert logs  # the worker job really ran under SLURM
-        deadline = time.time() + 30
-        while slurm.jobs() and time.time() < deadline:
-            time.sleep(0.5)
-        assert slurm.jobs() == []
+        assert slurm.jobs_after_draining() == []
     finally:
         slurm.stop()
 

@@ -298,9 +298,6 @@ def test_tls_option_runs_workers_over_tls_on_slurm(tmp_path, monkeypatch):
 
         gc.collect()
         assert list(shared.iterdir()) == []  # the worker key is gone with the cluster
-        deadline = time.time() + 30
-        while slurm.jobs() and time.time() < deadline:
-            time.sleep(0.5)
-        assert slurm.jobs() == []
+        assert slurm.jobs_after_draining() == []
     finally:
         slurm.stop()
