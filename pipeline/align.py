@@ -30,7 +30,8 @@ from dia.masks import MaskBits
 from pipeline.io import Exposure, InputError
 
 __all__ = ["AlignConfig", "AlignedPair", "PixelMap", "align_pair", "resample_cutouts", "overlap_fraction",
-           "template_coverage", "RegistrationCheck", "check_registration", "pixel_scale_ratio"]
+           "template_coverage", "template_has_data", "RegistrationCheck", "check_registration",
+           "pixel_scale_ratio"]
 
 _ORDERS = {"nearest-neighbor": 0, "bilinear": 1, "biquadratic": 2, "bicubic": 3}
 
@@ -182,22 +183,34 @@ def pixel_scale_ratio(search: Exposure, template: Exposure) -> float:
     return float(np.sqrt(det))
 
 
-def template_coverage(search: Exposure, template: Exposure, grid: int = 65) -> float:
-    """Fraction of the search image where the template has data (inside it and not ``NO_DATA``).
+def template_has_data(search_wcs: WCS, template: Exposure, x, y, *, bits: int = int(MaskBits.NO_DATA),
+                      margin: int = 0) -> np.ndarray:
+    """Whether the template has data at search-pixel positions ``(x, y)`` (any shape).
 
-    Sampled on a ``grid`` x ``grid`` lattice of search pixels mapped through both WCSs; a
-    half-NaN template covers about half.
+    A position has data when it maps through both WCSs onto a template pixel at least
+    ``margin`` pixels from the template's border that has none of the mask ``bits``
+    (``bits=0``: the footprint alone).  The one rule behind :func:`overlap_fraction`,
+    :func:`template_coverage`, :func:`check_registration` and the direct mode's candidate filter.
+    """
+    tx, ty = _template_pixels(search_wcs, template.wcs, np.asarray(x, float), np.asarray(y, float))
+    tny, tnx = template.shape
+    with np.errstate(invalid="ignore"):
+        ix, iy = np.rint(tx), np.rint(ty)
+        inside = (ix >= margin) & (ix <= tnx - 1 - margin) & (iy >= margin) & (iy <= tny - 1 - margin)
+    ixc = np.where(inside, ix, 0).astype(int)
+    iyc = np.where(inside, iy, 0).astype(int)
+    return inside & ((template.mask[iyc, ixc] & bits) == 0)
+
+
+def template_coverage(search: Exposure, template: Exposure, grid: int = 65) -> float:
+    """Fraction of the search image where the template has data (:func:`template_has_data`).
+
+    Sampled on a ``grid`` x ``grid`` lattice of search pixels; a half-NaN template covers
+    about half.
     """
     ny, nx = search.shape
     ys, xs = np.meshgrid(np.linspace(0, ny - 1, grid), np.linspace(0, nx - 1, grid), indexing="ij")
-    tx, ty = _template_pixels(search.wcs, template.wcs, xs, ys)
-    tny, tnx = template.shape
-    ix, iy = np.rint(tx), np.rint(ty)
-    inside = np.isfinite(ix) & np.isfinite(iy) & (ix >= 0) & (ix < tnx) & (iy >= 0) & (iy < tny)
-    ixc = np.where(inside, ix, 0).astype(int)
-    iyc = np.where(inside, iy, 0).astype(int)
-    has_data = inside & ((template.mask[iyc, ixc] & int(MaskBits.NO_DATA)) == 0)
-    return float(has_data.mean())
+    return float(template_has_data(search.wcs, template, xs, ys).mean())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,12 +241,16 @@ class RegistrationCheck:
         return out
 
 
+def _sky(image: np.ndarray) -> float:
+    """A global sky level: the median of a sparse (about 256 x 256) sample of the image."""
+    return float(np.median(image[:: max(1, image.shape[0] // 256), :: max(1, image.shape[1] // 256)]))
+
+
 def _pixel_snr(exposure: Exposure) -> np.ndarray:
-    """Per-pixel S/N above a global sky (the median of a sparse sample), 0 where masked."""
-    img = exposure.image
-    sky = float(np.median(img[:: max(1, img.shape[0] // 256), :: max(1, img.shape[1] // 256)]))
+    """Per-pixel S/N above the global sky, 0 where masked."""
     good = ((exposure.mask & int(MaskBits.NO_DATA | MaskBits.BAD)) == 0) & (exposure.variance > 0)
-    return np.where(good, (img - sky) / np.sqrt(np.where(good, exposure.variance, 1.0)), 0.0).astype(np.float32)
+    snr = (exposure.image - _sky(exposure.image)) / np.sqrt(np.where(good, exposure.variance, 1.0))
+    return np.where(good, snr, 0.0).astype(np.float32)
 
 
 def check_registration(search: Exposure, template: Exposure, config: AlignConfig = AlignConfig()) -> RegistrationCheck:
@@ -258,19 +275,12 @@ def check_registration(search: Exposure, template: Exposure, config: AlignConfig
     if config.registration_stars == 0:
         return RegistrationCheck(0, 0, float("nan"), radius, False)
     s_fwhm = float(search.fwhm) if np.isfinite(search.fwhm) and search.fwhm > 0 else 3.0
-    img = search.image - float(np.median(search.image[:: max(1, search.shape[0] // 256),
-                                                      :: max(1, search.shape[1] // 256)]))
-    x, y = bright_isolated_stars(img, search.variance, search.mask, s_fwhm, min_snr=50.0, isolation=4.0,
-                                 max_stars=config.registration_stars)
-    tx, ty = _template_pixels(search.wcs, template.wcs, np.asarray(x, float), np.asarray(y, float))
-    tny, tnx = template.shape
+    x, y = bright_isolated_stars(search.image - _sky(search.image), search.variance, search.mask, s_fwhm,
+                                 min_snr=50.0, isolation=4.0, max_stars=config.registration_stars)
     r = int(np.ceil(radius))
-    inside = np.isfinite(tx) & np.isfinite(ty) & (tx >= r) & (tx < tnx - r) & (ty >= r) & (ty < tny - r)
     # only where the template has data: a star over its NaN / zero-weight part cannot be found
-    ix0 = np.where(inside, np.rint(tx), 0).astype(int)
-    iy0 = np.where(inside, np.rint(ty), 0).astype(int)
-    inside &= (template.mask[iy0, ix0] & int(MaskBits.NO_DATA | MaskBits.BAD)) == 0
-    tx, ty = tx[inside], ty[inside]
+    usable = template_has_data(search.wcs, template, x, y, bits=int(MaskBits.NO_DATA | MaskBits.BAD), margin=r)
+    tx, ty = _template_pixels(search.wcs, template.wcs, np.asarray(x, float)[usable], np.asarray(y, float)[usable])
     n = int(tx.size)
     if n < config.registration_min_stars:
         return RegistrationCheck(n, 0, float("nan"), radius, False)
@@ -297,13 +307,10 @@ def check_registration(search: Exposure, template: Exposure, config: AlignConfig
 
 
 def overlap_fraction(search: Exposure, template: Exposure, grid: int = 33) -> float:
-    """Approximate fraction of the search image covered by the template (coarse grid)."""
+    """Approximate fraction of the search image covered by the template's footprint (coarse grid)."""
     ny, nx = search.shape
     ys, xs = np.meshgrid(np.linspace(0, ny - 1, grid), np.linspace(0, nx - 1, grid), indexing="ij")
-    tx, ty = _template_pixels(search.wcs, template.wcs, xs, ys)
-    tny, tnx = template.shape
-    inside = (tx >= -0.5) & (tx <= tnx - 0.5) & (ty >= -0.5) & (ty <= tny - 0.5)
-    return float(inside.mean())
+    return float(template_has_data(search.wcs, template, xs, ys, bits=0).mean())
 
 
 def _bilinear_with_mask(values: np.ndarray, mask: np.ndarray, tx: np.ndarray, ty: np.ndarray):
@@ -370,6 +377,7 @@ def align_pair(search: Exposure, template: Exposure, config: AlignConfig = Align
             f"no overlap: template {template.name!r} covers {frac:.1%} of search {search.name!r} "
             f"(need >= {config.min_overlap:.0%}); check the WCS of both files"
         )
+    registration = check_registration(search, template, config)  # before the costly resampling
     shape = search.shape
     bad_in = (template.mask & int(MaskBits.NO_DATA)) != 0
     image_in = np.where(bad_in, 0.0, template.image).astype(np.float32)
@@ -424,7 +432,6 @@ def align_pair(search: Exposure, template: Exposure, config: AlignConfig = Align
             f"no overlap: after resampling, template {template.name!r} covers {covered:.1%} of "
             f"search {search.name!r} (need >= {config.min_overlap:.0%})"
         )
-    registration = check_registration(search, template, config)
     return AlignedPair(search=search, template=aligned, overlap=covered, seconds=time.perf_counter() - t0,
                        scale_ratio=scale, registration=registration, variance_factor=factor)
 

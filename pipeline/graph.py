@@ -61,6 +61,7 @@ class CcdState:
 
     ccd: str
     entry: PairEntry
+    inputs: dict = dataclasses.field(default_factory=dict)
     resume_key: str = ""
     status: str = "running"
     failed_stage: str | None = None
@@ -82,6 +83,12 @@ class CcdState:
     diff_stats: dict | None = None
     n_candidates: int = 0
     summary: dict | None = None
+
+    @classmethod
+    def start(cls, entry: PairEntry, chash: str) -> "CcdState":
+        """A CCD's state before its first stage: its inputs fingerprinted once, and its resume key."""
+        inputs = input_fingerprint(entry)
+        return cls(ccd=entry.ccd, entry=entry, inputs=inputs, resume_key=resume_key(inputs, chash))
 
 
 def config_hash(config: RunConfig, weights_sha256: str = "") -> str:
@@ -115,9 +122,10 @@ def input_fingerprint(entry: PairEntry) -> dict[str, Any]:
     return out
 
 
-def resume_key(entry: PairEntry, chash: str) -> str:
-    """The key a finished CCD must carry to be reused by ``--resume``: inputs + science config + weights."""
-    blob = json.dumps({"config": chash, "inputs": input_fingerprint(entry)}, sort_keys=True, default=str)
+def resume_key(inputs: dict[str, Any], chash: str) -> str:
+    """The key a finished CCD must carry to be reused by ``--resume``: its :func:`input_fingerprint`
+    and the run's :func:`config_hash` (science configuration and weights)."""
+    blob = json.dumps({"config": chash, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -129,9 +137,10 @@ def ccd_paths(out_dir: Path, ccd: str) -> dict[str, Path]:
             "diff": Path(out_dir) / "diff" / f"{ccd}.fits"}
 
 
-def ccd_outputs_complete(out_dir: Path, entry: PairEntry, key: str, *,
+def ccd_outputs_complete(out_dir: Path, entry: PairEntry, chash: str, *,
                          need_diff: bool = False) -> tuple[dict | None, str]:
-    """The CCD's status record if its outputs are complete and were made with ``key``.
+    """The CCD's status record if its outputs are complete and were made from the same inputs
+    with the same :func:`config_hash` ``chash``.
 
     Returns ``(record, "")`` when the CCD can be reused, else ``(None, reason)`` -- the reason
     (no outputs, failed before, inputs or configuration changed, catalog unreadable) is
@@ -148,8 +157,9 @@ def ccd_outputs_complete(out_dir: Path, entry: PairEntry, key: str, *,
         return None, f"status file unreadable ({type(exc).__name__})"
     if record.get("status") != "done":
         return None, "it failed before"
-    if record.get("resume_key") != key:
-        return None, _changed(record, entry)
+    inputs = input_fingerprint(entry)
+    if record.get("resume_key") != resume_key(inputs, chash):
+        return None, _changed(record.get("inputs") or {}, inputs)
     if need_diff and not paths["diff"].exists():
         return None, "its difference image is missing (--save-diff)"
     try:
@@ -161,10 +171,8 @@ def ccd_outputs_complete(out_dir: Path, entry: PairEntry, key: str, *,
     return record, ""
 
 
-def _changed(record: dict, entry: PairEntry) -> str:
+def _changed(before: dict, now: dict) -> str:
     """Why a finished CCD's key no longer matches: its inputs, or the configuration / weights."""
-    before = record.get("inputs") or {}
-    now = input_fingerprint(entry)
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if changed:
         return f"its input changed ({', '.join(changed)})"
@@ -293,7 +301,7 @@ def status_record(state: CcdState, chash: str, score_threshold: float | None = N
         "score_threshold": score_threshold,
         "config_hash": chash,
         "resume_key": state.resume_key,
-        "inputs": input_fingerprint(state.entry),
+        "inputs": state.inputs,
     }
 
 
@@ -314,13 +322,9 @@ def run_stage(stage: str, state: CcdState, config: RunConfig, out_dir: str, chas
     CCDs go on.  ``cpu_clock`` says how CPU time is measured: ``"thread"`` (the task's own
     thread, for schedulers that run several tasks in one process) or ``"process"``.
     """
-    try:
-        state = dataclasses.replace(state, wall=dict(state.wall), cpu=dict(state.cpu),
-                                    peak_rss_mb=dict(state.peak_rss_mb), decisions=dict(state.decisions),
-                                    cpu_clock=cpu_clock)
-    except Exception as exc:  # pragma: no cover - a copy of plain fields does not fail in practice
-        _fail(state, stage, exc)
-        return state
+    state = dataclasses.replace(state, wall=dict(state.wall), cpu=dict(state.cpu),
+                                peak_rss_mb=dict(state.peak_rss_mb), decisions=dict(state.decisions),
+                                cpu_clock=cpu_clock)
     if state.status == "failed":
         return state
     clock = time.thread_time if cpu_clock == "thread" else time.process_time
@@ -391,8 +395,7 @@ def build_graph(entries: list[PairEntry], config: RunConfig, out_dir: Path, chas
     chash = config_hash(config) if chash is None else chash
     finals = {}
     for entry in entries:
-        validate_ccd_id(entry.ccd)
-        state: Any = CcdState(ccd=entry.ccd, entry=entry, resume_key=resume_key(entry, chash))
+        state: Any = CcdState.start(entry, chash)
         for stage in STAGES[config.mode]:
             annotations = {"resources": {"GPU": 1}} if config.device == "gpu" and stage in GPU_STAGES else {}
             with dask.annotate(**annotations):

@@ -48,6 +48,7 @@ __all__ = [
     "MANIFEST_COLUMNS",
     "write_difference",
     "validate_ccd_id",
+    "check_ccd_ids",
     "remove_orphan_temporaries",
     "write_catalog",
     "read_catalog",
@@ -698,16 +699,10 @@ def read_manifest(path: str | Path) -> list[PairEntry]:
             return p if p.is_absolute() else base / p
 
         ccd = cell("ccd")
-        try:
-            validate_ccd_id(ccd)
-        except InputError as exc:
-            problems.append(f"row {line}: {exc}")
+        problem = _ccd_id_problem(ccd, seen, line)
+        if problem:
+            problems.append(f"row {line}: {problem}")
             continue
-        if ccd.lower() in seen:  # case-insensitive: the per-CCD files must not collide on any file system
-            problems.append(f"row {line}: ccd {ccd!r} repeats row {seen[ccd.lower()]} (identifiers must be unique, "
-                            f"ignoring case)")
-            continue
-        seen[ccd.lower()] = line
         for role in ("search", "template"):
             if cell(role) is None:
                 problems.append(f"row {line} (ccd {ccd!r}): no {role} file")
@@ -725,6 +720,32 @@ def read_manifest(path: str | Path) -> list[PairEntry]:
     if unknown:
         warnings.warn(f"{path}: ignoring unknown manifest column(s) {unknown}", stacklevel=2)
     return entries
+
+
+def _ccd_id_problem(ccd, seen: dict[str, int], position: int) -> str | None:
+    """What is wrong with the id at ``position`` (unsafe, or a repeat ignoring case), else None.
+
+    ``seen`` maps the lower-cased ids accepted so far to their positions and is updated.
+    """
+    try:
+        validate_ccd_id(ccd)
+    except InputError as exc:
+        return str(exc)
+    if ccd.lower() in seen:  # case-insensitive: the per-CCD files must not collide on any file system
+        return f"ccd {ccd!r} repeats row {seen[ccd.lower()]} (identifiers must be unique, ignoring case)"
+    seen[ccd.lower()] = position
+    return None
+
+
+def check_ccd_ids(ids) -> None:
+    """Raise :class:`InputError` unless ``ids`` is a non-empty list of safe ids, unique ignoring case."""
+    ids = list(ids)
+    if not ids:
+        raise InputError("no CCD pairs to process (the manifest is empty)")
+    seen: dict[str, int] = {}
+    problems = [f"CCD {k}: {p}" for k, ccd in enumerate(ids, start=1) if (p := _ccd_id_problem(ccd, seen, k))]
+    if problems:
+        raise InputError("bad CCD identifier(s): " + "; ".join(problems[:10]))
 
 
 def validate_ccd_id(ccd) -> str:

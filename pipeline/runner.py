@@ -27,10 +27,9 @@ from pipeline.graph import (
     ccd_paths,
     collect_catalog,
     config_hash,
-    resume_key,
     status_record,
 )
-from pipeline.io import InputError, PairEntry, atomic_path, read_catalog, validate_ccd_id, write_catalog
+from pipeline.io import PairEntry, atomic_path, check_ccd_ids, read_catalog, write_catalog
 from pipeline.outdir import OutputError, open_output_folder
 
 __all__ = ["RunResult", "RunSetupError", "run_pipeline", "format_summary", "versions", "check_model",
@@ -116,18 +115,6 @@ def _tune_threads(config: RunConfig, scheduler: SchedulerConfig) -> RunConfig:
     else:  # a worker runs threads_per_worker tasks at once, one core each
         per_task = 1
     return dataclasses.replace(config, psf_match=dataclasses.replace(config.psf_match, fft_workers=per_task))
-
-
-def _check_entries(entries: list[PairEntry]) -> None:
-    if not entries:
-        raise InputError("no CCD pairs to process (the manifest is empty)")
-    seen: dict[str, str] = {}
-    for entry in entries:
-        validate_ccd_id(entry.ccd)
-        if entry.ccd.lower() in seen:
-            raise InputError(f"ccd identifier {entry.ccd!r} appears twice (as {seen[entry.ccd.lower()]!r}); "
-                             f"identifiers must be unique, ignoring case")
-        seen[entry.ccd.lower()] = entry.ccd
 
 
 def check_model(config: RunConfig) -> tuple[str, str]:
@@ -231,7 +218,7 @@ def run_pipeline(
         The workers cannot load the model.
     """
     out_dir = Path(out_dir)
-    _check_entries(entries)
+    check_ccd_ids(e.ccd for e in entries)
     weights_path, weights_sha = check_model(config)
     config = _tune_threads(config, scheduler)
     chash = config_hash(config, weights_sha)
@@ -267,7 +254,7 @@ def _run_locked(entries, config, out_dir, scheduler, chash, weights_path, weight
     todo = []
     for entry in entries:
         record, why = (None, "") if not resume else ccd_outputs_complete(
-            out_dir, entry, resume_key(entry, chash), need_diff=config.save_diff)
+            out_dir, entry, chash, need_diff=config.save_diff)
         if record is not None:
             try:
                 reused[entry.ccd] = dict(_resummarize(record, entry, out_dir, config), resumed=True)
@@ -418,7 +405,7 @@ def _execute(entries, config, out_dir, client, scheduler, progress, chash, clock
                 out[ccd] = fut.result()
             except Exception as exc:  # a worker died more often than retries allow
                 entry = next(e for e in entries if e.ccd == ccd)
-                state = CcdState(ccd=ccd, entry=entry, resume_key=resume_key(entry, chash))
+                state = CcdState.start(entry, chash)
                 state.status, state.failed_stage, state.error = "failed", "scheduler", f"{type(exc).__name__}: {exc}"
                 out[ccd] = state
             bar.update(1)

@@ -21,7 +21,6 @@ import numpy as np
 from astropy.table import Table
 
 from dia import PsfMatchConfig
-from dia.masks import MaskBits
 from pipeline.align import (
     AlignedPair,
     RegistrationCheck,
@@ -29,6 +28,7 @@ from pipeline.align import (
     check_registration,
     resample_cutouts,
     template_coverage,
+    template_has_data,
 )
 from pipeline.config import RunConfig
 from pipeline.detect import (
@@ -168,15 +168,7 @@ def drop_without_template(candidates: Table, pair: LoadedPair) -> tuple[Table, i
     """
     if len(candidates) == 0:
         return candidates, 0
-    t = pair.template
-    world = pair.search.wcs.pixel_to_world_values(np.asarray(candidates["x"], float),
-                                                  np.asarray(candidates["y"], float))
-    tx, ty = (np.rint(np.asarray(v, float)) for v in t.wcs.world_to_pixel_values(*world))
-    tny, tnx = t.shape
-    inside = np.isfinite(tx) & np.isfinite(ty) & (tx >= 0) & (tx < tnx) & (ty >= 0) & (ty < tny)
-    ix = np.where(inside, tx, 0).astype(int)
-    iy = np.where(inside, ty, 0).astype(int)
-    keep = inside & ((t.mask[iy, ix] & int(MaskBits.NO_DATA)) == 0)
+    keep = template_has_data(pair.search.wcs, pair.template, candidates["x"], candidates["y"])
     kept = candidates[keep]
     if "id" in kept.colnames:
         kept["id"] = np.arange(len(kept))
