@@ -92,3 +92,169 @@ def test_grid_mapping_agrees_with_reproject(sim_pair):
     scale = np.std(ref.image[both])
     assert np.max(np.abs(fast.image[both] - ref.image[both])) < 1e-3 * scale + 1e-3 * np.max(np.abs(ref.image[both]))
     np.testing.assert_array_equal(fast.mask[both], ref.mask[both])
+
+
+# ---- the fast (affine, two-pass) path ------------------------------------------------------------
+
+
+def _tan_wcs(shape, crpix_offset=(0.0, 0.0), rotation_deg=0.0, scale=1.0, sip_a20=0.0):
+    """A TAN WCS of 0.263"/px centred on the grid (+ offset), rotated and rescaled; optional SIP term A_2_0."""
+    from astropy.wcs import WCS, Sip
+
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"] if sip_a20 else ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0, 2.0]
+    crpix = [(shape[1] - 1) / 2 + 1 + crpix_offset[0], (shape[0] - 1) / 2 + 1 + crpix_offset[1]]
+    w.wcs.crpix = crpix
+    th = np.deg2rad(rotation_deg)
+    w.wcs.cd = 0.263 / 3600 * scale * np.array([[-np.cos(th), np.sin(th)], [np.sin(th), np.cos(th)]])
+    if sip_a20:
+        a = np.zeros((3, 3))
+        a[2, 0] = sip_a20
+        w.sip = Sip(a, np.zeros((3, 3)), None, None, crpix)
+    w.wcs.set()
+    return w
+
+
+def _star_pair(rotation_deg=0.8, offset=(12.3, -7.6), scale=1.0004, shape=(256, 320), template_wcs=None):
+    """Search and template with the same Gaussian stars, each rendered through its own WCS (truth: search x, y)."""
+    from conftest import render_gaussians
+
+    from pipeline.io import Exposure
+
+    rng = np.random.default_rng(5)
+    n = 40
+    xs, ys = rng.uniform(20, shape[1] - 20, n), rng.uniform(20, shape[0] - 20, n)
+    fluxes = rng.uniform(2e4, 2e5, n)
+    s_wcs = _tan_wcs(shape)
+    t_wcs = template_wcs if template_wcs is not None else _tan_wcs(shape, offset, rotation_deg, scale)
+    tx, ty = t_wcs.world_to_pixel_values(*s_wcs.pixel_to_world_values(xs, ys))
+    s_img, s_var = render_gaussians(shape, xs, ys, fluxes, 3.5, 10.0, seed=1)
+    t_img, t_var = render_gaussians(shape, tx, ty, fluxes, 3.0, 5.0, seed=2)
+    t_mask = np.zeros(shape, np.int32)
+    t_mask[100, 150] |= MaskBits.BAD
+    t_mask[60:63, 200:202] |= MaskBits.SAT
+    search = Exposure(s_img + 100, s_var, np.zeros(shape, np.int32), s_wcs, fwhm=3.5, name="s")
+    template = Exposure(t_img + 100, t_var, t_mask, t_wcs, fwhm=3.0, name="t")
+    return search, template, (xs, ys, fluxes)
+
+
+def test_fast_path_agrees_with_exact_on_rotated_shifted_rescaled_pair():
+    search, template, (xs, ys, fluxes) = _star_pair()
+    cfg = dict(registration_stars=0)
+    fast = align_pair(search, template, AlignConfig(method="fast", **cfg))
+    exact = align_pair(search, template, AlignConfig(method="grid", **cfg))
+    assert fast.method == "fast" and exact.method == "grid"
+    f, g = fast.template, exact.template
+    nf, ng = (f.mask & MaskBits.NO_DATA) != 0, (g.mask & MaskBits.NO_DATA) != 0
+    # the template is shifted and rotated: a border without data, the same pixels on both paths
+    assert 0.05 < ng.mean() < 0.4
+    assert (nf != ng).sum() <= 4
+    both = ~nf & ~ng
+    sigma = np.sqrt(g.variance[both])
+    diff = np.abs(f.image[both] - g.image[both]) / sigma
+    # stars reach a peak S/N of ~4000 here: 0.002 px of position error is ~1 sigma at their flanks
+    assert np.sqrt(np.mean(diff**2)) < 0.05 and diff.max() < 1.5
+    assert np.max(np.abs(f.image - g.image)[both]) < 5e-4 * g.image.max()
+    np.testing.assert_allclose(f.variance[both], g.variance[both], rtol=2e-3)
+    assert ((f.mask ^ g.mask)[both] != 0).sum() <= 2
+    assert (f.mask[both] & MaskBits.BAD).any() and (f.mask[both] & MaskBits.SAT).sum() >= 6
+    assert f.image[nf].max() == 0 and np.all(f.variance[nf] == g.variance[ng][0])
+    assert fast.overlap == pytest.approx(exact.overlap, abs=1e-4)
+    # flux and position of the isolated resampled stars: the truth (interpolation keeps surface
+    # brightness, so a sum over the smaller search pixels gains the pixel-area ratio 1.0004**2)
+    inner = (xs > 30) & (xs < search.shape[1] - 30) & (ys > 30) & (ys < search.shape[0] - 30)
+    sep = np.hypot(xs[:, None] - xs[None, :], ys[:, None] - ys[None, :]) + np.eye(xs.size) * 1e9
+    inner &= sep.min(axis=1) > 25
+    assert inner.sum() >= 5
+    for x, y, flux in zip(xs[inner], ys[inner], fluxes[inner]):
+        ix, iy = int(round(x)), int(round(y))
+        box = f.image[iy - 10:iy + 11, ix - 10:ix + 11] - 100.0
+        if (f.mask[iy - 10:iy + 11, ix - 10:ix + 11] & MaskBits.NO_DATA).any():
+            continue
+        assert box.sum() == pytest.approx(flux * 1.0004**2, rel=0.01)
+        cx, cy = _centroid(f.image, x, y)
+        assert np.hypot(cx - x, cy - y) < 0.05
+
+
+def test_fast_path_bilinear_agrees_with_exact():
+    search, template, _ = _star_pair(rotation_deg=-0.4, offset=(-5.5, 9.2), scale=0.9998)
+    cfg = dict(registration_stars=0, order="bilinear")
+    f = align_pair(search, template, AlignConfig(method="fast", **cfg)).template
+    g = align_pair(search, template, AlignConfig(method="grid", **cfg)).template
+    both = ((f.mask | g.mask) & MaskBits.NO_DATA) == 0
+    assert both.mean() > 0.8
+    assert np.max(np.abs(f.image[both] - g.image[both]) / np.sqrt(g.variance[both])) < 1.5
+    assert (((f.mask ^ g.mask) & MaskBits.NO_DATA) != 0).sum() <= 4
+
+
+def test_identity_wcs_is_not_resampled():
+    search, _, _ = _star_pair()
+    template = dataclasses.replace(search, image=search.image * 0.5 + 3, wcs=search.wcs.deepcopy(), name="same")
+    for method in ("fast", "grid"):
+        aligned = align_pair(search, template, AlignConfig(method=method, registration_stars=0))
+        assert aligned.method == "identity"
+        np.testing.assert_array_equal(aligned.template.image, template.image)  # bit-identical
+        np.testing.assert_array_equal(aligned.template.variance, template.variance)
+        assert not (aligned.template.mask & MaskBits.NO_DATA).any()
+        assert aligned.overlap == 1.0 and aligned.scale_ratio == 1.0 and aligned.variance_factor == 1.0
+    # a shift far below the tolerance is still an identity; one of 0.01 px is not
+    w = search.wcs.deepcopy()
+    w.wcs.crpix = w.wcs.crpix + [0.01, 0.0]
+    shifted = align_pair(search, dataclasses.replace(template, wcs=w), AlignConfig(registration_stars=0))
+    assert shifted.method == "fast" and (shifted.template.mask & MaskBits.NO_DATA).any()
+
+
+def test_strongly_distorted_wcs_falls_back_to_exact_path(caplog):
+    import logging
+
+    shape = (256, 320)
+    sip = _tan_wcs(shape, (3.3, -2.1), 0.3, 1.0, sip_a20=2e-5)  # ~0.3 px of curvature over the frame
+    search, template, _ = _star_pair(template_wcs=sip)
+    with caplog.at_level(logging.INFO, logger="pipeline.align"):
+        aligned = align_pair(search, template, AlignConfig(registration_stars=0))
+    assert aligned.method == "grid"
+    assert any("fast path not taken" in r.getMessage() and "not affine" in r.getMessage() for r in caplog.records)
+    exact = align_pair(search, template, AlignConfig(method="grid", registration_stars=0))
+    np.testing.assert_array_equal(aligned.template.image, exact.template.image)
+    # the mildly distorted case stays fast
+    caplog.clear()
+    mild = _tan_wcs(shape, (3.3, -2.1), 0.3, 1.0, sip_a20=1e-8)
+    search, template, _ = _star_pair(template_wcs=mild)
+    with caplog.at_level(logging.INFO, logger="pipeline.align"):
+        assert align_pair(search, template, AlignConfig(registration_stars=0)).method == "fast"
+    assert not caplog.records
+
+
+def test_fast_path_helpers_match_scipy():
+    from scipy import ndimage
+
+    from pipeline.align import _dilate_intervals, _filter_axis0, _row_intervals, fit_affine_mapping
+
+    a = np.random.default_rng(3).standard_normal((70, 9)).astype(np.float32)
+    ref = ndimage.spline_filter1d(a, 3, axis=0, mode="mirror", output=np.float64)
+    np.testing.assert_allclose(_filter_axis0(a), ref, atol=1e-5)
+    # the data region of an affine map and its dilation, as row intervals == the 2-D mask operations
+    shape, in_shape = (60, 80), (50, 70)
+    s_wcs = _tan_wcs(shape)
+    t_wcs = _tan_wcs(in_shape, (4.2, -3.7), 20.0, 1.01)
+    coef, resid = fit_affine_mapping(s_wcs, t_wcs, shape)
+    assert resid < 1e-3
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    tx, ty = coef[0, 0] * xx + coef[0, 1] * yy + coef[0, 2], coef[1, 0] * xx + coef[1, 1] * yy + coef[1, 2]
+    nodata = ~((tx >= 0) & (tx <= in_shape[1] - 1) & (ty >= 0) & (ty <= in_shape[0] - 1))
+    lo, hi = _row_intervals(coef, shape, in_shape)
+    cols = np.arange(shape[1])
+    np.testing.assert_array_equal((cols < lo[:, None]) | (cols > hi[:, None]), nodata)
+    assert nodata.any() and not nodata.all()
+    for k in (1, 2):
+        lo_k, hi_k = _dilate_intervals(lo, hi, shape[1], k)
+        np.testing.assert_array_equal((cols < lo_k[:, None]) | (cols > hi_k[:, None]),
+                                      ndimage.binary_dilation(nodata, iterations=k))
+
+
+def test_align_config_rejects_unknown_method():
+    with pytest.raises(ValueError, match="method"):
+        AlignConfig(method="lanczos")
+    with pytest.raises(ValueError, match="fast_tolerance"):
+        AlignConfig(fast_tolerance=0.0)
