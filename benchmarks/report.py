@@ -19,8 +19,8 @@ import numpy as np
 from classifier.plotting import new_figure, save_figure
 from pipeline.io import atomic_path
 
-__all__ = ["make_plots", "headline", "headline_markdown", "build_blocks", "to_markdown", "to_html",
-           "write_reports"]
+__all__ = ["make_plots", "plot_roc_curves", "headline", "headline_markdown", "answer", "build_blocks", "to_markdown",
+           "to_html", "write_reports"]
 
 _STAGE_LABELS = {"load": "load", "align": "align", "psf_fit": "PSF fit", "convolve": "convolve/subtract",
                  "detect": "detect", "stamps": "stamps", "score": "CNN", "write": "write"}
@@ -50,6 +50,35 @@ def _pct(v: Any, digits: int = 1) -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * v:.{digits}f}%"
 
 
+def _pct_ci(v: Any, ci: Any, digits: int = 1) -> str:
+    """A proportion with its interval: ``87.4% [84.0, 90.2]``."""
+    if v is None:
+        return "-"
+    return _pct(v, digits) + (f" [{100 * ci[0]:.{digits}f}, {100 * ci[1]:.{digits}f}]" if ci else "")
+
+
+def _num_ci(v: Any, ci: Any, digits: int = 2) -> str:
+    """A rate with its interval: ``5.00 [3.10, 7.60]``."""
+    if v is None:
+        return "-"
+    return _fmt(float(v), digits) + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def _bin_cell(row: dict) -> str:
+    """A completeness bin: ``12 (86% [60, 96])``."""
+    return f"{row['n_completeness']} ({_pct_ci(row['completeness'], row.get('completeness_ci'), 0)})"
+
+
+def _level(data: dict) -> float:
+    """Confidence level of the report's intervals (as recorded with the end-to-end numbers)."""
+    from benchmarks.metrics import CONFIDENCE_LEVEL
+
+    for r in data.get("runs", []):
+        if (r.get("end_to_end") or {}).get("level"):
+            return float(r["end_to_end"]["level"])
+    return CONFIDENCE_LEVEL
+
+
 def _bin(lo: Any, hi: Any, fmt: str = "g") -> str:
     """Bin label; an open upper edge (inf, or None after JSON cleaning) is shown as '+'."""
     if hi is None or (isinstance(hi, float) and not math.isfinite(hi)):
@@ -66,103 +95,287 @@ def _main_runs(data: dict) -> dict[str, dict]:
 # ----------------------------------------------------------------------------- plots
 
 
+def _yerr(values: list, cis: list) -> np.ndarray:
+    """Asymmetric error bars (2, N) from values and [lo, hi] intervals (0 where unknown)."""
+    lo = [v - c[0] if v is not None and c else 0.0 for v, c in zip(values, cis)]
+    hi = [c[1] - v if v is not None and c else 0.0 for v, c in zip(values, cis)]
+    return np.clip(np.array([lo, hi], float), 0.0, None)  # a bound equal to the value may differ by rounding
+
+
+def _nan(v: Any) -> float:
+    return np.nan if v is None else float(v)
+
+
+def _plain_log_ticks(axis, ticks) -> None:
+    """Major ticks at ``ticks`` written as plain numbers, no minor labels (a log axis that reads)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    axis.set_major_locator(FixedLocator(list(ticks)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _m50_lines(ax, items: list[tuple[str, float, str]]) -> None:
+    """m50 of each mode as a vertical line whose value is written in the legend, not beside the line:
+    labels in the legend cannot overlap each other or the curves, however close the m50s are."""
+    styles = (":", "-.", (0, (5, 2)), (0, (1, 3)))
+    for k, (mode, m50, color) in enumerate(sorted(items, key=lambda t: t[1])):
+        ax.axvline(m50, color=color, lw=1.1, ls=styles[k % len(styles)], label=f"{mode}: m50 = {m50:.2f} mag")
+
+
 def make_plots(data: dict, plot_dir: str | Path) -> dict[str, str]:
-    """Stage-cost bars, completeness versus magnitude and S/N, cost versus accuracy (PNG paths)."""
+    """The report's figures (PNG paths by name).
+
+    Stage-cost bars, completeness versus magnitude and S/N (95% Wilson error bars, m50 marked),
+    cost versus accuracy, the operating curves of both modes (completeness versus false positives
+    per CCD as the threshold sweeps 0..1) and the false positives by kind.  Works from the report
+    data as loaded from ``report.json`` (no catalogs needed).
+    """
     # figures on their own Agg canvas, no pyplot: the caller's matplotlib backend is untouched
     plot_dir = Path(plot_dir)
     runs = _main_runs(data)
     out: dict[str, str] = {}
+    level = _level(data)
 
-    # stage-cost bars: one panel per mode, wall and CPU seconds per CCD per stage
+    # stage-cost bars: one panel per mode, the same stage rows in each, wall and CPU seconds per CCD
     modes = [m for m in ("dia", "direct") if f"cpu-{m}" in runs]
+    present = {s["stage"] for m in modes for s in runs[f"cpu-{m}"]["cost"]["stages"]}
+    order = [s for s in _STAGE_LABELS if s in present]
     fig = new_figure((5.5 * len(modes), 3.8))
-    axes = fig.subplots(1, len(modes), sharex=True, squeeze=False)
+    axes = fig.subplots(1, len(modes), sharex=True, sharey=True, squeeze=False)
     for ax, mode in zip(axes[0], modes):
         cost = runs[f"cpu-{mode}"]["cost"]
-        labels = [_STAGE_LABELS[s["stage"]] for s in cost["stages"]]
-        y = np.arange(len(labels))
-        ax.barh(y - 0.2, [s["wall_s"] for s in cost["stages"]], 0.4, color=_COLORS[mode], label="wall")
-        ax.barh(y + 0.2, [s["cpu_s"] for s in cost["stages"]], 0.4, color=_COLORS[mode], alpha=0.45, label="CPU")
-        ax.set_yticks(y, labels)
-        ax.invert_yaxis()
+        by = {s["stage"]: s for s in cost["stages"]}
+        y = np.arange(len(order))
+        ax.barh(y - 0.2, [by[s]["wall_s"] if s in by else 0 for s in order], 0.4, color=_COLORS[mode], label="wall")
+        ax.barh(y + 0.2, [by[s]["cpu_s"] if s in by else 0 for s in order], 0.4, color=_COLORS[mode], alpha=0.45,
+                label="CPU")
+        for yy, s in zip(y, order):
+            if s not in by:
+                ax.text(0.02, yy, "no such stage", va="center", fontsize=7, color="0.5",
+                        transform=ax.get_yaxis_transform())
+        ax.set_yticks(y, [_STAGE_LABELS[s] for s in order])
         ax.set_xlabel("seconds per CCD (mean)")
         ax.set_title(f"{mode}: {cost['wall_per_ccd']:.2f} s wall / CCD, "
                      f"{cost['ccds_per_core_hour']:.0f} CCDs per core-hour", fontsize=9)
         ax.legend(fontsize=8, loc="lower right")
         ax.grid(axis="x", alpha=0.3)
+    axes[0][0].invert_yaxis()
     fig.suptitle(f"Stage cost per CCD ({data['config']['workers']} CPU workers, 1 thread each)", fontsize=10)
     fig.tight_layout()
     out["stage_cost"] = str(save_figure(fig, plot_dir / "stage_cost.png"))
 
     e2e = {m: runs[f"cpu-{m}"].get("end_to_end") for m in modes if runs[f"cpu-{m}"].get("end_to_end")}
-    if e2e:
-        fig = new_figure((11, 4))
-        a1, a2 = fig.subplots(1, 2)
-        for mode, e in e2e.items():
-            c = [(r["lo"] + r["hi"]) / 2 for r in e["by_mag"]]
-            a1.plot(c, [np.nan if r["completeness"] is None else r["completeness"] for r in e["by_mag"]], "o-",
-                    color=_COLORS[mode], label=f"{mode}: score >= {e['threshold']:g}")
-            a1.plot(c, [np.nan if r["detected"] is None else r["detected"] for r in e["by_mag"]], "--",
-                    color=_COLORS[mode], alpha=0.5, label=f"{mode}: detected")
-            if e["m50"] is not None:
-                a1.axvline(e["m50"], color=_COLORS[mode], lw=0.8, ls=":")
-                a1.text(e["m50"], 0.56 if mode == "dia" else 0.40, f" m50={e['m50']:.2f}", color=_COLORS[mode],
-                        fontsize=8)
-            rows = [r for r in e["by_snr"] if r["n"]]
-            xs = [math.sqrt(max(r["lo"], 1.0) * (r["hi"] if r["hi"] is not None and math.isfinite(r["hi"])
-                                                 else 2 * r["lo"])) for r in rows]
-            a2.plot(xs, [r["completeness"] for r in rows], "o-", color=_COLORS[mode], label=mode)
-            a2.plot(xs, [r["detected"] for r in rows], "--", color=_COLORS[mode], alpha=0.5)
-        a1.axhline(0.5, color="0.7", lw=0.8)
-        a1.set_xlabel("transient magnitude (truth)")
-        a1.set_ylabel("completeness")
-        a1.set_ylim(-0.02, 1.05)
-        a1.legend(fontsize=7, loc="lower left")
-        a1.set_title("End-to-end completeness vs magnitude", fontsize=9)
-        a2.set_xscale("log")
-        a2.set_xlabel("truth S/N of the transient in the search image (bin centre)")
-        a2.set_ylim(-0.02, 1.05)
-        a2.set_title("vs S/N (solid: selected, dashed: detected)", fontsize=9)
-        a2.legend(fontsize=8)
-        fig.tight_layout()
-        out["completeness"] = str(save_figure(fig, plot_dir / "completeness.png"))
+    if not e2e:
+        return out
 
-        # cost (x) versus accuracy (y): one point per mode and device
-        fig = new_figure((10, 4))
-        b1, b2 = fig.subplots(1, 2)
-        for r in runs.values():
-            e = r.get("end_to_end")
-            if not e:
+    # completeness versus magnitude and S/N, with the Wilson intervals of each bin
+    fig = new_figure((12, 5.4))
+    a1, a2 = fig.subplots(1, 2)
+    labels = []
+    for k, (mode, e) in enumerate(e2e.items()):
+        dx = (k - (len(e2e) - 1) / 2) * 0.04  # side by side, so the error bars do not hide each other
+        rows = [r for r in e["by_mag"] if r["n"]]
+        c = np.array([(r["lo"] + r["hi"]) / 2 for r in rows])
+        comp = [r["completeness"] for r in rows]
+        a1.errorbar(c + dx, [_nan(v) for v in comp], yerr=_yerr(comp, [r.get("completeness_ci") for r in rows]),
+                    fmt="o-", ms=4, capsize=2, color=_COLORS[mode],
+                    label=f"{mode}: selected (score >= {e['threshold']:g})")
+        a1.plot(c, [_nan(r["detected"]) for r in rows], "--", color=_COLORS[mode], alpha=0.5,
+                label=f"{mode}: detected (any score)")
+        if e["m50"] is not None:
+            labels.append((mode, e["m50"], _COLORS[mode]))
+        rows = [r for r in e["by_snr"] if r["n"]]
+        xs = np.array([math.sqrt(max(r["lo"], 1.0) * (r["hi"] if r["hi"] is not None and math.isfinite(r["hi"])
+                                                       else 2 * r["lo"])) for r in rows])
+        comp = [r["completeness"] for r in rows]
+        a2.errorbar(xs * (1 + dx), [_nan(v) for v in comp], yerr=_yerr(comp, [r.get("completeness_ci") for r in rows]),
+                    fmt="o-", ms=4, capsize=2, color=_COLORS[mode], label=f"{mode}: selected")
+        a2.plot(xs, [_nan(r["detected"]) for r in rows], "--", color=_COLORS[mode], alpha=0.5,
+                label=f"{mode}: detected")
+    _m50_lines(a1, labels)
+    a1.axhline(0.5, color="0.7", lw=0.8)
+    a1.set_xlabel("transient magnitude (truth)")
+    a1.set_ylabel("completeness")
+    a1.set_ylim(-0.02, 1.05)
+
+    a1.set_title(f"End-to-end completeness vs magnitude ({level:.0%} Wilson intervals)", fontsize=9)
+    a2.set_xscale("log")
+    _plain_log_ticks(a2.xaxis, [2, 5, 10, 20, 50, 100, 200])
+    a2.set_xlim(1.5, 300)
+    a2.set_xlabel("truth S/N of the transient in the search image (bin centre)")
+    a2.set_ylim(-0.02, 1.05)
+    a2.grid(alpha=0.3)
+    a2.set_title(f"vs S/N (solid: selected, dashed: detected; {level:.0%} Wilson intervals)", fontsize=9)
+    # one legend under both panels: it covers no data point, whatever the curves do
+    handles, names = a1.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(names) - 1) // 3), 1, 1))
+    out["completeness"] = str(save_figure(fig, plot_dir / "completeness.png"))
+
+    # cost (x, linear from 0) versus accuracy (y): one point per mode and device
+    fig = new_figure((10, 4))
+    b1, b2 = fig.subplots(1, 2)
+    xs = []
+    for r in runs.values():
+        e = r.get("end_to_end")
+        x = r["cost"]["core_s_per_ccd"]
+        if not e or x is None or not math.isfinite(x) or x <= 0:  # every CCD failed: no cost to show
+            continue
+        xs.append(x)
+        marker = "o" if r["device"] == "cpu" else "s"
+        for ax, key in ((b1, "completeness"), (b2, "purity")):
+            val = e[key]
+            if val is None:
                 continue
-            x = r["cost"]["core_s_per_ccd"]
-            if x is None or not math.isfinite(x) or x <= 0:  # every CCD failed: no cost to show
-                continue
-            marker = "o" if r["device"] == "cpu" else "s"
-            for ax, val in ((b1, e["completeness"]), (b2, e["purity"])):
-                if val is None:
+            ax.errorbar([x], [val], yerr=_yerr([val], [e.get(f"{key}_ci")]), fmt=marker, color=_COLORS[r["mode"]],
+                        ms=8, capsize=3)
+            ax.annotate(f"{r['mode']} ({r['device']})\n{e['false_positives_per_ccd']:.1f} FP/CCD", (x, val),
+                        textcoords="offset points", xytext=(8, -22 if val > 0.3 else 8), fontsize=8)
+    for ax, name in ((b1, "completeness"), (b2, "purity")):
+        ax.set_xlabel("cost: core-seconds per CCD")
+        ax.set_ylabel(f"{name} at the operating threshold")
+        ax.set_ylim(0, 1.05)
+        ax.set_xlim(0, max(xs) * 1.35 if xs else 1)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Cost versus accuracy (one point per mode and device; {level:.0%} Wilson intervals)", fontsize=10)
+    fig.tight_layout()
+    out["cost_accuracy"] = str(save_figure(fig, plot_dir / "cost_vs_accuracy.png"))
+
+    # operating curves: completeness versus false positives per CCD as the threshold sweeps 0..1
+    curves = {m: e.get("operating_curve") for m, e in e2e.items() if e.get("operating_curve")}
+    if curves:
+        cmp = (data.get("comparison") or {}).get("cpu") or {}
+        fig = new_figure((8.5, 5.2))
+        ax = fig.subplots()
+        fmax = 1.0
+        for mode, cv in curves.items():
+            fp = np.array([_nan(v) for v in cv["false_positives_per_ccd"]])
+            comp = np.array([_nan(v) for v in cv["completeness"]])
+            fmax = max(fmax, float(np.nanmax(fp)) if fp.size else 1.0)
+            ax.step(fp, comp, where="post", color=_COLORS[mode], lw=1.4,
+                    label=f"{mode}: threshold 0 (upper right) to 1 (lower left)")
+            i = cv.get("operating_index")
+            if i is not None:
+                ax.plot(fp[i], comp[i], "*", ms=14, color=_COLORS[mode], mec="k", mew=0.6, zorder=5,
+                        label=f"{mode} at its operating threshold {cv['threshold'][i]:g}: "
+                              f"{_pct(comp[i])}, {fp[i]:.2f} FP/CCD")
+            for t, mk in ((0.1, "v"), (0.9, "^"), (0.99, "D")):
+                j = int(np.searchsorted(cv["threshold"], t))
+                if j < len(fp):
+                    ax.plot(fp[j], comp[j], mk, ms=5, mfc="white", color=_COLORS[mode], zorder=4)
+            for row in cmp.get("matched", []):
+                if (row["point"] is None or cmp.get(row["mode"]) != mode
+                        or row["matched_to"] != "false_positives_per_ccd"):
                     continue
-                ax.plot([x], [val], marker, color=_COLORS[r["mode"]], ms=9)
-                ax.annotate(f"{r['mode']} ({r['device']})\n{e['false_positives_per_ccd']:.1f} FP/CCD", (x, val),
-                            textcoords="offset points", xytext=(6, -14 if val > 0.15 else 6), fontsize=8)
-        from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-        for ax, name in ((b1, "completeness at the operating threshold"), (b2, "purity at the operating threshold")):
-            ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(ScalarFormatter())
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel("cost: core-seconds per CCD")
-            ax.set_ylabel(name)
-            ax.set_ylim(0, 1.05)
-            ax.grid(alpha=0.3)
-        xs = [r["cost"]["core_s_per_ccd"] for r in runs.values() if r.get("end_to_end")]
-        xs = [x for x in xs if x is not None and math.isfinite(x) and x > 0]
-        if xs:
-            for ax in (b1, b2):
-                ax.set_xlim(min(xs) / 2.5, max(xs) * 2.5)
-        fig.suptitle("Cost versus accuracy (one point per mode and device)", fontsize=10)
+                p = row["point"]
+                ax.plot(p["false_positives_per_ccd"], p["completeness"], "o", ms=9, mfc="none", mew=1.5,
+                        color=_COLORS[mode], zorder=5,
+                        label=f"{mode} at {cmp[row['of']]}'s FP/CCD: threshold {p['threshold']:.3g}, "
+                              f"{_pct(p['completeness'])}")
+        for t, mk in ((0.1, "v"), (0.9, "^"), (0.99, "D")):
+            ax.plot([], [], mk, ms=5, mfc="white", color="0.3", label=f"threshold {t:g}")
+        ax.set_xscale("symlog", linthresh=1.0, linscale=0.6)
+        ticks = [0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+        _plain_log_ticks(ax.xaxis, [t for t in ticks if t <= fmax * 1.5])
+        ax.set_xlim(-0.06, fmax * 1.5)  # markers at 0 false positives drawn whole
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("false positives per CCD (linear below 1, logarithmic above)")
+        ax.set_ylabel("completeness (selected / injected transients)")
+        ax.set_title("End-to-end operating curves: the score threshold sweeps 0..1", fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
-        out["cost_accuracy"] = str(save_figure(fig, plot_dir / "cost_vs_accuracy.png"))
+        out["operating_curve"] = str(save_figure(fig, plot_dir / "operating_curve.png"))
+
+    # false positives by kind (per CCD, exact Poisson intervals)
+    kinds = _fp_kind_rows(e2e)
+    if kinds:
+        fig = new_figure((8.5, 0.5 + 0.42 * len(kinds) * max(len(e2e), 1) + 0.9))
+        ax = fig.subplots()
+        y = np.arange(len(kinds))
+        h = 0.8 / max(len(e2e), 1)
+        for k, (mode, e) in enumerate(e2e.items()):
+            by = {r["kind"]: r for r in e.get("false_positives_by_kind", [])}
+            vals = [by[kd]["per_ccd"] if kd in by else 0.0 for kd in kinds]
+            cis = [by[kd]["per_ccd_ci"] if kd in by else None for kd in kinds]
+            pos = y - 0.4 + h * (k + 0.5)
+            ax.barh(pos, vals, h * 0.9, xerr=_yerr(vals, cis), capsize=2, color=_COLORS[mode],
+                    error_kw={"elinewidth": 0.8, "ecolor": "0.3"},
+                    label=f"{mode}: {e['false_positives_per_ccd']:.2f} FP/CCD in all")
+            for p, v, kd in zip(pos, vals, kinds):
+                n = by[kd]["n"] if kd in by else 0
+                ax.text(v, p, f" {n}", va="center", fontsize=7, color=_COLORS[mode])
+        ax.set_yticks(y, [kd.replace("_", " ") for kd in kinds])
+        ax.invert_yaxis()
+        ax.set_xlabel(f"false positives per CCD at the operating threshold ({level:.0%} Poisson intervals; "
+                      "number: count)")
+        ax.set_title("False positives by what they are (truth object within 2 px)", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        out["fp_by_kind"] = str(save_figure(fig, plot_dir / "fp_by_kind.png"))
     return out
+
+
+def _fp_kind_rows(e2e: dict) -> list[str]:
+    """The kinds of the false-positive table: every kind any mode has candidates of, report order."""
+    from benchmarks.metrics import KIND_ORDER
+
+    kinds = {r["kind"] for e in e2e.values() if e for r in e.get("false_positives_by_kind", [])}
+    return [k for k in KIND_ORDER if k in kinds] + sorted(kinds - set(KIND_ORDER))
+
+
+def plot_roc_curves(results: dict, path: str | Path, title: str = "ROC",
+                    fpr_points: tuple[float, ...] = (0.01, 0.03)) -> Path:
+    """ROC curves of labelled results with their references in the legend.
+
+    Each model's curve, its operating point (the confusion matrix at the evaluation threshold),
+    the chance diagonal (TPR = FPR) and the false-positive rates of the missed-detection rates.
+    The FPR axis is linear below 0.001 and logarithmic above (ticks written as plain numbers), so
+    the low false-positive rates that matter are readable and FPR = 0 is on the plot.
+
+    Parameters
+    ----------
+    results : dict
+        ``{label: classifier.evaluate.EvaluationResult}`` (with their ROC points).
+    path : path
+        Output PNG (written atomically).
+    title : str
+    fpr_points : tuple of float
+        False-positive rates drawn as reference lines.
+    """
+    fig = new_figure((6.4, 5.4))
+    ax = fig.subplots()
+    grid = np.concatenate([[0.0], np.logspace(-4, 0, 200)])
+    ax.plot(grid, grid, color="0.6", lw=0.9, ls="-.", label="chance (TPR = FPR)")
+    for f in fpr_points:
+        ax.axvline(f, color="0.75", lw=0.8, ls="--")
+    if fpr_points:
+        ax.plot([], [], color="0.75", lw=0.8, ls="--",
+                label="FPR " + ", ".join(f"{f:.0%}" for f in fpr_points) + " (missed-detection rates)")
+    colors = [f"C{i}" for i in range(10)]
+    for k, (label, res) in enumerate(results.items()):
+        color = colors[k % len(colors)]
+        ax.plot(res.roc["fpr"], res.roc["tpr"], color=color, lw=1.3,
+                label=f"{label} (AUC {res.roc_auc:.4f}, accuracy {res.accuracy:.1%})")
+        c = res.confusion
+        neg, pos = c["fp"] + c["tn"], c["tp"] + c["fn"]
+        if neg and pos:
+            ax.plot(c["fp"] / neg, c["tp"] / pos, "o", ms=6, color=color, mec="k", mew=0.6)
+    ax.plot([], [], "o", ms=6, color="0.5", mec="k", mew=0.6,
+            label=f"operating point (score >= {next(iter(results.values())).threshold:g})" if results else None)
+    ax.set_xscale("symlog", linthresh=1e-3, linscale=0.4)
+    _plain_log_ticks(ax.xaxis, [0, 0.001, 0.01, 0.1, 1])
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("false-positive rate (linear below 0.001, logarithmic above)")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------- headline
@@ -180,9 +393,11 @@ def headline(data: dict) -> dict[str, Any]:
         h["modes"][mode] = {
             "wall_s_per_ccd": r["cost"]["wall_per_ccd"], "cpu_s_per_ccd": r["cost"]["cpu_per_ccd"],
             "ccds_per_core_hour": r["cost"]["ccds_per_core_hour"],
-            "completeness": e.get("completeness"), "m50": e.get("m50"),
+            "completeness": e.get("completeness"), "completeness_ci": e.get("completeness_ci"), "m50": e.get("m50"),
             "false_positives_per_ccd": e.get("false_positives_per_ccd"),
-            "false_positives_per_deg2": e.get("false_positives_per_deg2"), "purity": e.get("purity")}
+            "false_positives_per_ccd_ci": e.get("false_positives_per_ccd_ci"),
+            "false_positives_per_deg2": e.get("false_positives_per_deg2"), "purity": e.get("purity"),
+            "purity_ci": e.get("purity_ci")}
     h["ratio_dia_over_direct"] = (data.get("ratio") or {}).get("cpu")
     sl = data.get("stamp_level") or {}
     for row in sl.get("models", []):
@@ -204,13 +419,15 @@ def _headline_blocks(data: dict) -> list:
     rows = []
     for mode, m in h["modes"].items():
         rows.append([mode, _fmt(m["wall_s_per_ccd"], 2), _fmt(m["cpu_s_per_ccd"], 2), _fmt(m["ccds_per_core_hour"], 0),
-                     _pct(m["completeness"]), _fmt(m["m50"], 2), _fmt(m["false_positives_per_ccd"], 2),
-                     _fmt(m["false_positives_per_deg2"], 1), _pct(m["purity"])])
+                     _pct_ci(m["completeness"], m.get("completeness_ci")), _fmt(m["m50"], 2),
+                     _num_ci(m["false_positives_per_ccd"], m.get("false_positives_per_ccd_ci")),
+                     _fmt(m["false_positives_per_deg2"], 1), _pct_ci(m["purity"], m.get("purity_ci"))])
     ratio = h.get("ratio_dia_over_direct")
     if ratio:
         rows.append(["dia / direct", _fmt(ratio["wall"], 2), _fmt(ratio["cpu"], 2), "", "", "", "", "", ""])
-    blocks: list = [("table", ["mode", "wall s / CCD", "CPU s / CCD", "CCDs / core-hour", "completeness",
-                               "m50 (mag)", "FP / CCD", "FP / deg²", "purity"], rows)]
+    lv = f"{_level(data):.0%}"
+    blocks: list = [("table", ["mode", "wall s / CCD", "CPU s / CCD", "CCDs / core-hour", f"completeness [{lv} CI]",
+                               "m50 (mag)", f"FP / CCD [{lv} CI]", "FP / deg²", f"purity [{lv} CI]"], rows)]
     mrows = []
     for m in h["models"]:
         if m["status"] != "ok":
@@ -222,6 +439,153 @@ def _headline_blocks(data: dict) -> list:
         blocks.append(("table", ["model", "candidates", "n stamps", "accuracy", "ROC AUC"]
                        + [f"MDR @ {float(f):.0%} FPR" for f in fprs], mrows))
     return blocks
+
+
+def _signed(v: float, digits: int) -> str:
+    return f"{v:+.{digits}f}"
+
+
+def answer(data: dict, device: str = "cpu") -> dict[str, Any]:
+    """The report's first paragraph: what skipping DIA saves and what it loses, with uncertainties.
+
+    Every number comes from ``data`` (the headline, the cost ratio and ``comparison``); the
+    verdict is chosen by tests on those numbers (is direct cheaper; does each interval of a
+    difference exclude 0), never written in advance.
+
+    Returns
+    -------
+    dict
+        ``text`` (the paragraph, Markdown) and the numbers it states: ``wall_s_per_ccd``
+        ``{dia, direct}``, ``ratio``, ``saved_s_per_ccd``, ``saved_fraction``, ``cpu_s_per_ccd``,
+        ``ratio_cpu``, and when truth was
+        available ``completeness``, ``completeness_ci``, ``false_positives_per_ccd``,
+        ``false_positives_per_ccd_ci`` (by mode), ``completeness_change`` (points, direct - dia)
+        and its ``_ci``, ``fp_change`` and ``fp_ratio`` with intervals, ``m50`` (by mode),
+        ``m50_change`` and its interval, ``matched`` (direct at dia's false positives per CCD),
+        ``verdict`` (the sentence) and ``significant`` ``{completeness, false_positives, m50}``.
+    """
+    runs = _main_runs(data)
+    ans: dict[str, Any] = {}
+    if f"{device}-dia" not in runs or f"{device}-direct" not in runs:
+        ans["text"] = "**Answer.** Not measured: both modes must run for the comparison."
+        return ans
+    cd, cr = runs[f"{device}-dia"]["cost"], runs[f"{device}-direct"]["cost"]
+    ratio = (data.get("ratio") or {}).get(device) or {}
+    wall = {"dia": cd["wall_per_ccd"], "direct": cr["wall_per_ccd"]}
+    r = ratio.get("wall")
+    per = [v for v in (ratio.get("per_ccd") or {}).values() if v is not None]
+    ans.update(wall_s_per_ccd=wall, ratio=r, saved_s_per_ccd=wall["dia"] - wall["direct"],
+               saved_fraction=1 - wall["direct"] / wall["dia"] if wall["dia"] else None)
+    cheaper = r is not None and math.isfinite(r) and r > 1
+    spread = f"; per-CCD ratios {min(per):.2f}-{max(per):.2f}" if len(per) > 1 else ""
+    cpu = {"dia": cd["cpu_per_ccd"], "direct": cr["cpu_per_ccd"]}
+    rc = ratio.get("cpu")
+    ans.update(cpu_s_per_ccd=cpu, ratio_cpu=rc)
+    parts = [f"**Answer.** Skipping the difference image (direct mode) costs {wall['direct']:.2f} s per CCD against "
+             f"{wall['dia']:.2f} s with it (dia), wall time of the {data['config']['workers']}-worker "
+             f"{device.upper()} runs: dia / direct = {_fmt(r, 2)}{spread}"
+             + (f", so direct saves {ans['saved_s_per_ccd']:.2f} s per CCD ({ans['saved_fraction']:.0%})."
+                if cheaper else ", so direct saves nothing here.")]
+    if rc is not None and math.isfinite(rc):
+        parts.append(f"In CPU time: {cpu['direct']:.2f} against {cpu['dia']:.2f} s per CCD, ratio {rc:.2f}"
+                     + (" (wall and CPU ratios disagree by more than 25%: other load on the machine inflated the "
+                        "wall times, see the load average below; the CPU ratio is the steadier measure)."
+                        if r and abs(r / rc - 1) > 0.25 else "."))
+    cmp = (data.get("comparison") or {}).get(device)
+    h = {m: runs[f"{device}-{m}"].get("end_to_end") for m in ("dia", "direct")}
+    if not cmp or not all(h.values()):
+        parts.append("Accuracy was not measured (no truth tables).")
+        ans["text"] = " ".join(parts)
+        return ans
+    lv = cmp["level"]
+    c, f, m = cmp["completeness"], cmp["false_positives_per_ccd"], cmp["m50"]
+    t = cmp["threshold"]
+    ans.update(threshold=t, level=lv, n_transients=cmp["n_transients"],
+               completeness={k: h[k]["completeness"] for k in h},
+               completeness_ci={k: h[k]["completeness_ci"] for k in h},
+               false_positives_per_ccd={k: h[k]["false_positives_per_ccd"] for k in h},
+               false_positives_per_ccd_ci={k: h[k]["false_positives_per_ccd_ci"] for k in h},
+               m50={k: h[k]["m50"] for k in h})
+    hd, hr = h["dia"], h["direct"]
+    parts.append(f"At the operating threshold {t:g}, direct selects "
+                 f"{_pct_ci(hr['completeness'], hr['completeness_ci'])} "
+                 f"of the {cmp['n_transients']} injected transients and dia "
+                 f"{_pct_ci(hd['completeness'], hd['completeness_ci'])} ({lv:.0%} Wilson intervals)")
+    if c is not None:
+        ch, ci = 100 * c["difference"], [100 * v for v in c["interval"]]
+        ans.update(completeness_change=ch, completeness_change_ci=ci, completeness_p=c["p_value"])
+        parts[-1] += (f": a change of {_signed(ch, 1)} points ({lv:.0%} interval [{_signed(ci[0], 1)}, "
+                      f"{_signed(ci[1], 1)}], Newcombe's paired method; McNemar exact p = {c['p_value']:.2g}).")
+    else:
+        parts[-1] += "."
+    fd, fdi = f["difference"], f["difference_interval"]
+    ans.update(fp_change=fd, fp_change_ci=fdi, fp_ratio=f["ratio"], fp_ratio_ci=f["ratio_interval"], fp_p=f["p_value"])
+    ratio_txt = (f", x{f['ratio']:.2f} [{f['ratio_interval'][0]:.2f}, {f['ratio_interval'][1]:.2f}]"
+                 if f["ratio"] is not None and f["ratio_interval"] else "")
+    parts.append("False positives per CCD: direct "
+                 f"{_num_ci(hr['false_positives_per_ccd'], hr['false_positives_per_ccd_ci'])}, "
+                 f"dia {_num_ci(hd['false_positives_per_ccd'], hd['false_positives_per_ccd_ci'])} "
+                 f"(exact Poisson intervals), a change of {_signed(fd, 2)} per CCD "
+                 f"([{_signed(fdi[0], 2)}, {_signed(fdi[1], 2)}]{ratio_txt}; "
+                 f"exact conditional test p = {f['p_value']:.2g}).")
+    if m["difference"] is not None:
+        ans.update(m50_change=m["difference"], m50_change_ci=m["interval"])
+        iv = (f", bootstrap {lv:.0%} interval [{_signed(m['interval'][0], 2)}, {_signed(m['interval'][1], 2)}]"
+              if m["interval"] else "")
+        parts.append(f"The 50% completeness magnitude m50 is {m['other']:.2f} (direct) against {m['reference']:.2f} "
+                     f"(dia): {_signed(m['difference'], 2)} mag{iv}.")
+    else:
+        parts.append("The m50 of one mode is undefined (its completeness never falls through 50% in the bins), so "
+                     "no m50 difference is given.")
+    at_fp = next((row for row in cmp.get("matched", []) if row["mode"] == "other"
+                  and row["matched_to"] == "false_positives_per_ccd"), None)
+    if at_fp is not None and at_fp["point"] is not None:
+        p = at_fp["point"]
+        ans["matched"] = p
+        parts.append(f"Held to dia's {at_fp['target']:.2f} false positives per CCD, direct needs threshold "
+                     f"{p['threshold']:.3g} and then selects {_pct_ci(p['completeness'], p['completeness_ci'])}.")
+    # the verdict, from the numbers
+    sig = {"completeness": bool(c and c["significant"]), "false_positives": bool(f["significant"]),
+           "m50": bool(m.get("significant"))}
+    ans["significant"] = sig
+    disagree = rc is not None and math.isfinite(rc) and r and abs(r / rc - 1) > 0.25
+    cheaper = cheaper and (rc is None or not math.isfinite(rc) or rc > 1)
+    if cheaper and disagree:
+        lo_r, hi_r = sorted([(rc, "CPU"), (r, "wall")])
+        bits = [f"direct is {lo_r[0]:.2f}x ({lo_r[1]}) to {hi_r[0]:.2f}x ({hi_r[1]}) cheaper per CCD"]
+    else:
+        bits = [f"direct is {r:.2f}x cheaper per CCD" if cheaper
+                else f"direct is not cheaper (dia / direct = {_fmt(r, 2)} wall, {_fmt(rc, 2)} CPU)"]
+    if c is None:
+        bits.append("completeness could not be compared")
+    elif sig["completeness"]:
+        bits.append(f"it {'loses' if c['difference'] < 0 else 'gains'} a significant "
+                    f"{abs(100 * c['difference']):.1f} points of completeness")
+    else:
+        bits.append(f"its completeness change ({_signed(100 * c['difference'], 1)} points) is not significant "
+                    f"(the {lv:.0%} interval includes 0)")
+    fr = f"x{f['ratio']:.2f}" if f["ratio"] is not None else "dia has none"
+    if sig["false_positives"]:
+        more = f["ratio"] is None or f["ratio"] > 1
+        bits.append(f"it has significantly {'more' if more else 'fewer'} false positives ({fr})")
+    else:
+        bits.append(f"its false-positive rate ({fr}) is not significantly different")
+    worse = (c is not None and sig["completeness"] and c["difference"] < 0) or \
+        (sig["false_positives"] and (f["ratio"] is None or f["ratio"] > 1))
+    better = (c is not None and sig["completeness"] and c["difference"] > 0) or \
+        (sig["false_positives"] and f["ratio"] is not None and f["ratio"] < 1)
+    if cheaper and not worse:
+        end = ("skipping DIA saves compute with no measurable loss of accuracy on this field" if not better else
+               "skipping DIA saves compute and is no less accurate on this field")
+    elif cheaper:
+        end = "the saving is paid for in accuracy"
+    else:
+        end = "skipping DIA brings no saving here"
+    verdict = f"at threshold {t:g}, " + "; ".join(bits) + ": " + end + "."
+    ans["verdict"] = verdict[0].upper() + verdict[1:]
+    parts.append(f"**Verdict:** {ans['verdict']}")
+    ans["text"] = " ".join(parts)
+    return ans
 
 
 # ----------------------------------------------------------------------------- the report
@@ -239,6 +603,7 @@ def build_blocks(data: dict) -> list:
     inp = data["input"]
     fig = data.get("figures", {})
     b: list = [("h1", data["title"])]
+    b.append(("p", answer(data)["text"]))
     b.append(("p", f"Made {data['created']} in {data['wall_s']:.0f} s on {mach['host']}: {mach['cpu_model']}, "
                    f"{mach['cores']} cores available, {mach['memory_gb']} GB memory ({mach['platform']}). "
                    f"Load average at start {', '.join(f'{v:.1f}' for v in mach.get('load_average') or [])}, at end "
@@ -399,23 +764,58 @@ def build_blocks(data: dict) -> list:
     if not any(e2e.values()):
         b.append(("p", "Not measured: the input has no truth tables."))
     else:
+        lv = f"{_level(data):.0%}"
         b.append(("p", "Each mode at its operating threshold against the injected transients (those closer than the "
                        "detection edge to the border are not counted). Detected: a candidate within 2 px; selected: "
                        "and its score >= the threshold. A false positive is a selected candidate not matched to a "
                        "transient. m50: magnitude where the completeness falls through 50% (linear interpolation "
                        "between bin centres). CCDs counted (done in every run): "
                        + ", ".join(data.get("end_to_end_ccds") or []) + "."))
+        b.append(("p", f"Uncertainties: every interval is two-sided at {lv}. Completeness, purity and each bin's "
+                       "completeness: Wilson score interval of the binomial proportion "
+                       "(`astropy.stats.binom_conf_interval`). False positives per CCD and per deg²: exact (Garwood) "
+                       "Poisson interval of the count (`astropy.stats.poisson_conf_interval`). Differences between "
+                       "the modes (same transients, same CCDs): completeness by Newcombe's (1998) paired method 10 "
+                       "with McNemar's exact test, false positives by the exact conditional binomial test of two "
+                       "Poisson counts (normal interval for the difference), m50 by a paired bootstrap of the "
+                       "transients. They are statistical only: one simulated field, one seed."))
         rows = []
         for mode, e in e2e.items():
             if not e:
                 continue
-            rows.append([mode, _fmt(e["n_transients"]), f"{e['n_detected']} ({_pct(e['completeness_detected'])})",
-                         f"{e['n_selected']} ({_pct(e['completeness'])})", _fmt(e["m50"], 2),
-                         _fmt(e["m50_detected"], 2), _fmt(e["n_false_positives"]),
-                         _fmt(e["false_positives_per_ccd"], 2), _fmt(e["false_positives_per_deg2"], 1),
-                         _pct(e["purity"]), _fmt(e["n_candidates"])])
-        b.append(("table", ["mode", "transients", "detected", "selected", "m50", "m50 detected", "FP", "FP / CCD",
-                            "FP / deg²", "purity", "candidates"], rows))
+            rows.append([mode, _fmt(e["n_transients"]),
+                         f"{e['n_detected']} "
+                         f"({_pct_ci(e['completeness_detected'], e.get('completeness_detected_ci'))})",
+                         f"{e['n_selected']} ({_pct_ci(e['completeness'], e.get('completeness_ci'))})",
+                         _fmt(e["m50"], 2), _fmt(e["m50_detected"], 2), _fmt(e["n_false_positives"]),
+                         _num_ci(e["false_positives_per_ccd"], e.get("false_positives_per_ccd_ci")),
+                         _num_ci(e["false_positives_per_deg2"], e.get("false_positives_per_deg2_ci"), 1),
+                         _pct_ci(e["purity"], e.get("purity_ci")), _fmt(e["n_candidates"])])
+        b.append(("table", ["mode", "transients", f"detected [{lv} CI]", f"selected [{lv} CI]", "m50", "m50 detected",
+                            "FP", f"FP / CCD [{lv} CI]", f"FP / deg² [{lv} CI]", f"purity [{lv} CI]", "candidates"],
+                  rows))
+        cmp = (data.get("comparison") or {}).get("cpu")
+        if cmp:
+            c, f, m = cmp["completeness"], cmp["false_positives_per_ccd"], cmp["m50"]
+            rows = []
+            if c is not None:
+                rows.append(["completeness (points)", _signed(100 * c["difference"], 1),
+                             f"[{_signed(100 * c['interval'][0], 1)}, {_signed(100 * c['interval'][1], 1)}]",
+                             f"{c['p_value']:.2g}", "yes" if c["significant"] else "no",
+                             f"{c['only_b']} selected by dia only, {c['only_a']} by direct only"])
+            rows.append(["false positives per CCD", _signed(f["difference"], 2),
+                         f"[{_signed(f['difference_interval'][0], 2)}, {_signed(f['difference_interval'][1], 2)}]",
+                         f"{f['p_value']:.2g}", "yes" if f["significant"] else "no",
+                         (f"ratio x{f['ratio']:.2f} [{f['ratio_interval'][0]:.2f}, {f['ratio_interval'][1]:.2f}]"
+                          if f["ratio"] is not None and f["ratio_interval"] else "ratio undefined (dia has none)")])
+            if m["difference"] is not None:
+                rows.append(["m50 (mag)", _signed(m["difference"], 2),
+                             (f"[{_signed(m['interval'][0], 2)}, {_signed(m['interval'][1], 2)}]" if m["interval"]
+                              else "-"), "-", "yes" if m["significant"] else "no",
+                             f"{m['n_boot_defined']} of {m['n_boot']} bootstrap resamples define both m50"])
+            b.append(("p", f"direct minus dia at threshold {cmp['threshold']:g} ({cmp['n_transients']} transients, "
+                           f"{cmp['n_ccds']} CCDs); significant: the {lv} interval excludes no difference."))
+            b.append(("table", ["quantity", "direct - dia", f"{lv} interval", "p-value", "significant", "note"], rows))
         modes = [m for m, e in e2e.items() if e]
         bins = e2e[modes[0]]["by_mag"]
         rows = []
@@ -423,28 +823,80 @@ def build_blocks(data: dict) -> list:
             if not bn["n"]:
                 continue
             rows.append([_bin(bn["lo"], bn["hi"], ".1f"), _fmt(bn["n"])]
-                        + [f"{e2e[m]['by_mag'][i]['n_completeness']} ({_pct(e2e[m]['by_mag'][i]['completeness'], 0)})"
-                           for m in modes])
-        b.append(("table", ["mag", "transients"] + [f"{m} selected" for m in modes], rows))
+                        + [_bin_cell(e2e[m]["by_mag"][i]) for m in modes])
+        b.append(("table", ["mag", "transients"] + [f"{m} selected [{lv} CI]" for m in modes], rows))
         rows = []
         for i, bn in enumerate(e2e[modes[0]]["by_snr"]):
             if not bn["n"]:
                 continue
             rows.append([_bin(bn["lo"], bn["hi"]), _fmt(bn["n"])]
-                        + [f"{e2e[m]['by_snr'][i]['n_completeness']} ({_pct(e2e[m]['by_snr'][i]['completeness'], 0)})"
-                           for m in modes])
-        b.append(("table", ["truth S/N", "transients"] + [f"{m} selected" for m in modes], rows))
+                        + [_bin_cell(e2e[m]["by_snr"][i]) for m in modes])
+        b.append(("table", ["truth S/N", "transients"] + [f"{m} selected [{lv} CI]" for m in modes], rows))
         if fig.get("completeness"):
-            b.append(("img", "Completeness versus magnitude and S/N", fig["completeness"]))
+            b.append(("img", f"Completeness versus magnitude and S/N ({lv} Wilson intervals; dotted: m50)",
+                      fig["completeness"]))
+
+        b.append(("h3", "Operating curves"))
+        b.append(("p", "Completeness against false positives per CCD as the score threshold sweeps 0..1, from the "
+                       "runs' catalogs (every scored candidate is in them, matched to truth). At threshold 0 each mode "
+                       "keeps everything it detected; the star marks its operating threshold. Below: the threshold "
+                       "each mode needs to match the other's false-positive rate or completeness at its operating "
+                       "threshold (the lowest threshold with no more false positives; the highest with no less "
+                       "completeness), and what it gets there."))
+        if cmp:
+            rows = []
+            for row in cmp.get("matched", []):
+                mode, of = cmp[row["mode"]], cmp[row["of"]]
+                what = ("FP / CCD" if row["matched_to"] == "false_positives_per_ccd" else "completeness")
+                target = (_fmt(row["target"], 2) if row["matched_to"] == "false_positives_per_ccd"
+                          else _pct(row["target"]))
+                p = row["point"]
+                if p is None:
+                    rows.append([mode, f"{of}'s {what} ({target})", "unreachable", "-", "-"])
+                    continue
+                rows.append([mode, f"{of}'s {what} ({target})", f"{p['threshold']:.4g}",
+                             _pct_ci(p["completeness"], p["completeness_ci"]),
+                             _num_ci(p["false_positives_per_ccd"], p["false_positives_per_ccd_ci"])])
+            for mode, e in e2e.items():
+                if e:
+                    rows.append([mode, "its operating threshold", f"{e['threshold']:g}",
+                                 _pct_ci(e["completeness"], e.get("completeness_ci")),
+                                 _num_ci(e["false_positives_per_ccd"], e.get("false_positives_per_ccd_ci"))])
+            b.append(("table", ["mode", "matched to", "threshold", f"completeness [{lv} CI]", f"FP / CCD [{lv} CI]"],
+                      rows))
+        if fig.get("operating_curve"):
+            b.append(("img", "Operating curves of both modes (star: operating threshold; open circle: at the other "
+                             "mode's false positives per CCD)", fig["operating_curve"]))
+
+        b.append(("h3", "False positives by kind"))
+        b.append(("p", "What each mode's false positives are, by the truth object within 2 px of the candidate "
+                       "(`truth_kind`; unmatched: no truth object, e.g. noise or a subtraction residual), at the "
+                       f"operating threshold, per CCD with {lv} exact Poisson intervals; candidates: all scored "
+                       "candidates of that kind."))
+        kinds = _fp_kind_rows(e2e)
+        rows = []
+        for kd in kinds:
+            row = [kd.replace("_", " ")]
+            for mode in modes:
+                by = {r["kind"]: r for r in e2e[mode].get("false_positives_by_kind", [])}
+                r = by.get(kd)
+                row += ([_fmt(r["n_candidates"]), _fmt(r["n"]), _num_ci(r["per_ccd"], r["per_ccd_ci"])] if r
+                        else ["0", "0", "-"])
+            rows.append(row)
+        if rows:
+            b.append(("table", ["kind"] + [h for m in modes for h in (f"{m} candidates", f"{m} FP",
+                                                                       f"{m} FP / CCD [{lv} CI]")], rows))
+        if fig.get("fp_by_kind"):
+            b.append(("img", "False positives per CCD by kind", fig["fp_by_kind"]))
         if fig.get("cost_accuracy"):
             b.append(("img", "Cost versus accuracy", fig["cost_accuracy"]))
 
     b.append(("h2", "Configuration and versions"))
     b.append(("p", "Versions: " + ", ".join(f"{k2} {v}" for k2, v in data["versions"].items()) + "."))
     b.append(("p", "Seeds: " + ", ".join(f"{k2} = {v}" for k2, v in data["seeds"].items()) + "."))
-    b.append(("p", "Benchmark configuration: `" + json.dumps(cfg) + "`"))
+    b.append(("p", "Benchmark configuration: `" + json.dumps(_finite(cfg)) + "`"))
     b.append(("p", "Run configuration (dia mode; direct differs only in `mode`): `"
-                   + json.dumps(data["run_config"]["dia"]) + "`"))
+                   + json.dumps(_finite(data["run_config"]["dia"])) + "`"))
     b.append(("p", "Each run's own `run.json` (per-CCD, per-stage times, worker, peak memory): "
                    + ", ".join(f"`{r['run_json']}`" for r in data["runs"]) + "."))
     return b

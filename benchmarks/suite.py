@@ -13,8 +13,11 @@
 4. runs the same workload on the other worker count (1 if ``workers`` > 1, else 2) for the
    parallel efficiency, and on the GPU when asked and present;
 5. computes costs, ratios, extrapolations and end-to-end completeness from the runs' own
-   ``run.json`` and catalogs (:mod:`benchmarks.metrics`), and writes the report
-   (:mod:`benchmarks.report`).
+   ``run.json`` and catalogs (:mod:`benchmarks.metrics`): every completeness and purity with its
+   Wilson interval, false positives with exact Poisson intervals and by kind, each mode's
+   operating curve, and the comparison of direct against dia on the same transients
+   (:func:`benchmarks.metrics.compare_modes`), and writes the report (:mod:`benchmarks.report`),
+   whose first paragraph states the answer (:func:`benchmarks.report.answer`).
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ class BenchmarkConfig:
         Width of the completeness magnitude bins (default 0.5 mag).
     saliency_n : int
         Objects in each saliency gallery (default 8: two each of TP, FP, TN, FN when present).
+    n_boot : int
+        Paired bootstrap resamples of the transients for the interval of the m50 difference
+        between the modes (default 1000; seeded with ``seed``).
     extrapolate_workers : tuple of int
         Worker counts of the extrapolated wall times (default 2, 16, 64).
     stamp_threads : int
@@ -94,6 +100,7 @@ class BenchmarkConfig:
     fpr_points: tuple[float, ...] = (0.01, 0.03)
     mag_step: float = 0.5
     saliency_n: int = 8
+    n_boot: int = 1000
     extrapolate_workers: tuple[int, ...] = (2, 16, 64)
     stamp_threads: int = 0
 
@@ -386,10 +393,20 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | Path, manifest: str | 
         # with its error above, not counted as missed transients of one mode only)
         common = [e.ccd for e in entries if all(e.ccd not in r["failures"] for r in runs)]
         data["end_to_end_ccds"] = common
+        outcomes = {}
         for r in runs:
             cats = _catalogs_by_ccd(out / r["dir"], common)
-            r["end_to_end"] = (metrics.completeness_curves(cats, {c: truths[c] for c in common}, threshold,
-                                                           edge=edge, mag_step=config.mag_step) if common else None)
+            sub = {c: truths[c] for c in common}
+            r["end_to_end"] = (metrics.completeness_curves(cats, sub, threshold, edge=edge, mag_step=config.mag_step)
+                               if common else None)
+            if common and r["workers"] == config.workers:
+                outcomes[(r["device"], r["mode"])] = metrics.transient_outcomes(cats, sub, edge=edge)
+        # what skipping the difference image changes: direct against dia, on the same transients
+        data["comparison"] = {
+            dev: {"reference": "dia", "other": "direct", "threshold": threshold,
+                  **metrics.compare_modes(outcomes[(dev, "dia")], outcomes[(dev, "direct")], threshold, threshold,
+                                          mag_step=config.mag_step, n_boot=config.n_boot, seed=config.seed)}
+            for dev in devices if (dev, "dia") in outcomes and (dev, "direct") in outcomes}
 
     # 5. stamp level
     plots = out / "plots"
@@ -406,6 +423,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | Path, manifest: str | 
     figures.update(report.make_plots(data, plots))
     data["figures"] = {name: str(Path(p).relative_to(out)) for name, p in figures.items()}
     data["headline"] = report.headline(data)
+    data["answer"] = report.answer(data)
     data["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     data["wall_s"] = time.perf_counter() - t_start
     try:
@@ -431,8 +449,9 @@ def _stamp_level(stamp_results: list[dict], by_key: dict, config: BenchmarkConfi
 def _score_stamp_sets(stamp_results: list[dict], by_key: dict, config: BenchmarkConfig, out_dir: Path, plots: Path,
                       threads: int):
     """The body of :func:`_stamp_level`, run with its thread setting."""
+    from benchmarks.report import plot_roc_curves
     from classifier.data import StampSet
-    from classifier.evaluate import EvaluationConfig, evaluate_scores, plot_roc
+    from classifier.evaluate import EvaluationConfig, evaluate_scores
     from classifier.infer import Scorer, WeightsError
     from classifier.saliency import plot_saliency_gallery, saliency_maps, saliency_table
 
@@ -492,12 +511,14 @@ def _score_stamp_sets(stamp_results: list[dict], by_key: dict, config: Benchmark
         out["models"].append(row)
     dia_res = {m: r for (m, st), (r, _) in results.items() if st == "dia"}
     if dia_res:
-        figures["roc"] = str(plot_roc(dia_res, plots / "roc_dia_stream.png",
-                                      title="ROC on the same dia-stream candidates"))
+        figures["roc"] = str(plot_roc_curves(dia_res, plots / "roc_dia_stream.png",
+                                             title="ROC on the same dia-stream candidates",
+                                             fpr_points=config.fpr_points))
     if ("pair-direct", "direct") in results:
         r = results[("pair-direct", "direct")][0]
-        figures["roc_direct"] = str(plot_roc({"pair-direct (direct stream)": r}, plots / "roc_direct_stream.png",
-                                             title="ROC of the direct mode's model on its own stream"))
+        figures["roc_direct"] = str(plot_roc_curves({"pair-direct (direct stream)": r}, plots / "roc_direct_stream.png",
+                                                    title="ROC of the direct mode's model on its own stream",
+                                                    fpr_points=config.fpr_points))
     # saliency: the dia mode's model and a pair model on the same dia-stream stamps
     out["saliency"] = {}
     for model in ("triplet", "triplet-paper", "pair", "pair-paper", "pair-direct"):
@@ -513,7 +534,9 @@ def _score_stamp_sets(stamp_results: list[dict], by_key: dict, config: Benchmark
                                   scores=sal_all.scores[pick])
         figures[f"saliency_{model}"] = str(plot_saliency_gallery(
             s.stamps[pick], sub, s.labels[pick], plots / f"saliency_{model}.png", channels=s.channels,
-            n_max=len(pick), title=f"{model}: stamps and |dP/dx| (TP, FP, TN, FN)"))
+            n_max=len(pick), threshold=config.score_threshold,
+            title=f"{model}: stamps and saliency |dP/dx| of true/false positives/negatives "
+                  f"(threshold {config.score_threshold:g})"))
         if len(out["saliency"]) >= 2:
             break
     return out, figures

@@ -11,13 +11,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["StampSet", "CHANNELS", "META_COLUMNS", "SPLITS"]
+__all__ = ["StampSet", "CHANNELS", "META_COLUMNS", "SPLITS", "ccd_split_assignment", "simulated_ccd",
+           "simulation_seeds"]
 
 #: Canonical channel order of stamp arrays.
 CHANNELS: tuple[str, ...] = ("template", "search", "difference")
@@ -30,6 +32,9 @@ META_COLUMNS: dict[str, Any] = {
 
 #: Split names used by :meth:`StampSet.split_by_ccd` and :meth:`StampSet.select`.
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+#: Name of a simulated CCD in a stamp set's ``ccd`` column: ``s<seed>-ccd<index>`` (``s1000-ccd07``).
+_SIMULATED_CCD = re.compile(r"^s(\d+)-ccd(\d+)$")
 
 _META_DTYPES = {"ccd": str, "kind": str, "split": str, "truth_id": np.int64,
                 "x": np.float64, "y": np.float64, "mag": np.float64, "snr": np.float64}
@@ -132,6 +137,9 @@ class StampSet:
         attrs = dict(sets[0].attrs)
         if len(sets) > 1:
             attrs["concatenated"] = [s.attrs for s in sets]
+            seeds = sorted({int(v) for s in sets for v in s.attrs.get("simulation_seeds", [])})
+            if seeds:
+                attrs["simulation_seeds"] = seeds
         return StampSet(np.concatenate([s.stamps for s in sets]),
                         np.concatenate([s.labels for s in sets]), meta, channels, attrs)
 
@@ -258,6 +266,57 @@ class StampSet:
             m = self.meta["split"] == split
             out[split] = {"n": int(m.sum()), "real": int((self.labels[m] == 1).sum())}
         return out
+
+
+def simulated_ccd(name: str) -> tuple[int, int] | None:
+    """``(seed, index)`` of a simulated CCD named ``s<seed>-ccd<index>``; None for any other name."""
+    m = _SIMULATED_CCD.match(str(name))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def simulation_seeds(stamps: StampSet) -> list[int]:
+    """The simulation seeds a stamp set was cut from, sorted.
+
+    Read from ``attrs["simulation_seeds"]`` (written by the data set builder, also in the
+    ``attrs`` of concatenated parts) and from the ``ccd`` column's ``s<seed>-ccd<index>`` names,
+    so sets written before the seeds were recorded are covered too.  Empty for sets that were
+    not simulated (DES autoScan).
+    """
+    seeds: set[int] = set()
+    todo = [stamps.attrs]
+    while todo:
+        attrs = todo.pop()
+        seeds.update(int(v) for v in attrs.get("simulation_seeds", []))
+        todo.extend(a for a in attrs.get("concatenated", []) if isinstance(a, dict))
+    for name in np.unique(stamps.meta["ccd"]).tolist():
+        parsed = simulated_ccd(name)
+        if parsed is not None:
+            seeds.add(parsed[0])
+    return sorted(seeds)
+
+
+def ccd_split_assignment(n_ccds: int, fractions: Sequence[float] = (0.7, 0.1, 0.2),
+                         split_seed: int = 0) -> np.ndarray:
+    """Split (train / val / test) of each of ``n_ccds`` simulated CCDs, by CCD index.
+
+    The rule of the simulated data set builder (:func:`pipeline.datasets.build_datasets`): the
+    indices are shuffled with ``split_seed`` and cut at the cumulative ``fractions``.  Kept here
+    so that the CCDs a model was trained on can be recovered from its recorded data set config.
+
+    Returns
+    -------
+    ndarray (n_ccds,) of str
+    """
+    fr = np.asarray(fractions, dtype=float)
+    if fr.shape != (3,) or (fr < 0).any() or fr.sum() <= 0:
+        raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
+    fr = fr / fr.sum()
+    order = np.random.default_rng(split_seed).permutation(n_ccds)
+    edges = np.round(np.cumsum(fr) * n_ccds).astype(int)
+    out = np.empty(n_ccds, dtype="U5")
+    for k, part in enumerate(np.split(order, edges[:2])):
+        out[part] = SPLITS[k]
+    return out
 
 
 def _json_default(obj: Any) -> Any:

@@ -8,15 +8,21 @@ rate (FPR) f is 1 - TPR at the most permissive threshold whose FPR is still <= f
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from classifier.data import SPLITS, StampSet, ccd_split_assignment, simulated_ccd, simulation_seeds
 from classifier.plotting import new_figure, save_figure
 
+if TYPE_CHECKING:
+    from classifier.infer import Scorer
+
 __all__ = ["roc_auc", "roc_curve", "confusion_matrix", "accuracy", "missed_detection_rate",
-           "EvaluationConfig", "EvaluationResult", "evaluate_scores", "plot_roc"]
+           "EvaluationConfig", "EvaluationResult", "evaluate_scores", "evaluate_model", "plot_roc",
+           "training_data", "training_overlap", "TrainingDataOverlapWarning"]
 
 
 def _check(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -140,6 +146,10 @@ class EvaluationResult:
     per_kind: list[dict[str, Any]]
     threshold: float
     roc: dict[str, list[float]] = dataclasses.field(repr=False, default_factory=dict)
+    #: :func:`training_overlap` of the model and the set, when known (set by :func:`evaluate_model`)
+    training_overlap: dict[str, Any] | None = None
+    #: warnings about the evaluation itself (e.g. stamps the model was trained on)
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self, with_roc: bool = True) -> dict[str, Any]:
         """JSON-able dict (NaN -> None); the ROC points only when ``with_roc``."""
@@ -151,7 +161,8 @@ class EvaluationResult:
     def summary(self) -> str:
         """A few human-readable lines."""
         c = self.confusion
-        lines = [f"n = {self.n} ({self.n_real} real), accuracy = {self.accuracy:.4f}, "
+        lines = [f"WARNING: {w}" for w in self.warnings]
+        lines += [f"n = {self.n} ({self.n_real} real), accuracy = {self.accuracy:.4f}, "
                  f"ROC AUC = {self.roc_auc:.4f} (threshold {self.threshold})",
                  f"confusion: TP {c['tp']}  FP {c['fp']}  TN {c['tn']}  FN {c['fn']}",
                  "missed-detection rate: " + ", ".join(f"{v:.4f} at FPR {k}" for k, v in self.mdr.items())]
@@ -227,6 +238,165 @@ def evaluate_scores(labels: np.ndarray, scores: np.ndarray, meta: dict[str, np.n
         roc_auc=roc_auc(labels, scores), confusion=confusion_matrix(labels, scores, thr),
         mdr=mdr, mdr_threshold=mdr_thr, per_snr=per_snr, per_kind=per_kind, threshold=thr,
         roc={"fpr": fpr.tolist(), "tpr": tpr.tolist(), "threshold": thresholds.tolist()})
+
+
+class TrainingDataOverlapWarning(UserWarning):
+    """The evaluated stamps come from simulated CCDs the model was trained or validated on."""
+
+
+def _dataset_configs(attrs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every ``dataset_config`` in a stamp set's ``attrs``, including those of concatenated parts."""
+    out, todo = [], [attrs]
+    while todo:
+        a = todo.pop()
+        if isinstance(a.get("dataset_config"), dict):
+            out.append(a["dataset_config"])
+        todo.extend(p for p in a.get("concatenated", []) if isinstance(p, dict))
+    return out
+
+
+def training_data(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The simulated data a model saw in training (train and val), from its weights' metadata.
+
+    Weights written by :func:`classifier.train.train_model` record the CCDs themselves
+    (``provenance.training_ccds``).  Older weights -- the shipped ones included -- record the
+    data set config of their training set (seed, number of CCDs, split fractions and seed);
+    the train and val CCDs are recovered from it with :func:`classifier.data.ccd_split_assignment`,
+    the builder's own rule.
+
+    Returns
+    -------
+    dict
+        ``seeds`` (sorted simulation seeds), ``ccds`` (sorted ``[seed, index]`` pairs, or None
+        when only the seeds are known) and ``source`` (how they were found; None when the
+        weights record nothing about their data).
+    """
+    prov = metadata.get("provenance") or {}
+    if prov.get("training_ccds") is not None:
+        ccds = {p for p in (simulated_ccd(n) for n in prov["training_ccds"]) if p is not None}
+        seeds = {int(v) for v in prov.get("simulation_seeds", [])} | {c[0] for c in ccds}
+        return {"seeds": sorted(seeds), "ccds": sorted([list(c) for c in ccds]),
+                "source": "training CCDs recorded with the weights"}
+    attrs = (prov.get("train") or {}).get("attrs") or {}
+    configs = _dataset_configs(attrs)
+    seeds = {int(v) for v in attrs.get("simulation_seeds", [])} | {int(c["seed"]) for c in configs if "seed" in c}
+    if not seeds:
+        return {"seeds": [], "ccds": None, "source": None}
+    ccds: set[tuple[int, int]] | None = set()
+    for c in configs:
+        try:
+            split = ccd_split_assignment(int(c["n_ccds"]), c["fractions"], int(c.get("split_seed", 0)))
+        except (KeyError, TypeError, ValueError):
+            ccds = None
+            break
+        ccds.update((int(c["seed"]), k) for k in np.flatnonzero(split != SPLITS[2]).tolist())
+    if not configs:
+        ccds = None
+    return {"seeds": sorted(seeds), "ccds": None if ccds is None else sorted([list(c) for c in ccds]),
+            "source": "data set config recorded with the weights (train/val CCDs recovered from it)"
+            if ccds is not None else "simulation seeds recorded with the weights"}
+
+
+def training_overlap(metadata: dict[str, Any], data: StampSet, model: str = "the model") -> dict[str, Any]:
+    """Which evaluated stamps come from simulated CCDs the model was trained or validated on.
+
+    A simulated CCD is identified by ``(seed, index)``: CCD ``k`` of a simulation depends only on
+    them, so a set cut again from the training seed repeats the training CCDs (same stars,
+    galaxies and transients), even at another transient density.  Where the weights record which
+    CCDs they saw, stamps are compared CCD by CCD (the test split of the training survey is held
+    out); where only the seeds are known, a shared seed counts as overlap.
+
+    Parameters
+    ----------
+    metadata : dict
+        The weights' metadata (:attr:`classifier.infer.Scorer.metadata`).
+    data : StampSet
+        The evaluated stamps.
+    model : str
+        Name used in the messages.
+
+    Returns
+    -------
+    dict
+        ``checked`` (bool), ``training_seeds``, ``data_seeds``, ``shared_seeds``, ``n``,
+        ``n_overlapping`` (stamps), ``overlapping_ccds`` (their CCD names), ``source``, and
+        ``warning`` (a sentence when stamps overlap, else None) and ``note`` (else).
+    """
+    seen = training_data(metadata)
+    data_seeds = simulation_seeds(data)
+    out: dict[str, Any] = {"checked": False, "training_seeds": seen["seeds"], "data_seeds": data_seeds,
+                           "shared_seeds": sorted(set(seen["seeds"]) & set(data_seeds)), "n": len(data),
+                           "n_overlapping": 0, "overlapping_ccds": [], "source": seen["source"],
+                           "warning": None, "note": None}
+    if not seen["seeds"]:
+        out["note"] = f"the weights of {model} record no simulated training data: overlap not checked"
+        return out
+    if not data_seeds:
+        out["note"] = "the evaluated set is not simulated (no simulation seeds): overlap not checked"
+        return out
+    out["checked"] = True
+    names = np.asarray(data.meta["ccd"]).astype(str)
+    unique, inverse = np.unique(names, return_inverse=True)
+    parsed = [simulated_ccd(n) for n in unique.tolist()]
+    if seen["ccds"] is not None:
+        seen_ccds = {tuple(c) for c in seen["ccds"]}
+        hit = np.array([p is not None and p in seen_ccds for p in parsed], dtype=bool)
+    else:
+        hit = np.array([p is not None and p[0] in seen["seeds"] for p in parsed], dtype=bool)
+    per_stamp = hit[inverse] if hit.size else np.zeros(len(data), bool)
+    out["n_overlapping"] = int(per_stamp.sum())
+    out["overlapping_ccds"] = unique[hit].tolist()
+    if out["n_overlapping"]:
+        ccds = out["overlapping_ccds"]
+        shown = ", ".join(ccds[:5]) + (", ..." if len(ccds) > 5 else "")
+        what = ("that" if seen["ccds"] is not None else "of a simulation seed that")
+        out["warning"] = (
+            f"{out['n_overlapping']} of {len(data)} evaluated stamps come from {len(ccds)} simulated CCD(s) "
+            f"{what} {model} was trained or validated on ({shown}; training seed(s) "
+            f"{', '.join(map(str, seen['seeds']))}): these metrics are NOT held out and overstate the model. "
+            f"Evaluate on stamps simulated with another seed.")
+    elif out["shared_seeds"]:
+        out["note"] = (f"the set shares simulation seed(s) {', '.join(map(str, out['shared_seeds']))} with the "
+                       f"training data of {model} but none of its training or validation CCDs: held out")
+    else:
+        out["note"] = (f"held out: simulation seed(s) {', '.join(map(str, data_seeds))}; {model} was trained on "
+                       f"seed(s) {', '.join(map(str, seen['seeds']))}")
+    return out
+
+
+def evaluate_model(model: "Scorer | str | Path", data: StampSet, config: EvaluationConfig = EvaluationConfig(), *,
+                   device: str = "auto", batch_size: int = 1024, threads: int | None = None) -> EvaluationResult:
+    """Score a labelled stamp set with a model and evaluate it, checking that the set is held out.
+
+    Parameters
+    ----------
+    model : Scorer, str or Path
+        A loaded :class:`classifier.infer.Scorer`, or what it loads (weights file, training
+        folder, shipped model name).
+    data : StampSet
+        Labelled stamps (select the split first).
+    config : EvaluationConfig
+    device, batch_size, threads
+        For a scorer built here (see :class:`classifier.infer.Scorer`).
+
+    Returns
+    -------
+    EvaluationResult
+        With ``training_overlap`` (:func:`training_overlap`) filled in and, when stamps come
+        from CCDs the model was trained on, that warning in ``warnings``; it is also issued as
+        a :class:`TrainingDataOverlapWarning`.
+    """
+    from classifier.infer import Scorer
+
+    scorer = model if isinstance(model, Scorer) else Scorer(model, device=device, batch_size=batch_size,
+                                                            threads=threads)
+    scores = scorer.score(data.stamps, data.channels)
+    result = evaluate_scores(data.labels, scores, data.meta, config)
+    result.training_overlap = training_overlap(scorer.metadata, data, scorer.name)
+    if result.training_overlap["warning"]:
+        result.warnings.append(result.training_overlap["warning"])
+        warnings.warn(result.training_overlap["warning"], TrainingDataOverlapWarning, stacklevel=2)
+    return result
 
 
 def plot_roc(results: dict[str, EvaluationResult] | EvaluationResult, path: str | Path,

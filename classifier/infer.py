@@ -18,7 +18,8 @@ import torch
 from .data import CHANNELS
 from .models import MODELS, ModelSpec, build_model, get_spec, prepare_input
 
-__all__ = ["Scorer", "shipped_weights", "load_weights", "torch_threads", "WEIGHTS_DIR", "WeightsError"]
+__all__ = ["Scorer", "shipped_weights", "load_weights", "torch_threads", "torch_device", "WEIGHTS_DIR",
+           "WeightsError"]
 
 #: Folder of the shipped weights (``<name>.pt``).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -26,6 +27,39 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 class WeightsError(ValueError):
     """A weights file that is missing, corrupt or does not match its model."""
+
+
+def torch_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device for a name of the project's vocabulary: the one place ``gpu`` becomes ``cuda``.
+
+    Parameters
+    ----------
+    device : {"auto", "cpu", "gpu"} or torch.device
+        ``"auto"``: CUDA when torch sees a device, else the CPU; ``"gpu"``: CUDA (an error
+        without one).  torch's own names (``"cuda"``, ``"cuda:1"``) are accepted too.
+
+    Raises
+    ------
+    ValueError
+        An unknown name.
+    RuntimeError
+        ``"gpu"`` / ``"cuda"`` asked for but torch sees no CUDA device.
+    """
+    if isinstance(device, torch.device):
+        name = str(device)
+    else:
+        name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "gpu":
+        name = "cuda"
+    elif name.startswith("gpu:"):
+        name = "cuda:" + name[4:]
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA device")
+    return torch.device(name)
 
 
 # torch.set_num_threads sets the calling thread's OpenMP thread count and the default that threads
@@ -179,8 +213,9 @@ class Scorer:
     ----------
     model : str or Path
         A weights file, a training folder (its ``model.pt``), or a shipped model name.
-    device : {"cpu", "cuda", "auto"}
-        Where to run (``"auto"``: CUDA if available).
+    device : {"cpu", "gpu", "auto"}
+        Where to run (``"auto"``: CUDA if available; see :func:`torch_device`, which also
+        accepts ``"cuda"``).
     batch_size : int
         Stamps per forward pass.
     threads : int, optional
@@ -208,10 +243,10 @@ class Scorer:
 
     def __init__(self, model: str | Path, device: str = "cpu", batch_size: int = 1024,
                  threads: int | None = None, precision: str = "float32", cpu_chunk: int = 64) -> None:
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"Scorer: device {device!r} requested but torch sees no CUDA device")
+        try:
+            dev = torch_device(device)
+        except (RuntimeError, ValueError) as exc:
+            raise type(exc)(f"Scorer: {exc}") from None
         if precision not in ("float32", "bfloat16"):
             raise ValueError(f"Scorer: precision must be 'float32' or 'bfloat16', got {precision!r}")
         if batch_size < 1:
@@ -221,7 +256,7 @@ class Scorer:
         if threads is not None and int(threads) < 1:
             raise ValueError(f"Scorer: threads must be >= 1, got {threads}")
         self.threads = None if threads is None else int(threads)
-        self.device = torch.device(device)
+        self.device = dev
         self.batch_size = int(batch_size)
         self.precision = precision
         self.cpu_chunk = int(cpu_chunk)

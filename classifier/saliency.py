@@ -105,30 +105,97 @@ def saliency_table(result: SaliencyResult, labels: np.ndarray, threshold: float 
     return table
 
 
-def plot_saliency_gallery(stamps: np.ndarray, result: SaliencyResult, labels: np.ndarray, path: str | Path,
-                          channels: tuple[str, ...] = CHANNELS, n_max: int = 8, title: str = "") -> Path:
-    """PNG gallery: per object (row) each stamp and its saliency map, with label and score.
+def _outcome(label: int, score: float, threshold: float) -> str:
+    """TP, FP, TN or FN of one object."""
+    return ("T" if (score >= threshold) == (label == 1) else "F") + ("P" if score >= threshold else "N")
 
-    The file is written to a temporary name, then renamed.
+
+def _score_text(p: float) -> str:
+    """P(real) readable at both ends: 3.2e-09 and 1 - 4e-07 rather than 0.00 and 1.00."""
+    if p <= 0:
+        return "P = 0 (below float32)"
+    if p >= 1:
+        return "P = 1 (to float32)"
+    if p < 0.01:
+        return f"P = {p:.1e}"
+    if p > 0.99:
+        return f"P = 1 - {1 - p:.0e}"
+    return f"P = {p:.2f}"
+
+
+def plot_saliency_gallery(stamps: np.ndarray, result: SaliencyResult, labels: np.ndarray, path: str | Path,
+                          channels: tuple[str, ...] = CHANNELS, n_max: int = 8, title: str = "",
+                          threshold: float = 0.5) -> Path:
+    """PNG gallery: per object (row) each stamp and its saliency map, with outcome, label and score.
+
+    Each row is labelled with its outcome at ``threshold`` (TP, FP, TN, FN), its true label and
+    P(real); every panel has a colorbar (stamp pixel values; saliency ``|dP/dx|`` per normalised
+    input pixel, in absolute units, so rows can be compared).  A score near 0 or 1 saturates the
+    softmax and makes the gradient tiny (or exactly 0): the row says so, and a map that is
+    exactly 0 is captioned "no gradient" instead of a meaningless equal share.
+
+    Parameters
+    ----------
+    stamps : ndarray (N, C, 51, 51)
+        Raw stamps (names in ``channels``).
+    result : SaliencyResult
+        Their saliency (same N objects).
+    labels : array of int
+        True labels (1 real, 0 bogus).
+    path : path
+        Output PNG (written to a temporary name, then renamed).
+    channels : tuple of str
+        Names of the stamp channels.
+    n_max : int
+        Rows drawn at most.
+    title : str
+        Figure title.
+    threshold : float
+        Score threshold of the outcomes (default 0.5).
     """
+    from matplotlib.ticker import MaxNLocator
+
     n = min(n_max, result.maps.shape[0])
     k = len(result.channels)
-    fig = new_figure((2.0 * 2 * k, 2.0 * max(n, 1)))  # no pyplot: the caller's backend is untouched
+    fig = new_figure((2.55 * 2 * k + 0.6, 2.15 * max(n, 1) + 0.5))  # no pyplot: the caller's backend is untouched
     axes = fig.subplots(max(n, 1), 2 * k, squeeze=False)
+    names = {"TP": "true positive", "FP": "false positive", "TN": "true negative", "FN": "false negative"}
     for i in range(n):
+        score = float(result.scores[i])
+        peak = float(np.max(result.maps[i])) if result.maps[i].size else 0.0
         for j, ch in enumerate(result.channels):
             img = stamps[i, channels.index(ch)]
             finite = img[np.isfinite(img)]
             lo, hi = (np.percentile(finite, [1, 99.5]) if finite.size else (0, 1))
-            axes[i, 2 * j].imshow(img, origin="lower", cmap="gray", vmin=lo, vmax=hi)
-            axes[i, 2 * j + 1].imshow(result.maps[i, j], origin="lower", cmap="inferno")
-            axes[i, 2 * j].set_title(ch, fontsize=7)
-            axes[i, 2 * j + 1].set_title(f"saliency {result.fractions[i, j]:.2f}", fontsize=7)
-        axes[i, 0].set_ylabel(f"label {int(labels[i])}\nP={result.scores[i]:.2f}", fontsize=7)
+            im = axes[i, 2 * j].imshow(img, origin="lower", cmap="gray", vmin=lo, vmax=hi)
+            cb = fig.colorbar(im, ax=axes[i, 2 * j], fraction=0.046, pad=0.03)
+            cb.ax.tick_params(labelsize=6)
+            sal = result.maps[i, j]
+            im = axes[i, 2 * j + 1].imshow(sal, origin="lower", cmap="inferno", vmin=0, vmax=peak if peak > 0 else 1)
+            # the exponent on every tick (a shared offset text above the bar would run into the next title)
+            cb = fig.colorbar(im, ax=axes[i, 2 * j + 1], fraction=0.046, pad=0.03, format="%.1e",
+                              ticks=MaxNLocator(4))
+            cb.ax.tick_params(labelsize=6)
+            if float(sal.sum()) == 0:  # nothing to show: say why instead of an empty scale
+                cb.set_ticks([0])
+                axes[i, 2 * j + 1].text(0.5, 0.5, "|dP/dx| = 0\neverywhere:\nsoftmax saturated", color="white",
+                                        ha="center", va="center", fontsize=7, transform=axes[i, 2 * j + 1].transAxes)
+            axes[i, 2 * j].set_title(f"{ch} (ADU)", fontsize=7)
+            share = (f"{ch} saliency: {result.fractions[i, j]:.0%} of total" if float(sal.sum()) > 0
+                     else f"{ch}: no gradient")
+            axes[i, 2 * j + 1].set_title(share, fontsize=7)
+        outcome = _outcome(int(labels[i]), score, threshold)
+        text = f"{outcome}: {names[outcome]}\nlabel {'real' if int(labels[i]) == 1 else 'bogus'}, {_score_text(score)}"
+        if peak == 0:
+            text += "\nsaturated: no gradient at all"
+        elif score < 0.01 or score > 0.99:
+            text += f"\nsaturated: max |dP/dx| {peak:.0e}"
+        axes[i, 0].set_ylabel(text, fontsize=7)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    height = fig.get_figheight()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height if title else 1))  # the title clear of the first row
     return save_figure(fig, path, dpi=90)

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import StampSet
-from .infer import torch_threads
+from .data import StampSet, simulated_ccd, simulation_seeds
+from .infer import torch_device, torch_threads
 from .models import ModelSpec, build_model, get_spec, prepare_input
 
 __all__ = ["TrainConfig", "TrainResult", "train_model", "dihedral_augment", "resolve_device",
-           "save_weights"]
+           "save_weights", "training_provenance"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,14 +128,25 @@ class TrainResult:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cpu"`` / ``"cuda"`` as asked."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA device")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    return torch.device(device)
+    """``"auto"`` -> CUDA when available, else CPU; ``"cpu"`` / ``"gpu"`` as asked.
+
+    The same mapping as :func:`classifier.infer.torch_device` (``"cuda"`` is accepted too).
+    """
+    return torch_device(device)
+
+
+def training_provenance(train: StampSet, val: StampSet) -> dict[str, Any]:
+    """What the weights record about their data (JSON-able).
+
+    The training set's ``attrs`` and counts, the validation counts, and -- so that an
+    evaluation can tell held-out data from seen data -- the simulation seeds and the simulated
+    CCDs (``s<seed>-ccd<index>``) of the train and val stamps together (validation chose the
+    epoch, so its CCDs count as seen).
+    """
+    names = np.union1d(np.unique(train.meta["ccd"]), np.unique(val.meta["ccd"])).tolist()
+    return {"train": {"attrs": train.attrs, **train.summary()}, "val": val.summary(),
+            "simulation_seeds": sorted(set(simulation_seeds(train)) | set(simulation_seeds(val))),
+            "training_ccds": [n for n in names if simulated_ccd(n) is not None]}
 
 
 def dihedral_augment(x: torch.Tensor, generator: torch.Generator, n_panels: int = 1) -> torch.Tensor:
@@ -229,7 +240,8 @@ def train_model(name: str, train: StampSet, val: StampSet, config: TrainConfig |
         Defaults to ``TrainConfig.for_model(name)``.
     out_dir : path
         Where ``model.pt``, ``last.pt`` and ``history.json`` go.
-    device : {"auto", "cpu", "cuda"}
+    device : {"auto", "cpu", "gpu"}
+        Where to train (:func:`classifier.infer.torch_device`; ``"cuda"`` is accepted too).
     resume : bool
         Continue from ``out_dir/last.pt`` if it exists (a finished run is returned as is).
     callback : callable, optional
@@ -307,7 +319,7 @@ def _train_model(name: str, train: StampSet, val: StampSet, config: TrainConfig,
         _set_rng_state(ckpt["rng"], gen, dev)
         state = json.loads(ckpt["state_json"])
 
-    provenance = {"train": {"attrs": train.attrs, **train.summary()}, "val": val.summary()}
+    provenance = training_provenance(train, val)
     bs = config.batch_size
     n = x_train.shape[0]
     t0 = time.perf_counter()

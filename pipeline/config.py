@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # the stage configs import their modules; RunConfig resolves 
     from pipeline.truth import MatchConfig
 
 __all__ = ["config_to_dict", "config_from_dict", "load_toml", "RunConfig", "ConfigError", "science_dict",
-           "execution_field", "run_table"]
+           "execution_field", "run_table", "canonical_device", "gpu_usable", "resolve_device"]
 
 C = TypeVar("C")
 
@@ -279,6 +279,9 @@ class RunConfig:
         bright stars of the unconvolved image (default True).
     save_diff : bool
         Keep difference images (``diff/<ccd>.fits``).
+    save_stamps : bool
+        Keep the stamps each CCD's candidates were scored on (``ccds/<ccd>_stamps.fits``, read by
+        ``pipeline vet``; default True).
     align, psf_match, detect, direct, match : configs
         Parameters of each stage (see their classes).
 
@@ -286,7 +289,7 @@ class RunConfig:
     -----
     Fields are of two kinds.  *Science* fields change a result and are hashed for
     ``--resume``; *execution and reporting* fields (``device``, ``batch_size``,
-    ``torch_threads``, ``save_diff``, ``score_threshold``, and ``psf_match.fft_workers`` /
+    ``torch_threads``, ``save_diff``, ``save_stamps``, ``score_threshold``, and ``psf_match.fft_workers`` /
     ``fft_band_rows``; declared with :func:`execution_field`) are recorded in ``run.json``
     but never hashed: changing them does not redo finished CCDs (the truth summary is
     recomputed at the new threshold).
@@ -301,6 +304,7 @@ class RunConfig:
     torch_threads: int = execution_field(1)
     aperture_correction: bool = True
     save_diff: bool = execution_field(False)
+    save_stamps: bool = execution_field(True)
     align: "AlignConfig" = None  # type: ignore[assignment]
     psf_match: "PsfMatchConfig" = None  # type: ignore[assignment]
     detect: "DetectConfig" = None  # type: ignore[assignment]
@@ -323,8 +327,12 @@ class RunConfig:
                 object.__setattr__(self, name, config_from_dict(cls, value, where=name))
         if self.mode not in ("dia", "direct"):
             raise ValueError(f"RunConfig.mode must be 'dia' or 'direct', got {self.mode!r}")
+        if self.device == "cuda":  # the deprecated name of the accelerator, kept working
+            object.__setattr__(self, "device", "gpu")
         if self.device not in ("cpu", "gpu"):
-            raise ValueError(f"RunConfig.device must be 'cpu' or 'gpu', got {self.device!r}")
+            raise ValueError(f"RunConfig.device must be 'cpu' or 'gpu', got {self.device!r}"
+                             + (" ('auto' is resolved by the command line: pipeline run --device auto)"
+                                if self.device == "auto" else ""))
         if not 0.0 <= self.score_threshold <= 1.0:
             raise ValueError(f"RunConfig.score_threshold must be in [0, 1], got {self.score_threshold}")
         if self.torch_threads < 1 or self.batch_size < 1:
@@ -334,3 +342,69 @@ class RunConfig:
     def model(self) -> str:
         """The model used by this run's mode."""
         return self.model_dia if self.mode == "dia" else self.model_direct
+
+
+# ----------------------------------------------------------------------------- device names
+#
+# One vocabulary everywhere: "auto", "cpu", "gpu" ("cuda" is a deprecated alias of "gpu").  The
+# pipeline's array code (dia/, CuPy) and RunConfig take "cpu" / "gpu"; torch code maps "gpu" to
+# its "cuda" in one place, classifier.infer.torch_device.
+
+
+def canonical_device(name: str) -> str:
+    """``name`` in the project's vocabulary: ``"auto"``, ``"cpu"`` or ``"gpu"`` (``"cuda"`` -> ``"gpu"``).
+
+    Raises
+    ------
+    ValueError
+        For any other name.
+    """
+    value = str(name).strip().lower()
+    if value == "cuda":
+        value = "gpu"
+    if value not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {name!r}")
+    return value
+
+
+def gpu_usable(torch_too: bool = True) -> tuple[bool, str]:
+    """Whether the GPU path can run here, and a sentence saying why (or why not).
+
+    Parameters
+    ----------
+    torch_too : bool
+        Also require torch to see a CUDA device (the CNN's half of ``pipeline run``); False for
+        commands that only subtract (CuPy).
+    """
+    try:
+        import cupy
+
+        n = cupy.cuda.runtime.getDeviceCount()
+        if n < 1:
+            return False, "CuPy sees no CUDA device"
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    except Exception as exc:  # noqa: BLE001 - not installed, no driver, no device: all mean "no"
+        return False, f"CuPy unavailable ({type(exc).__name__}: {exc})"
+    if torch_too:
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                return False, "torch sees no CUDA device"
+        except Exception as exc:  # noqa: BLE001
+            return False, f"torch unavailable ({exc})"
+    return True, f"GPU: {name}"
+
+
+def resolve_device(name: str, torch_too: bool = True) -> tuple[str, str]:
+    """``"cpu"`` or ``"gpu"`` for a requested device name, and the reason.
+
+    ``"auto"`` becomes ``"gpu"`` when :func:`gpu_usable` says so, else ``"cpu"``; ``"cpu"`` and
+    ``"gpu"`` (or the deprecated ``"cuda"``) are returned as asked, without probing.
+    """
+    device = canonical_device(name)
+    if device != "auto":
+        return device, "as asked"
+    ok, why = gpu_usable(torch_too)
+    return ("gpu" if ok else "cpu"), why

@@ -28,9 +28,29 @@ import numpy as np
 from pipeline.config import RunConfig, config_to_dict
 from pipeline.detect import CandidateFlags
 
-__all__ = ["DatasetConfig", "build_ccd_stamps", "pair_stamp_sets", "build_datasets", "STREAMS"]
+__all__ = ["DatasetConfig", "DatasetError", "build_ccd_stamps", "pair_stamp_sets", "build_datasets", "STREAMS",
+           "failed_ccds"]
 
 STREAMS = ("dia", "direct")
+
+
+class DatasetError(RuntimeError):
+    """A requested stream yielded no usable stamps.
+
+    ``report`` holds every CCD with its errors; ``sets`` the streams that did yield a set
+    (``{stream: StampSet}``), so that their work is not lost.
+    """
+
+    def __init__(self, message: str, report: dict, sets: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+        self.sets = dict(sets or {})
+
+
+def failed_ccds(report: dict) -> list[str]:
+    """One line per failed (CCD, stream) of a build report: ``"s3000-ccd07 dia: StarSelectionError: ..."``."""
+    return [f"{row['ccd']} {stream}: {message}" for row in report["ccds"]
+            for stream, message in sorted(row["errors"].items())]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +62,9 @@ class DatasetConfig:
     n_ccds : int
         Simulated CCD pairs (default 40).
     seed : int
-        Simulation seed; CCD ``k`` depends only on ``(seed, k)``.
+        Simulation seed; CCD ``k`` depends only on ``(seed, k)``.  Default 3000, held out: the
+        shipped weights were trained on seed 1000 (CCDs 0-149), and a set of seed 1000 shares
+        CCDs with their training data (``pipeline evaluate`` warns; see :data:`pipeline.cli.SEEDS`).
     shape : (int, int)
         CCD shape (default 2048 x 2048: half a DECam CCD, to spread cost over more CCDs).
     transient_density_factor : float
@@ -61,7 +83,7 @@ class DatasetConfig:
     """
 
     n_ccds: int = 40
-    seed: int = 1000
+    seed: int = 3000
     shape: tuple[int, int] = (2048, 2048)
     transient_density_factor: float = 8.0
     fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
@@ -154,19 +176,29 @@ def pair_stamp_sets(pair, run_config: RunConfig = RunConfig(), streams: tuple[st
 
 def build_ccd_stamps(ccd_index: int, config: DatasetConfig, run_config: RunConfig = RunConfig(),
                      streams: tuple[str, ...] = STREAMS) -> dict:
-    """Simulate one CCD pair and return ``{stream: StampSet}`` plus timing and truth counts."""
+    """Simulate one CCD pair and return ``{stream: StampSet}`` plus timing and truth counts.
+
+    A CCD whose simulation fails is returned with that error for every stream (``"sets"``
+    empty) rather than raised, so one bad CCD does not lose the others.
+    """
     from pipeline import steps
     from pipeline.simulate import SimulationConfig, ccd_name, simulate_pair
 
     base = SimulationConfig()
-    sim_cfg = dataclasses.replace(base, shape=tuple(config.shape),
-                                  transient_density=base.transient_density * config.transient_density_factor)
     t0 = time.perf_counter()
-    sim = simulate_pair(sim_cfg, config.seed, ccd_index)
     name = f"s{config.seed}-{ccd_name(ccd_index)}"
+    out: dict = {"ccd": name, "n_transients": 0, "sets": {}, "errors": {}}
+    try:
+        sim_cfg = dataclasses.replace(base, shape=tuple(config.shape),
+                                      transient_density=base.transient_density * config.transient_density_factor)
+        sim = simulate_pair(sim_cfg, config.seed, ccd_index)
+    except Exception as exc:  # reported per CCD, like a failed stream
+        out["errors"] = {s: f"simulation failed: {type(exc).__name__}: {exc}" for s in streams}
+        out["seconds"] = time.perf_counter() - t0
+        return out
     pair = steps.LoadedPair(name, sim.search, sim.template, sim.truth)
     rng = np.random.default_rng([config.seed, ccd_index, 7])
-    out: dict = {"ccd": name, "n_transients": int((sim.truth["kind"] == "transient").sum())}
+    out["n_transients"] = int((sim.truth["kind"] == "transient").sum())
     out["sets"], out["errors"] = pair_stamp_sets(pair, run_config, streams, drop_edge=config.drop_edge,
                                                  max_bogus=config.max_bogus_per_ccd, rng=rng)
     out["seconds"] = time.perf_counter() - t0
@@ -191,12 +223,23 @@ def build_datasets(config: DatasetConfig, run_config: RunConfig = RunConfig(),
                    streams: tuple[str, ...] = STREAMS, progress: Callable | None = None) -> dict:
     """Build balanced, CCD-split stamp sets for the requested streams.
 
+    Every stamp set records the simulation seed it was cut from (``attrs["simulation_seeds"]``;
+    the ``ccd`` column names each CCD ``s<seed>-ccd<index>``), which ``pipeline evaluate``
+    compares with the data a model was trained on.
+
     Returns
     -------
     dict
         ``{stream: StampSet}`` and ``"report"``: per-CCD timing, failures and counts.
+
+    Raises
+    ------
+    DatasetError
+        When a requested stream yields no usable stamps (every CCD failed for it, or no split
+        has both classes), after every stream was tried; its ``report`` lists every CCD with
+        its errors and its ``sets`` holds the streams that did succeed.
     """
-    from classifier.data import StampSet
+    from classifier.data import StampSet, ccd_split_assignment
 
     workers = config.workers or len(os.sched_getaffinity(0))
     run_config = dataclasses.replace(run_config, psf_match=dataclasses.replace(run_config.psf_match, fft_workers=1))
@@ -215,17 +258,22 @@ def build_datasets(config: DatasetConfig, run_config: RunConfig = RunConfig(),
                 progress(results[-1])
     # whole CCDs to splits, the same assignment for every stream
     fr = np.asarray(config.fractions, float) / np.sum(config.fractions)
-    order = np.random.default_rng(config.split_seed).permutation(config.n_ccds)
-    edges = np.round(np.cumsum(fr) * config.n_ccds).astype(int)
-    split_of = {}
-    for k, part in enumerate(np.split(order, edges[:2])):
-        for i in part:
-            split_of[results[i]["ccd"]] = ("train", "val", "test")[k]
+    assignment = ccd_split_assignment(config.n_ccds, config.fractions, config.split_seed)
+    split_of = {r["ccd"]: str(assignment[i]) for i, r in enumerate(results)}
     out: dict = {}
+    report = {
+        "ccds": [{"ccd": r["ccd"], "seconds": r["seconds"], "n_transients": r["n_transients"],
+                  "errors": r["errors"], **{f"n_{s}": len(r["sets"].get(s, [])) for s in streams}} for r in results],
+    }
+    problems = []
     for stream in streams:
         sets = [r["sets"][stream] for r in results if stream in r["sets"] and len(r["sets"][stream])]
         if not sets:
-            raise RuntimeError(f"no {stream} stamps were produced; errors: {[r['errors'] for r in results][:3]}")
+            n_failed = sum(stream in r["errors"] for r in results)
+            others = "" if n_failed == len(results) else "; the others had no candidates"
+            problems.append(f"no {stream} stamps were produced ({n_failed} of {len(results)} CCDs failed "
+                            f"for this stream{others})")
+            continue
         full = StampSet.concatenate(sets)
         full.meta["split"] = np.array([split_of[c] for c in full.meta["ccd"]], dtype=str)
         parts = []
@@ -233,15 +281,19 @@ def build_datasets(config: DatasetConfig, run_config: RunConfig = RunConfig(),
             sel = full.meta["split"] == split
             if sel.any() and (full.labels[sel] == 1).any() and (full.labels[sel] == 0).any():
                 parts.append(full.subset(sel).balance(config.split_seed))
+        if not parts:
+            problems.append(f"no split of the {stream} stream has both real and bogus stamps "
+                            f"({int((full.labels == 1).sum())} real, {int((full.labels == 0).sum())} bogus)")
+            continue
         result = StampSet.concatenate(parts)
         result.attrs = {
-            "stream": stream, "source": "simulated", "dataset_config": config_to_dict(config),
+            "stream": stream, "source": "simulated", "simulation_seeds": [int(config.seed)],
+            "dataset_config": config_to_dict(config),
             "run_config": config_to_dict(run_config), "split": {"method": "ccd", "fractions": fr.tolist()},
             "unbalanced_counts": {"real": int((full.labels == 1).sum()), "bogus": int((full.labels == 0).sum())},
         }
         out[stream] = result
-    out["report"] = {
-        "ccds": [{"ccd": r["ccd"], "seconds": r["seconds"], "n_transients": r["n_transients"],
-                  "errors": r["errors"], **{f"n_{s}": len(r["sets"].get(s, [])) for s in streams}} for r in results],
-    }
+    if problems:
+        raise DatasetError("; ".join(problems), report, out)
+    out["report"] = report
     return out

@@ -19,7 +19,12 @@ Resume keys on what decides a CCD's result: its input files (resolved path,
 size and modification time of every file of its manifest row, and the HDUs),
 the science part of the configuration (:func:`pipeline.config.science_dict`)
 and the SHA-256 of the weights file.  Execution settings (workers, threads,
-batch size, device) and the score threshold are not part of it.
+batch size, device, saving stamps) and the score threshold are not part of it.
+
+A finished CCD leaves ``ccds/<ccd>.fits`` (its catalog, :func:`pipeline.io.write_catalog`),
+``ccds/<ccd>_stamps.fits`` (the stamps its candidates were scored on, row for row,
+:func:`pipeline.io.write_stamps`; unless ``save_stamps`` is off, when a stale one is removed)
+and, last, ``ccds/<ccd>.json`` (its status).
 """
 
 from __future__ import annotations
@@ -40,10 +45,22 @@ from astropy.table import Table, vstack
 
 from pipeline import steps
 from pipeline.config import RunConfig, science_dict
-from pipeline.io import InputError, PairEntry, atomic_path, read_catalog, validate_ccd_id, write_catalog
+from pipeline.io import (
+    STAMPS_SUFFIX,
+    InputError,
+    PairEntry,
+    atomic_path,
+    inputs_table,
+    read_catalog,
+    read_stamps,
+    validate_ccd_id,
+    write_catalog,
+    write_stamps,
+)
 
 __all__ = ["CcdState", "STAGES", "build_graph", "config_hash", "resume_key", "input_fingerprint",
-           "ccd_outputs_complete", "collect_catalog", "run_stage", "status_record", "ccd_paths"]
+           "ccd_outputs_complete", "collect_catalog", "run_stage", "status_record", "ccd_paths", "save_stamps",
+           "STAMPS_SUFFIX"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +70,11 @@ STAGES = {
 }
 #: Stages that use the accelerator when device="gpu" (they carry the Dask resource {"GPU": 1}).
 GPU_STAGES = ("subtract", "score")
+
+
+def save_stamps(config: RunConfig) -> bool:
+    """Whether the run keeps each CCD's scored stamps (``RunConfig.save_stamps``, default True)."""
+    return bool(getattr(config, "save_stamps", True))
 
 
 @dataclasses.dataclass
@@ -83,12 +105,15 @@ class CcdState:
     diff_stats: dict | None = None
     n_candidates: int = 0
     summary: dict | None = None
+    provenance: dict = dataclasses.field(default_factory=dict)
+    """What the catalog's primary header records (:data:`pipeline.io.PROVENANCE_CARDS`)."""
 
     @classmethod
-    def start(cls, entry: PairEntry, chash: str) -> "CcdState":
+    def start(cls, entry: PairEntry, chash: str, provenance: dict | None = None) -> "CcdState":
         """A CCD's state before its first stage: its inputs fingerprinted once, and its resume key."""
         inputs = input_fingerprint(entry)
-        return cls(ccd=entry.ccd, entry=entry, inputs=inputs, resume_key=resume_key(inputs, chash))
+        return cls(ccd=entry.ccd, entry=entry, inputs=inputs, resume_key=resume_key(inputs, chash),
+                   provenance=dict(provenance or {}))
 
 
 def config_hash(config: RunConfig, weights_sha256: str = "") -> str:
@@ -107,9 +132,14 @@ def config_hash(config: RunConfig, weights_sha256: str = "") -> str:
 
 
 def input_fingerprint(entry: PairEntry) -> dict[str, Any]:
-    """Identity of a manifest row's inputs: every file's resolved path, size and mtime, and the HDUs."""
+    """Identity of a manifest row's inputs: every file's resolved path, size and mtime, and the HDUs.
+
+    The manifest itself is not an input of the CCD (adding a row must not redo the others).
+    """
     out: dict[str, Any] = {}
     for field in dataclasses.fields(entry):
+        if field.name == "manifest":
+            continue
         value = getattr(entry, field.name)
         if isinstance(value, Path):
             try:
@@ -134,17 +164,17 @@ def ccd_paths(out_dir: Path, ccd: str) -> dict[str, Path]:
     validate_ccd_id(ccd)
     base = Path(out_dir) / "ccds"
     return {"catalog": base / f"{ccd}.fits", "status": base / f"{ccd}.json",
-            "diff": Path(out_dir) / "diff" / f"{ccd}.fits"}
+            "stamps": base / f"{ccd}{STAMPS_SUFFIX}", "diff": Path(out_dir) / "diff" / f"{ccd}.fits"}
 
 
 def ccd_outputs_complete(out_dir: Path, entry: PairEntry, chash: str, *,
-                         need_diff: bool = False) -> tuple[dict | None, str]:
+                         need_diff: bool = False, need_stamps: bool = False) -> tuple[dict | None, str]:
     """The CCD's status record if its outputs are complete and were made from the same inputs
     with the same :func:`config_hash` ``chash``.
 
     Returns ``(record, "")`` when the CCD can be reused, else ``(None, reason)`` -- the reason
-    (no outputs, failed before, inputs or configuration changed, catalog unreadable) is
-    reported to the user.
+    (no outputs, failed before, inputs or configuration changed, catalog unreadable, stamps
+    file missing or not matching the catalog when ``need_stamps``) is reported to the user.
     """
     paths = ccd_paths(out_dir, entry.ccd)
     if not paths["status"].exists():
@@ -168,6 +198,15 @@ def ccd_outputs_complete(out_dir: Path, entry: PairEntry, chash: str, *,
         return None, f"its catalog is missing, unreadable or damaged ({exc})"
     if n != record.get("n_candidates"):
         return None, f"its catalog has {n} rows, its status says {record.get('n_candidates')}"
+    if need_stamps:
+        if not paths["stamps"].exists():
+            return None, "its stamps file is missing"
+        try:
+            data, _, _, _ = read_stamps(paths["stamps"])
+        except InputError as exc:
+            return None, f"its stamps file is unreadable or damaged ({exc})"
+        if data.shape[0] != n:
+            return None, f"its stamps file has {data.shape[0]} stamps, its catalog {n} rows"
     return record, ""
 
 
@@ -251,22 +290,46 @@ def _stage_stamps(state: CcdState, config: RunConfig, out_dir: Path) -> None:
 
 def _stage_score(state: CcdState, config: RunConfig, out_dir: Path) -> None:
     state.scores = steps.score_stamps(state.stamps, config)
-    state.stamps = None
+    if not save_stamps(config):
+        state.stamps = None
 
 
 def _stage_write(state: CcdState, config: RunConfig, out_dir: Path) -> None:
     from pipeline.truth import summarize_against_truth
 
     truth = state.pair.truth
-    table = steps.finalize_candidates(state.candidates, state.scores, config, truth)
+    search = state.pair.search
+    table = steps.finalize_candidates(state.candidates, state.scores, config, truth, search=search)
     if truth is not None:
         state.summary = summarize_against_truth(
-            table, truth, config.score_threshold, edge=config.detect.edge, shape=state.pair.search.shape
+            table, truth, config.score_threshold, edge=config.detect.edge, shape=search.shape
         ).as_dict()
     paths = ccd_paths(out_dir, state.ccd)
-    write_catalog(table, paths["catalog"])
+    if save_stamps(config):
+        _write_ccd_stamps(state, table, config, paths["stamps"])
+    elif paths["stamps"].exists():  # an earlier run's stamps no longer match this catalog
+        paths["stamps"].unlink()
+    write_catalog(table, paths["catalog"], provenance=state.provenance, inputs=inputs_table([state.entry]))
     state.candidates = table
-    state.pair = None
+    state.pair = state.stamps = None
+
+
+def _write_ccd_stamps(state: CcdState, table, config: RunConfig, path: Path) -> None:
+    """The stamps the CCD's candidates were scored on, in catalog row order, with their ids."""
+    from pipeline.stamps import STAMP_SIZE, Stamps
+
+    stamps = state.stamps
+    if stamps is None:  # no candidates reached the stamp cutter: an empty cube with this mode's channels
+        channels = ("template", "search", "difference") if config.mode == "dia" else ("template", "search")
+        empty = np.zeros((0, len(channels), STAMP_SIZE, STAMP_SIZE), np.float32)
+        stamps = Stamps(data=empty, mask=empty.astype(np.int32), channels=channels, x=np.zeros(0, np.int64),
+                        y=np.zeros(0, np.int64))
+    if len(stamps) != len(table):
+        raise RuntimeError(f"{state.ccd}: {len(stamps)} stamps for {len(table)} catalog rows")
+    cards = {"CCD": (state.ccd, "CCD pair identifier"),
+             "SKYSUB": ("template,search", "channels less their stamp's ring median sky"),
+             "TSCALED": (True, "template on the search zero point (MAGZERO)")}
+    write_stamps(stamps, np.asarray(table["id"]) if len(table) else np.zeros(0, np.int64), path, cards=cards)
 
 
 _STAGE_FUNCS: dict[str, Callable[[CcdState, RunConfig, Path], None]] = {
@@ -383,19 +446,23 @@ def _json_default(obj):
 
 
 def build_graph(entries: list[PairEntry], config: RunConfig, out_dir: Path, chash: str | None = None,
-                cpu_clock: str = "process") -> dict[str, Any]:
+                cpu_clock: str = "process", provenance: dict | None = None) -> dict[str, Any]:
     """Dask delayed chains, one per CCD; returns ``{ccd: delayed final state}``.
 
     Task keys are ``<stage>-<ccd>``; on ``device="gpu"`` the subtract and score
     tasks carry the resource annotation ``{"GPU": 1}``.  ``chash`` is the run's
-    :func:`config_hash` (default: without a weights hash).
+    :func:`config_hash` (default: without a weights hash).  ``provenance`` is what each
+    catalog's primary header records (:data:`pipeline.io.PROVENANCE_CARDS`; default: mode,
+    model and ``chash``).
     """
     import dask
 
     chash = config_hash(config) if chash is None else chash
+    if provenance is None:
+        provenance = {"mode": config.mode, "model": config.model, "config_hash": chash}
     finals = {}
     for entry in entries:
-        state: Any = CcdState.start(entry, chash)
+        state: Any = CcdState.start(entry, chash, provenance)
         for stage in STAGES[config.mode]:
             annotations = {"resources": {"GPU": 1}} if config.device == "gpu" and stage in GPU_STAGES else {}
             with dask.annotate(**annotations):
@@ -412,6 +479,8 @@ def collect_catalog(out_dir: Path, ccds: list[str], errors: dict[str, str] | Non
     A catalog that is missing or cannot be read is left out and its error put in ``errors``
     (``{ccd: message}``) when given, so one bad file never stops the merge.
     """
+    from pipeline.detect import CandidateTable, describe_columns, schema_order
+
     tables = []
     for ccd in ccds:
         path = ccd_paths(out_dir, ccd)["catalog"]
@@ -421,11 +490,17 @@ def collect_catalog(out_dir: Path, ccds: list[str], errors: dict[str, str] | Non
             if errors is not None:
                 errors[ccd] = f"cannot use its catalog: {exc}"
     if not tables:
-        from pipeline.detect import CandidateTable
-
-        return CandidateTable.empty(("ccd", "id", "x", "y", "ra", "dec", "flux", "flux_err", "snr", "flags",
-                                     "score", "mode", "model"))
-    return Table(vstack(tables, metadata_conflicts="silent"), masked=False)
+        return CandidateTable.empty(("ccd", "id", "x", "y", "ra", "dec", "flux", "flux_err", "mag", "mag_err",
+                                     "snr", "flags", "score", "mode", "model", "mjd", "band", "noise_scale"))
+    systems = sorted({str(t.meta.get("MAGSYS", "UNKNOWN")) for t in tables})
+    # catalogs of an older version lack some columns: vstack masks them, _plain_columns fills them
+    merged = _plain_columns(Table(vstack(tables, metadata_conflicts="silent")))
+    merged = describe_columns(merged[schema_order(merged.colnames)])
+    # per-CCD header values (NOISESCL, flag cards, checksums) say nothing true of the merged table:
+    # the noise scale is the per-row column noise_scale, the rest write_catalog writes afresh
+    merged.meta.clear()
+    merged.meta["MAGSYS"] = systems[0] if len(systems) == 1 else "MIXED"
+    return merged
 
 
 def _plain_columns(table: Table) -> Table:

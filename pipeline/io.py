@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as _dt
+import errno
 import functools
 import os
 import re
@@ -41,6 +43,7 @@ __all__ = [
     "Exposure",
     "InputError",
     "read_exposure",
+    "observation_mjd",
     "write_exposure",
     "atomic_path",
     "read_manifest",
@@ -52,6 +55,16 @@ __all__ = [
     "remove_orphan_temporaries",
     "write_catalog",
     "read_catalog",
+    "inputs_table",
+    "package_version",
+    "write_stamps",
+    "read_stamps",
+    "CATALOG_EXTNAME",
+    "INPUTS_EXTNAME",
+    "PROVENANCE_CARDS",
+    "STAMPS_EXTNAME",
+    "STAMP_IDS_EXTNAME",
+    "STAMPS_SUFFIX",
     "CCD_ID_PATTERN",
     "MIN_IMAGE_SIDE",
 ]
@@ -104,6 +117,11 @@ class Exposure:
         Filter name.
     exptime : float
         Exposure time in seconds.
+    mjd : float
+        Modified Julian Date (UTC) of the exposure: ``MJD-OBS``, else ``DATE-OBS`` converted
+        (NaN when the header has neither).
+    mag_system : str
+        Magnitude system of ``zero_point`` (``MAGSYS`` card, e.g. ``AB``; ``''`` unknown).
     sky_level : float
         Mean sky level in ADU.
     instrument : str
@@ -127,6 +145,8 @@ class Exposure:
     zero_point: float = 25.0
     band: str = ""
     exptime: float = 1.0
+    mjd: float = float("nan")
+    mag_system: str = ""
     sky_level: float = 0.0
     instrument: str = ""
     name: str = ""
@@ -145,6 +165,16 @@ class Exposure:
     def shape(self) -> tuple[int, int]:
         """``(ny, nx)`` of the pixel grid."""
         return self.image.shape  # type: ignore[return-value]
+
+    @property
+    def has_zero_point(self) -> bool:
+        """True unless the zero point is :func:`read_exposure`'s stand-in for a header without one.
+
+        A file with no zero-point keyword is read with ``zero_point = 25`` (so that the template
+        and search scales still agree); magnitudes on that number would be invented.
+        """
+        return bool(np.isfinite(self.zero_point)) and not str(self.provenance.get("zero_point", "")).startswith(
+            "default")
 
     def flux_to_mag(self, flux: np.ndarray | float) -> np.ndarray:
         """Magnitude of a flux in ADU on this exposure's zero point."""
@@ -201,6 +231,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def _writeto(hdul: fits.HDUList, path: Path, **kwargs) -> None:
+    """``hdul.writeto(path)``, a full disk always reported as ``ENOSPC`` ("No space left on device").
+
+    astropy checks the free space itself before writing a large data part and raises a plain
+    ``OSError("Not enough space on disk: ...")`` without an errno; the caller's messages and
+    checks key on the errno.
+    """
+    try:
+        hdul.writeto(path, **kwargs)
+    except OSError as exc:
+        if exc.errno is None and "not enough space" in str(exc).lower():
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({exc})", str(path)) from None
+        raise
+
+
 def remove_orphan_temporaries(folder: str | Path, recursive: bool = True) -> list[Path]:
     """Delete temporaries left by :func:`atomic_path` after a kill; return what was removed.
 
@@ -231,6 +276,8 @@ _META_KEYS = {
     "FWHM": ("fwhm", "[pix] PSF FWHM"),
     "SKYLEVEL": ("sky_level", "[ADU] mean sky level"),
     "EXPTIME": ("exptime", "[s] exposure time"),
+    "MJD-OBS": ("mjd", "[d] MJD (UTC) of the exposure"),
+    "MAGSYS": ("mag_system", "magnitude system of MAGZERO"),
     "BAND": ("band", "filter band"),
     "INSTRUME": ("instrument", "instrument"),
     "CCDNAME": ("ccd", "CCD identifier"),
@@ -248,6 +295,8 @@ def _meta_header(exposure: Exposure) -> fits.Header:
     for key, (attr, comment) in _META_KEYS.items():
         value = getattr(exposure, attr)
         if isinstance(value, float) and not np.isfinite(value):
+            continue
+        if key == "MAGSYS" and not value:  # an unknown system is no card, not MAGSYS = ''
             continue
         hdr[key] = (value, comment)
     return hdr
@@ -283,25 +332,182 @@ def write_exposure(exposure: Exposure, path: str | Path, *, overwrite: bool = Tr
         ]
     )
     with atomic_path(path) as tmp:
-        hdus.writeto(tmp, overwrite=True, output_verify="silentfix")
+        _writeto(hdus, tmp, overwrite=True, output_verify="silentfix")
     return path
 
 
-def write_catalog(table: Table, path: str | Path) -> Path:
-    """Write a candidate table as a FITS binary table with ``CHECKSUM``/``DATASUM`` cards (atomic).
+#: EXTNAME of a catalog's candidate table.
+CATALOG_EXTNAME = "CANDIDATES"
+#: EXTNAME of a catalog's table of the input files of its CCDs.
+INPUTS_EXTNAME = "INPUTS"
+#: Columns of the INPUTS table: the manifest fields that name a CCD's input images.
+INPUT_COLUMNS = ("ccd", "search", "search_hdu", "template", "template_hdu")
+#: Provenance cards of a catalog's primary header: keyword -> (provenance key, comment).
+PROVENANCE_CARDS = {
+    "SOFTNAME": ("software", "software that wrote this catalog"),
+    "SOFTVERS": ("version", "its package version"),
+    "MODE": ("mode", "pipeline mode: dia or direct"),
+    "MODEL": ("model", "CNN model name or weights file"),
+    "WGTSHA": ("weights_sha256", "SHA-256 of the CNN weights file"),
+    "CFGHASH": ("config_hash", "science config + weights hash (run.json)"),
+    "DATE": ("date", "UTC time this file was written"),
+    "MANIFEST": ("manifest", "input manifest of the run"),
+}
+#: Header keywords :func:`write_catalog` writes itself (stale copies in a table's meta are dropped).
+_CATALOG_KEYS = re.compile(r"(FLAG\d+|TCOMM\d+|EXTNAME|MAGSYS|NOISESCL|CHECKSUM|DATASUM)")
 
-    The checksums let :func:`read_catalog` tell a catalog damaged after it was written (a
-    truncated copy, bytes overwritten on disk) from a good one, which a successful parse alone
-    cannot.
+
+def package_version() -> str:
+    """Version of the installed ``transient-pipeline`` package (``'unknown'`` if not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transient-pipeline")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def inputs_table(entries) -> Table:
+    """The INPUTS table of a catalog: one row per CCD, its search and template files and HDUs.
+
+    Parameters
+    ----------
+    entries : iterable of PairEntry
     """
-    hdul = fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(table)])
+    rows = {c: [] for c in INPUT_COLUMNS}
+    for e in entries:
+        for c in INPUT_COLUMNS:
+            value = getattr(e, c)
+            rows[c].append("" if value is None else str(value))
+    table = Table()
+    for c in INPUT_COLUMNS:
+        width = max([1, *(len(v) for v in rows[c])])
+        table[c] = np.array(rows[c], dtype=f"U{width}")
+        table[c].description = {"ccd": "CCD pair identifier", "search": "search exposure file",
+                                "search_hdu": "its image HDU ('' = found by name)",
+                                "template": "template exposure file",
+                                "template_hdu": "its image HDU ('' = found by name)"}[c]
+    return table
+
+
+def _set_card(header: fits.Header, key: str, value: str, comment: str) -> None:
+    """``header[key] = (value, comment)``, the comment on a COMMENT card of its own when the two
+    do not fit on one card (a value of 50 to 68 characters, say a SHA-256) -- never truncated."""
+    if len(value) <= 68 and len(value) + len(comment) > 62:
+        header[key] = value
+        header.add_comment(f"{key}: {comment}")
+    else:
+        header[key] = (value, comment)
+
+
+def _card_text(value: str, width: int = 47) -> str:
+    return value if len(value) <= width else value[: width - 3] + "..."
+
+
+def write_catalog(table: Table, path: str | Path, *, provenance: dict | None = None,
+                  inputs: Table | None = None) -> Path:
+    """Write a candidate catalog as FITS with ``CHECKSUM``/``DATASUM`` cards (atomic).
+
+    Layout: a PRIMARY HDU whose header holds the provenance (:data:`PROVENANCE_CARDS`: software
+    version, mode, model, weights SHA-256, configuration hash, date of writing, input manifest);
+    HDU 1 ``CANDIDATES``, the candidate table, whose header names every flag bit
+    (``FLAGn = '<name>' / <meaning>``, from :func:`pipeline.detect.flag_bits`), states the
+    magnitude system (``MAGSYS``, from the table's meta; ``UNKNOWN`` when absent) and carries each
+    column's description in ``TCOMMn`` (units in ``TUNITn``); and, when ``inputs`` is given,
+    HDU 2 ``INPUTS`` (:func:`inputs_table`).  The checksums let :func:`read_catalog` tell a
+    catalog damaged after it was written from a good one, which a successful parse alone cannot.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        The candidates.
+    path : path
+    provenance : dict, optional
+        Keys of :data:`PROVENANCE_CARDS` (``version`` defaults to :func:`package_version`,
+        ``date`` to now); missing or empty ones are left out.
+    inputs : Table, optional
+        The INPUTS table.
+    """
+    from pipeline.detect import flag_bits
+
+    primary = fits.PrimaryHDU()
+    prov = {"software": "transient-pipeline", "version": package_version(),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")}
+    prov.update({k: v for k, v in (provenance or {}).items() if v not in (None, "")})
+    for key, (name, comment) in PROVENANCE_CARDS.items():
+        if name in prov:
+            _set_card(primary.header, key, str(prov[name]), comment)
+    if inputs is not None:
+        primary.header["NCCDS"] = (len(inputs), "CCDs in this catalog (INPUTS HDU)")
+    meta_table = table.copy(copy_data=False)
+    magsys = str(meta_table.meta.get("MAGSYS", "") or "UNKNOWN")
+    for key in [k for k in meta_table.meta if _CATALOG_KEYS.fullmatch(str(k).upper())]:
+        del meta_table.meta[key]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)  # long meta keys become HIERARCH cards
+        hdu = fits.table_to_hdu(meta_table)
+    hdu.name = CATALOG_EXTNAME
+    hdr = hdu.header
+    hdr["MAGSYS"] = (magsys, "system of mag (the zero point's)")
+    for bit, name, description in flag_bits():
+        hdr[f"FLAG{bit}"] = (name, _card_text(description))
+    for k, name in enumerate(table.colnames, start=1):
+        description = getattr(table[name], "description", None)
+        if description:
+            hdr.insert(f"TFORM{k}", (f"TCOMM{k}", str(description)), after=True)
+    hdus = [primary, hdu]
+    if inputs is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+            inp = fits.table_to_hdu(inputs)
+        inp.name = INPUTS_EXTNAME
+        for k, name in enumerate(inputs.colnames, start=1):
+            description = getattr(inputs[name], "description", None)
+            if description:
+                inp.header.insert(f"TFORM{k}", (f"TCOMM{k}", str(description)), after=True)
+        hdus.append(inp)
     with atomic_path(path) as tmp:
-        hdul.writeto(tmp, checksum=True)
+        _writeto(fits.HDUList(hdus), tmp, checksum=True)
     return Path(path)
 
 
-def read_catalog(path: str | Path) -> Table:
-    """Read a catalog written by :func:`write_catalog`, verifying its checksums.
+def _catalog_hdu(hdul: fits.HDUList) -> int:
+    """Index of the candidate table: the ``CANDIDATES`` HDU, or HDU 1 of a catalog written before it had a name."""
+    for i, hdu in enumerate(hdul):
+        if hdu.name.upper() == CATALOG_EXTNAME:
+            return i
+    return 1
+
+
+def _table_with_descriptions(hdu) -> Table:
+    """A FITS table HDU as a Table, its ``TCOMMn`` cards back as column descriptions."""
+    table = Table.read(hdu, format="fits")
+    for k, name in enumerate(table.colnames, start=1):
+        key = f"TCOMM{k}"
+        if key in hdu.header:
+            table[name].description = str(hdu.header[key])
+        table.meta.pop(key, None)
+    for key in ("EXTNAME", "CHECKSUM", "DATASUM"):  # the file's, not the table's
+        table.meta.pop(key, None)
+    return table
+
+
+def read_catalog(path: str | Path, *, with_inputs: bool = False) -> Table | tuple[Table, Table | None]:
+    """Read a catalog written by :func:`write_catalog`, verifying the checksums of all its HDUs.
+
+    Column units and descriptions come back (``TUNITn``, ``TCOMMn``); the header cards of
+    the candidate table (``MAGSYS``, ``FLAGn``) are in ``meta``.  Catalogs written before
+    the table had an EXTNAME (HDU 1) are read too.
+
+    Parameters
+    ----------
+    path : path
+    with_inputs : bool
+        Also return the INPUTS table (None when the catalog has none).
+
+    Returns
+    -------
+    Table, or (Table, Table or None) with ``with_inputs``
 
     Raises
     ------
@@ -309,18 +515,105 @@ def read_catalog(path: str | Path) -> Table:
         Missing, unreadable, or damaged (checksum mismatch) -- naming the file.
     """
     path = Path(path)
+    inputs = None
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with fits.open(path, checksum=True, memmap=False) as hdul:
-                table = Table.read(hdul[1], format="fits")
+                hdul.readall()  # every HDU's checksum is verified as it is read
+                idx = _catalog_hdu(hdul)
+                table = _table_with_descriptions(hdul[idx])
+                if with_inputs and INPUTS_EXTNAME in [h.name.upper() for h in hdul]:
+                    inputs = _table_with_descriptions(hdul[INPUTS_EXTNAME])
     except Exception as exc:  # missing, truncated, not FITS, no table HDU
         raise InputError(f"{path}: cannot read the catalog ({type(exc).__name__}: {exc})") from None
     damaged = [str(w.message) for w in caught if "verification failed" in str(w.message).lower()
                or "truncated" in str(w.message).lower()]
     if damaged:
         raise InputError(f"{path}: the catalog is damaged ({damaged[0]})")
-    return table
+    return (table, inputs) if with_inputs else table
+
+
+# ----------------------------------------------------------------------------- stamps files
+
+#: A CCD's stamps file is ``ccds/<ccd><STAMPS_SUFFIX>`` (next to its catalog ``ccds/<ccd>.fits``).
+STAMPS_SUFFIX = "_stamps.fits"
+#: EXTNAME of the stamp cube and of the id table of a stamps file.
+STAMPS_EXTNAME = "STAMPS"
+STAMP_IDS_EXTNAME = "IDS"
+
+
+def write_stamps(stamps, ids, path: str | Path, *, bunit: str = "adu", cards: dict | None = None) -> Path:
+    """Write the stamps a CCD's candidates were scored on (atomic, with checksums).
+
+    Layout (what ``pipeline vet`` reads): HDU 0 an empty primary; HDU 1 ``STAMPS``, a float32
+    image of shape ``(N, C, 51, 51)`` (NumPy order; NaN where there are no data) with
+    ``CHANNELS`` (comma-separated channel names in array order) and ``BUNIT``; HDU 2 ``IDS``,
+    a table with the int64 column ``id``: the catalog ``id`` of each stamp row.  Written for
+    ``N = 0`` too.
+
+    Parameters
+    ----------
+    stamps : pipeline.stamps.Stamps
+    ids : array_like of int, length N
+        Catalog ids, in stamp order.
+    path : path
+    bunit : str
+        Unit of the pixel values.
+    cards : dict, optional
+        More cards for the STAMPS header: ``{key: (value, comment)}``.
+    """
+    data = np.asarray(stamps.data, dtype=np.float32)
+    ids = np.asarray(ids, dtype=np.int64).ravel()
+    if data.ndim != 4 or data.shape[0] != ids.size:
+        raise ValueError(f"{path}: stamps of shape {data.shape} do not match {ids.size} ids")
+    if len(stamps.channels) != data.shape[1]:
+        raise ValueError(f"{path}: {data.shape[1]} stamp planes but channels {stamps.channels}")
+    cube = fits.ImageHDU(data, name=STAMPS_EXTNAME)
+    cube.header["CHANNELS"] = (",".join(stamps.channels), "stamp planes in array order")
+    cube.header["BUNIT"] = (bunit, "pixel unit")
+    for key, value in (cards or {}).items():
+        cube.header[key] = value
+    id_hdu = fits.BinTableHDU(Table({"id": ids}), name=STAMP_IDS_EXTNAME)
+    id_hdu.header.insert("TFORM1", ("TCOMM1", "catalog id of each stamp row"), after=True)
+    with atomic_path(path) as tmp:
+        _writeto(fits.HDUList([fits.PrimaryHDU(), cube, id_hdu]), tmp, checksum=True)
+    return Path(path)
+
+
+def read_stamps(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], fits.Header]:
+    """Read a stamps file of :func:`write_stamps`: ``(data (N, C, S, S), ids (N,), channels, header)``.
+
+    Raises
+    ------
+    InputError
+        Missing, unreadable, damaged (checksum), or inconsistent (ids and stamps disagree).
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with fits.open(path, checksum=True, memmap=False) as hdul:
+                hdul.readall()
+                hdr = hdul[STAMPS_EXTNAME].header.copy()
+                shape = tuple(int(hdr[f"NAXIS{k}"]) for k in range(int(hdr["NAXIS"]), 0, -1))
+                raw = hdul[STAMPS_EXTNAME].data
+                data = np.zeros(shape, np.float32) if raw is None or raw.size == 0 else np.asarray(raw, np.float32)
+                ids = np.asarray(hdul[STAMP_IDS_EXTNAME].data["id"], dtype=np.int64) \
+                    if hdul[STAMP_IDS_EXTNAME].data is not None else np.zeros(0, np.int64)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read the stamps file ({type(exc).__name__}: {exc})") from None
+    damaged = [str(w.message) for w in caught if "verification failed" in str(w.message).lower()
+               or "truncated" in str(w.message).lower()]
+    if damaged:
+        raise InputError(f"{path}: the stamps file is damaged ({damaged[0]})")
+    if data.ndim != 4 or data.shape[0] != ids.size:
+        raise InputError(f"{path}[{STAMPS_EXTNAME}]: stamps of shape {data.shape} but {ids.size} ids")
+    channels = tuple(c for c in str(hdr.get("CHANNELS", "")).split(",") if c)
+    if len(channels) != data.shape[1]:
+        raise InputError(f"{path}[{STAMPS_EXTNAME}]: CHANNELS = {hdr.get('CHANNELS')!r} does not name the "
+                         f"{data.shape[1]} planes")
+    return data, ids, channels, hdr
 
 
 # ----------------------------------------------------------------------------- reading
@@ -430,6 +723,53 @@ def estimate_variance(image: np.ndarray, gain: float, read_noise: float) -> np.n
     sky_var = max(sky_var, floor)
     source = np.clip(np.nan_to_num(image - sky), 0, None) / max(gain, 1e-12)
     return (sky_var + source).astype(np.float32)
+
+
+def observation_mjd(headers) -> tuple[float, str]:
+    """MJD (UTC) of an exposure from its header(s), and where it came from.
+
+    ``MJD-OBS`` if present, else ``DATE-OBS`` (ISO date and time; a date alone is completed
+    with ``TIME-OBS`` or ``UTC-OBS`` when present) converted with :mod:`astropy.time` in the
+    ``TIMESYS`` scale (default UTC).  Returns ``(nan, reason)`` when neither card is usable.
+
+    Parameters
+    ----------
+    headers : astropy.io.fits.Header or list of them
+        Searched in order (image HDU first, then the primary header).
+    """
+    from astropy.time import Time
+
+    if isinstance(headers, fits.Header):
+        headers = [headers]
+    for hdr in headers:
+        value = hdr.get("MJD-OBS")
+        if value not in (None, ""):
+            try:
+                mjd = float(value)
+            except (TypeError, ValueError):
+                continue
+            if np.isfinite(mjd):
+                return mjd, "MJD-OBS"
+    for hdr in headers:
+        date = hdr.get("DATE-OBS")
+        if not isinstance(date, str) or not date.strip():
+            continue
+        date = date.strip()
+        if "T" not in date:
+            clock = hdr.get("TIME-OBS", hdr.get("UTC-OBS"))
+            if isinstance(clock, str) and clock.strip():
+                date = f"{date}T{clock.strip()}"
+        scale = str(hdr.get("TIMESYS", "UTC")).strip().lower() or "utc"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ERFA's "dubious year" for far dates
+                t = Time(date, format="isot" if "T" in date else None, scale=scale)
+                mjd = float(t.utc.mjd)
+        except Exception:
+            continue
+        if np.isfinite(mjd):
+            return mjd, f"DATE-OBS ({scale.upper()})"
+    return float("nan"), "unknown (no usable MJD-OBS or DATE-OBS keyword)"
 
 
 def read_exposure(
@@ -565,6 +905,7 @@ def read_exposure(
     zero_point = number(("MAGZERO", "MAGZPT", "ZP", "PHOTZP", "MAGZP"), 25.0, "zero_point")
     if not np.isfinite(zero_point):
         raise InputError(f"{path}[{label}]: zero point {zero_point} is not finite")
+    mjd, provenance["mjd"] = observation_mjd(headers)
     return Exposure(
         image=image,
         variance=variance.astype(np.float32),
@@ -577,6 +918,8 @@ def read_exposure(
         zero_point=zero_point,
         band=meta(("BAND", "FILTER"), "", str).split(" ")[0],
         exptime=number(("EXPTIME", "EXPOSURE"), 1.0),
+        mjd=mjd,
+        mag_system=meta(("MAGSYS", "PHOTSYS"), "", str).strip(),
         sky_level=number(("SKYLEVEL", "AVSKY", "SKYBRITE"), 0.0),
         instrument=meta(("INSTRUME",), "", str),
         name=name or f"{path.name}[{label}]",
@@ -640,6 +983,8 @@ class PairEntry:
     search_weight: Path | None = None
     template_mask: Path | None = None
     template_weight: Path | None = None
+    manifest: Path | None = dataclasses.field(default=None, compare=False)
+    """The manifest the row was read from (recorded in the catalogs; not an input of the CCD)."""
 
     def load(self) -> tuple[Exposure, Exposure]:
         """Read the search and template exposures."""
@@ -712,6 +1057,7 @@ def read_manifest(path: str | Path) -> list[PairEntry]:
                 search_hdu=cell("search_hdu"), template_hdu=cell("template_hdu"),
                 search_mask=as_path("search_mask"), search_weight=as_path("search_weight"),
                 template_mask=as_path("template_mask"), template_weight=as_path("template_weight"),
+                manifest=path.resolve(),
             )
         )
     if problems:
@@ -744,6 +1090,11 @@ def check_ccd_ids(ids) -> None:
         raise InputError("no CCD pairs to process (the manifest is empty)")
     seen: dict[str, int] = {}
     problems = [f"CCD {k}: {p}" for k, ccd in enumerate(ids, start=1) if (p := _ccd_id_problem(ccd, seen, k))]
+    stem = STAMPS_SUFFIX.removesuffix(".fits")
+    for k, ccd in enumerate(ids, start=1):  # ccds/<a>_stamps.fits is CCD a's stamps: no CCD may be named so
+        if isinstance(ccd, str) and ccd.lower().endswith(stem) and ccd.lower().removesuffix(stem) in seen:
+            problems.append(f"CCD {k}: ccd {ccd!r} would overwrite the stamps file of CCD "
+                            f"{ids[seen[ccd.lower().removesuffix(stem)] - 1]!r} (ccds/<ccd>{STAMPS_SUFFIX})")
     if problems:
         raise InputError("bad CCD identifier(s): " + "; ".join(problems[:10]))
 

@@ -27,12 +27,22 @@ from pipeline.graph import (
     ccd_paths,
     collect_catalog,
     config_hash,
+    save_stamps,
     status_record,
 )
-from pipeline.io import PairEntry, atomic_path, check_ccd_ids, read_catalog, write_catalog
+from pipeline.io import (
+    PairEntry,
+    atomic_path,
+    check_ccd_ids,
+    inputs_table,
+    package_version,
+    read_catalog,
+    write_catalog,
+)
 from pipeline.outdir import OutputError, open_output_folder
 
 __all__ = ["RunResult", "RunSetupError", "run_pipeline", "format_summary", "versions", "check_model",
+           "catalog_provenance", "manifest_path",
            "EXIT_SOME_FAILED", "EXIT_ALL_FAILED", "EXIT_SETUP", "EXIT_OUTPUT"]
 
 logger = logging.getLogger(__name__)
@@ -160,6 +170,19 @@ def _resummarize(record: dict, entry: PairEntry, out_dir: Path, config: RunConfi
     return dict(record, truth_summary=summary, score_threshold=config.score_threshold)
 
 
+def manifest_path(entries: list[PairEntry]) -> str:
+    """The manifest(s) the entries were read from (``''`` for entries made in memory)."""
+    paths = sorted({str(e.manifest) for e in entries if getattr(e, "manifest", None) is not None})
+    return ", ".join(paths)
+
+
+def catalog_provenance(config: RunConfig, chash: str, weights_sha: str, entries: list[PairEntry]) -> dict:
+    """What every catalog of the run records in its primary header (:data:`pipeline.io.PROVENANCE_CARDS`)."""
+    return {"software": "transient-pipeline", "version": package_version(), "mode": config.mode,
+            "model": config.model, "weights_sha256": weights_sha, "config_hash": chash,
+            "manifest": manifest_path(entries)}
+
+
 def run_pipeline(
     entries: list[PairEntry],
     config: RunConfig,
@@ -236,8 +259,10 @@ def run_pipeline(
                 logging.getLogger(name).addHandler(handler)
         logger.info("run started: mode %s, %d CCD(s), model %s (sha256 %s), config hash %s",
                     config.mode, len(entries), weights_path, weights_sha[:12], chash)
+        provenance = catalog_provenance(config, chash, weights_sha, entries)
         return _run_locked(entries, config, out_dir, scheduler, chash, weights_path, weights_sha, started, t0,
-                           folder, resume=resume, progress=progress, client=client, on_dashboard=on_dashboard)
+                           folder, resume=resume, progress=progress, client=client, on_dashboard=on_dashboard,
+                           provenance=provenance)
     finally:
         if handler is not None:
             for name in LOGGERS:
@@ -248,13 +273,13 @@ def run_pipeline(
 
 
 def _run_locked(entries, config, out_dir, scheduler, chash, weights_path, weights_sha, started, t0, folder, *,
-                resume, progress, client, on_dashboard) -> RunResult:
+                resume, progress, client, on_dashboard, provenance) -> RunResult:
     reused: dict[str, dict] = {}
     redone: dict[str, str] = {}
     todo = []
     for entry in entries:
         record, why = (None, "") if not resume else ccd_outputs_complete(
-            out_dir, entry, chash, need_diff=config.save_diff)
+            out_dir, entry, chash, need_diff=config.save_diff, need_stamps=save_stamps(config))
         if record is not None:
             try:
                 reused[entry.ccd] = dict(_resummarize(record, entry, out_dir, config), resumed=True)
@@ -278,7 +303,8 @@ def _run_locked(entries, config, out_dir, scheduler, chash, weights_path, weight
         clock = _cpu_clock(scheduler, client)
         if todo:
             warm_s = _warm_up(client, config)
-        states = _execute(todo, config, out_dir, client, scheduler, progress, chash, clock) if todo else {}
+        states = _execute(todo, config, out_dir, client, scheduler, progress, chash, clock,
+                          provenance) if todo else {}
     finally:
         if own_client is not None:
             own_client.close()
@@ -298,6 +324,15 @@ def _run_locked(entries, config, out_dir, scheduler, chash, weights_path, weight
     for rec in records:
         if rec["ccd"] in unreadable:
             rec.update(status="failed", failed_stage="collect", error=unreadable[rec["ccd"]])
+    regions_error = None
+    try:  # ds9 overlays of each CCD's candidates: a convenience, never a reason to fail the run
+        from pipeline.regions import write_run_regions
+
+        write_run_regions(out_dir, config.score_threshold,
+                          ccds=[r["ccd"] for r in records if r["status"] == "done"])
+    except Exception as exc:  # noqa: BLE001 - reported in run.json and the log
+        regions_error = f"{type(exc).__name__}: {exc}"
+        logger.warning("ds9 region files not written: %s", regions_error)
     wall = time.perf_counter() - t0
     result = RunResult(records=records, catalog=catalog, out_dir=out_dir, wall_s=wall, dashboard=link)
     run_json = {
@@ -314,6 +349,7 @@ def _run_locked(entries, config, out_dir, scheduler, chash, weights_path, weight
         "config": config_to_dict(config),
         "config_hash": chash,
         "weights": {"path": weights_path, "sha256": weights_sha},
+        "manifest": provenance["manifest"],
         "measurement": {
             "cpu_s": {"thread": "CPU time of the thread that ran the task (threads it started, e.g. FFT "
                                 "workers, are not counted)",
@@ -331,12 +367,17 @@ def _run_locked(entries, config, out_dir, scheduler, chash, weights_path, weight
         "stage_cpu_s": stage_table(records, "cpu_s"),
         "truth_summary": total_summary(records),
         "removed_temporaries": [str(p) for p in folder.removed_temporaries],
+        "regions": {"folder": "regions", "error": regions_error},
         "ccds": records,
     }
+    in_catalog = {r["ccd"] for r in records if r["status"] == "done"}
     try:
-        write_catalog(catalog, out_dir / "candidates.fits")
+        write_catalog(catalog, out_dir / "candidates.fits", provenance=provenance,
+                      inputs=inputs_table([e for e in entries if e.ccd in in_catalog]))
+        parquet = catalog.copy(copy_data=False)  # the same provenance in the Parquet file's metadata
+        parquet.meta.update({k: v for k, v in provenance.items() if v})
         with atomic_path(out_dir / "candidates.parquet") as tmp:
-            catalog.write(tmp, format="parquet", overwrite=True)
+            parquet.write(tmp, format="parquet", overwrite=True)
         with atomic_path(out_dir / "run.json") as tmp:
             tmp.write_text(json.dumps(run_json, indent=1, default=_json_default))
     except OSError as exc:
@@ -373,11 +414,12 @@ def _warm_up(client, config: RunConfig) -> float:
     return time.perf_counter() - t0
 
 
-def _execute(entries, config, out_dir, client, scheduler, progress, chash, clock) -> dict[str, CcdState]:
+def _execute(entries, config, out_dir, client, scheduler, progress, chash, clock,
+             provenance=None) -> dict[str, CcdState]:
     import dask
     from tqdm.auto import tqdm
 
-    finals = build_graph(entries, config, out_dir, chash, clock)
+    finals = build_graph(entries, config, out_dir, chash, clock, provenance=provenance)
     ccds = list(finals)
     if client is None:
         n_tasks = len(ccds) * len(STAGES[config.mode])

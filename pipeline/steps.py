@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import numpy as np
 from astropy.table import Table
@@ -32,11 +33,14 @@ from pipeline.align import (
 )
 from pipeline.config import RunConfig
 from pipeline.detect import (
+    CANDIDATE_COLUMNS,
     CandidateTable,
+    describe_columns,
     detect_difference,
     detect_direct,
     estimate_background,
     fit_psf_model,
+    schema_order,
 )
 from pipeline.io import Exposure, InputError, PairEntry
 from pipeline.stamps import STAMP_SIZE, Stamps, cut_stamps, ring_background
@@ -58,8 +62,11 @@ __all__ = [
     "cut_pairs",
     "get_scorer",
     "score_stamps",
+    "magnitudes",
     "finalize_candidates",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -250,13 +257,64 @@ def score_stamps(stamps: Stamps, config: RunConfig) -> np.ndarray:
     return np.asarray(scorer.score(stamps.data, channels=stamps.channels), np.float32)
 
 
+def magnitudes(flux, flux_err, zero_point: float) -> tuple[np.ndarray, np.ndarray]:
+    """Magnitudes and their 1-sigma errors of fluxes on a zero point.
+
+    ``mag = zero_point - 2.5 log10(flux)``, ``mag_err = 2.5 / ln(10) * flux_err / flux``;
+    both NaN where ``flux <= 0`` or not finite, or when ``zero_point`` is not finite.
+
+    Parameters
+    ----------
+    flux, flux_err : array_like
+        Fluxes and errors in the units the zero point refers to (ADU).
+    zero_point : float
+        ``mag = zero_point - 2.5 log10(flux)``.
+    """
+    flux = np.asarray(flux, dtype=np.float64)
+    flux_err = np.asarray(flux_err, dtype=np.float64)
+    ok = np.isfinite(flux) & (flux > 0) & bool(np.isfinite(zero_point))
+    safe = np.where(ok, flux, 1.0)
+    mag = np.where(ok, zero_point - 2.5 * np.log10(safe), np.nan)
+    mag_err = np.where(ok, 2.5 / np.log(10.0) * flux_err / safe, np.nan)
+    return mag, mag_err
+
+
+def _search_columns(n: int, search: Exposure, ccd: str) -> dict[str, np.ndarray]:
+    """``mjd`` and ``band`` of the search exposure for ``n`` rows; warns (once: called once per CCD)
+    when the epoch is unknown."""
+    mjd = float(search.mjd)
+    if not np.isfinite(mjd):
+        logger.warning("%s: the search exposure %s has no usable MJD-OBS or DATE-OBS: the catalog's mjd is NaN",
+                       ccd or search.ccd, search.name)
+    band = str(search.band or "")
+    return {"mjd": np.full(n, mjd), "band": np.full(n, band, dtype=f"U{max(16, len(band))}")}
+
+
 def finalize_candidates(candidates: Table, scores: np.ndarray, config: RunConfig,
-                        truth: Table | None) -> Table:
-    """Attach score, mode and model (and truth matches when truth is known)."""
+                        truth: Table | None, search: Exposure | None = None) -> Table:
+    """Attach score, mode, model and noise_scale; magnitudes, epoch and band when the search exposure
+    is given; truth matches when truth is known.  Columns get their units and descriptions
+    (:data:`pipeline.detect.CANDIDATE_COLUMNS`) and its order.
+
+    ``noise_scale`` is the detector's per-CCD noise rescaling (the ``NOISESCL`` meta value of a
+    difference detection, 1 otherwise), one value per row so that it survives merging CCDs.
+    With ``search``: ``mag``/``mag_err`` on its zero point (NaN without one, see
+    :attr:`pipeline.io.Exposure.has_zero_point`), ``mjd`` and ``band``, and ``meta["MAGSYS"]``.
+    """
     out = candidates.copy()
+    n = len(out)
     out["score"] = np.asarray(scores, np.float32)
-    out["mode"] = np.full(len(out), config.mode, dtype="U8")
-    out["model"] = np.full(len(out), config.model, dtype=f"U{max(32, len(config.model))}")  # never cut
+    out["mode"] = np.full(n, config.mode, dtype="U8")
+    out["model"] = np.full(n, config.model, dtype=f"U{max(32, len(config.model))}")  # never cut
+    noise_scale = out.meta.pop("NOISESCL", 1.0)
+    out["noise_scale"] = np.full(n, noise_scale, dtype=CANDIDATE_COLUMNS["noise_scale"][0])
+    if search is not None:
+        zero_point = float(search.zero_point) if search.has_zero_point else float("nan")
+        out["mag"], out["mag_err"] = magnitudes(out["flux"], out["flux_err"], zero_point)
+        for name, values in _search_columns(n, search, str(out["ccd"][0]) if n else search.ccd).items():
+            out[name] = values
+        out.meta["MAGSYS"] = (search.mag_system or "UNKNOWN") if search.has_zero_point else "NONE"
     if truth is not None:
         out = match_truth(out, truth, config.match)
-    return out
+    out = out[schema_order(out.colnames)]
+    return describe_columns(out)

@@ -230,7 +230,243 @@ def test_report_plots_leave_the_matplotlib_backend_alone(bench, tmp_path):
     """)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["svg", "False", "3"]
+    assert run.stdout.split() == ["svg", "False", "5"]
     for png in tmp_path.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(list(tmp_path.glob("*.png"))) == 4
+    assert len(list(tmp_path.glob("*.png"))) == 6
+
+
+# ----------------------------------------------------------------------------- intervals, curves, the answer
+
+
+def test_binomial_interval_known_values():
+    """Wilson 95% intervals against the values published by Newcombe (1998, Stat. Med. 17, 857, Table II)
+    and against scipy's independent implementation."""
+    from scipy.stats import binomtest
+
+    published = {(81, 263): (0.2553, 0.3662), (15, 148): (0.0624, 0.1605), (0, 20): (0.0, 0.1611),
+                 (1, 29): (0.0061, 0.1718)}
+    for (k, n), (lo, hi) in published.items():
+        assert metrics.binomial_interval(k, n, 0.95) == pytest.approx([lo, hi], abs=6e-5)
+    for k, n in ((0, 10), (10, 10), (3, 7), (437, 500), (1, 1)):
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert metrics.binomial_interval(k, n) == pytest.approx([ci.low, ci.high], abs=1e-9)
+    # 0/n starts at 0 and n/n ends at 1, neither is degenerate; 68% is narrower than 95%
+    assert metrics.binomial_interval(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert metrics.binomial_interval(10, 10) == pytest.approx([0.7225, 1.0], abs=1e-4)
+    lo68, hi68 = metrics.binomial_interval(30, 40, 0.68)
+    lo95, hi95 = metrics.binomial_interval(30, 40, 0.95)
+    assert lo95 < lo68 < 0.75 < hi68 < hi95
+    assert metrics.binomial_interval(0, 0) is None
+    with pytest.raises(ValueError, match="k=5, n=3"):
+        metrics.binomial_interval(5, 3)
+
+
+def test_poisson_interval_known_values():
+    """Exact (Garwood) 95% intervals: the tabulated 0 -> [0, 3.689], 1 -> [0.0253, 5.572], 10 -> [4.795, 18.39]."""
+    assert metrics.poisson_interval(0) == pytest.approx([0.0, 3.6889], abs=1e-4)
+    assert metrics.poisson_interval(1) == pytest.approx([0.0253, 5.5716], abs=1e-4)
+    assert metrics.poisson_interval(10) == pytest.approx([4.7954, 18.3904], abs=1e-4)
+    # per CCD: the count's interval divided by the CCDs
+    assert metrics.poisson_interval(10, scale=1 / 4) == pytest.approx([4.7954 / 4, 18.3904 / 4], abs=1e-4)
+
+
+def test_paired_difference():
+    from scipy.stats import binomtest
+
+    # identical outcomes: no difference, not significant
+    a = np.array([True] * 30 + [False] * 10)
+    r = metrics.paired_difference(a, a)
+    assert r["difference"] == 0 and r["interval"][0] < 0 < r["interval"][1] and not r["significant"]
+    assert r["p_value"] == 1.0
+    # a table whose corrected phi is 0 (0 <= ad - bc <= n/2): Newcombe's square-and-add of the two Wilson intervals
+    both, only_a, only_b, neither = 10, 8, 2, 2
+    a = np.array([1] * both + [1] * only_a + [0] * only_b + [0] * neither, bool)
+    b = np.array([1] * both + [0] * only_a + [1] * only_b + [0] * neither, bool)
+    n = a.size
+    w1 = binomtest(18, n).proportion_ci(0.95, "wilson")
+    w2 = binomtest(12, n).proportion_ci(0.95, "wilson")
+    p1, p2 = 18 / n, 12 / n
+    r = metrics.paired_difference(a, b)
+    assert (r["only_a"], r["only_b"], r["difference"]) == (8, 2, pytest.approx(6 / 22))
+    assert r["interval"] == pytest.approx([p1 - p2 - np.hypot(p1 - w1.low, w2.high - p2),
+                                           p1 - p2 + np.hypot(w1.high - p1, p2 - w2.low)])
+    assert r["p_value"] == pytest.approx(binomtest(8, 10, 0.5).pvalue)  # McNemar exact
+    # one mode finds everything the other does and 20 more of 100: significant
+    a = np.arange(100) < 80
+    b = np.arange(100) < 60
+    r = metrics.paired_difference(a, b)
+    assert r["significant"] and r["interval"][0] > 0 and r["p_value"] < 1e-5
+    # coverage: correlated outcomes with a known difference of proportions (0.85 vs 0.80)
+    rng = np.random.default_rng(5)
+    hits = 0
+    for _ in range(300):
+        u = rng.random(200)
+        x, y = u < 0.85, (u < 0.80) ^ ((rng.random(200) < 0.05) & (u < 0.85))
+        truth = 0.85 - (0.80 * 0.95 + 0.05 * 0.05)
+        lo, hi = metrics.paired_difference(x, y)["interval"]
+        hits += lo <= truth <= hi
+    assert 0.92 <= hits / 300 <= 0.99
+    assert metrics.paired_difference(np.zeros(0, bool), np.zeros(0, bool)) is None
+
+
+def test_poisson_difference():
+    same = metrics.poisson_difference(12, 12, exposure=4)
+    assert same["ratio"] == 1 and same["difference"] == 0 and not same["significant"]
+    assert same["ratio_interval"][0] < 1 < same["ratio_interval"][1]
+    more = metrics.poisson_difference(63, 20, exposure=4)
+    assert more["difference"] == pytest.approx(43 / 4) and more["ratio"] == pytest.approx(63 / 20)
+    assert more["significant"] and more["ratio_interval"][0] > 1 and more["p_value"] < 1e-4
+    assert more["difference_interval"] == pytest.approx([43 / 4 - 1.959964 * np.sqrt(83) / 4,
+                                                         43 / 4 + 1.959964 * np.sqrt(83) / 4], rel=1e-5)
+    none = metrics.poisson_difference(0, 0)
+    assert none["ratio"] is None and not none["significant"]
+
+
+def test_operating_curve_known_values():
+    # 3 transients (one never detected), 2 false positives, 2 CCDs
+    curve = metrics.operating_curve([0.9, 0.2, -np.inf], [0.8, 0.1], n_ccds=2, threshold=0.5)
+    assert curve["threshold"] == [0.0, 0.1, 0.2, 0.5, 0.8, 0.9, 1.0]
+    assert curve["n_selected"] == [2, 2, 2, 1, 1, 1, 0]
+    assert curve["n_false_positives"] == [2, 2, 1, 1, 1, 0, 0]
+    assert curve["completeness"] == pytest.approx([2 / 3] * 3 + [1 / 3] * 3 + [0])
+    assert curve["false_positives_per_ccd"] == pytest.approx([1, 1, 0.5, 0.5, 0.5, 0, 0])
+    assert curve["threshold"][curve["operating_index"]] == 0.5
+    assert np.all(np.diff(curve["completeness"]) <= 0) and np.all(np.diff(curve["false_positives_per_ccd"]) <= 0)
+    # matched points: the lowest threshold with at most 0.5 FP/CCD; the highest keeping 2/3 completeness
+    p = metrics.point_at_fp(curve, 0.5)
+    assert (p["threshold"], p["n_selected"], p["n_false_positives"]) == (0.2, 2, 1)
+    assert p["completeness_ci"] == metrics.binomial_interval(2, 3)
+    assert p["false_positives_per_ccd_ci"] == pytest.approx(metrics.poisson_interval(1, scale=0.5))
+    assert metrics.point_at_completeness(curve, 2 / 3)["threshold"] == 0.2
+    assert metrics.point_at_completeness(curve, 0.9) is None  # never that complete
+    assert metrics.point_at_fp(curve, 0.0)["threshold"] == 0.9
+    # a score of exactly 1 still counts at threshold 1
+    assert metrics.operating_curve([1.0], [1.0], 1)["n_false_positives"][-1] == 1
+
+
+def _known_truth():
+    truth = Table({"id": [1, 2, 3, 4, 5, 6, 7], "kind": ["transient"] * 4 + ["star", "cosmic_ray", "galaxy"],
+                   "x": [100.0, 200, 300, 5, 400, 50, 60], "y": [100.0, 200, 300, 300, 400, 50, 60],
+                   "mag": [20.1, 21.2, 22.3, 20.5, 18.0, np.nan, 19.0], "snr": [80.0, 30, 8, 50, np.nan, np.nan, 3]})
+    truth.meta.update(shape=[500, 500], pixel_scale=0.5)
+    return truth
+
+
+def test_false_positives_by_kind_and_curve_of_a_catalog():
+    cat = Table({"truth_id": [1, 2, 5, 3, -1, 6, 7, 7], "score": [0.9, 0.2, 0.8, 0.9, 0.7, 0.3, 0.6, 0.95],
+                 "truth_kind": ["transient", "transient", "star", "", "", "cosmic_ray", "galaxy", "galaxy"]})
+    r = metrics.completeness_curves({"c": cat}, {"c": _known_truth()}, 0.5, edge=25, mag_step=1.0)
+    by = {row["kind"]: row for row in r["false_positives_by_kind"]}
+    assert [row["kind"] for row in r["false_positives_by_kind"]] == ["star", "galaxy", "cosmic_ray", "unmatched"]
+    assert {k: (v["n_candidates"], v["n"]) for k, v in by.items()} == {
+        "star": (1, 1), "galaxy": (2, 2), "cosmic_ray": (1, 0), "unmatched": (2, 2)}
+    assert sum(v["n"] for v in by.values()) == r["n_false_positives"] == 5
+    assert by["galaxy"]["per_ccd_ci"] == pytest.approx(metrics.poisson_interval(2))
+    # the curve agrees with the counts at the operating threshold and sweeps to the right ends
+    c = r["operating_curve"]
+    i = c["operating_index"]
+    assert c["threshold"][i] == 0.5 and c["n_selected"][i] == r["n_selected"] == 1
+    assert c["n_false_positives"][i] == 5
+    assert (c["n_selected"][0], c["n_false_positives"][0]) == (2, 6)  # threshold 0: all detected, all false
+    assert (c["n_selected"][-1], c["n_false_positives"][-1]) == (0, 0)
+    assert r["completeness_ci"] == metrics.binomial_interval(1, 3)
+    assert r["purity_ci"] == metrics.binomial_interval(1, 6)
+    assert r["by_mag"][0]["completeness_ci"] == metrics.binomial_interval(1, 1)
+
+
+def test_compare_modes_on_the_same_transients():
+    truth = {"c": _known_truth()}
+    ref = Table({"truth_id": [1, 2, 3, -1], "score": [0.9, 0.8, 0.7, 0.9],
+                 "truth_kind": ["transient", "transient", "transient", ""]})
+    oth = Table({"truth_id": [1, 2, 5, -1, 6], "score": [0.9, 0.3, 0.9, 0.9, 0.6],
+                 "truth_kind": ["transient", "transient", "star", "", "cosmic_ray"]})
+    o_ref = metrics.transient_outcomes({"c": ref}, truth, edge=25)
+    o_oth = metrics.transient_outcomes({"c": oth}, truth, edge=25)
+    r = metrics.compare_modes(o_ref, o_oth, 0.5, 0.5, mag_step=1.0, n_boot=50)
+    c = r["completeness"]
+    assert (c["n"], c["k_a"], c["k_b"], c["only_a"], c["only_b"]) == (3, 1, 3, 0, 2)
+    assert c["difference"] == pytest.approx(-2 / 3)
+    f = r["false_positives_per_ccd"]
+    assert (f["k_a"], f["k_b"], f["difference"], f["ratio"]) == (3, 1, 2.0, 3.0)
+    # the other mode at the reference's 1 FP/CCD: two of its false positives score 0.9, so only threshold 1 does
+    by = {(m["mode"], m["matched_to"]): m for m in r["matched"]}
+    p = by[("other", "false_positives_per_ccd")]["point"]
+    assert (p["n_false_positives"], p["threshold"], p["n_selected"]) == (0, 1.0, 0)
+    assert by[("other", "completeness")]["point"] is None  # it never finds 3 of 3
+    assert by[("reference", "false_positives_per_ccd")]["point"]["threshold"] == 0.0
+    with pytest.raises(ValueError, match="same transients"):
+        other_truth = _known_truth()
+        other_truth["id"][0] = 99
+        metrics.compare_modes(o_ref, metrics.transient_outcomes({"c": oth}, {"c": other_truth}, edge=25), 0.5, 0.5)
+
+
+def test_answer_follows_the_numbers(bench):
+    """The first paragraph of report.md is the answer, its numbers are report.json's, and the
+    verdict changes with them (no wording fixed in advance)."""
+    from benchmarks.report import _pct_ci, answer
+
+    out, _ = bench
+    data = json.loads((out / "report.json").read_text())
+    md = (out / "report.md").read_text().split("\n")
+    first = next(line for line in md[1:] if line.strip())
+    assert first.startswith("**Answer.**") and first == data["answer"]["text"]
+    h, cmp = data["headline"]["modes"], data["comparison"]["cpu"]
+    dia = next(r for r in data["runs"] if r["mode"] == "dia" and r["workers"] == 2)["end_to_end"]
+    direct = next(r for r in data["runs"] if r["mode"] == "direct" and r["workers"] == 2)["end_to_end"]
+    for piece in (f"{h['direct']['wall_s_per_ccd']:.2f} s per CCD", f"{h['dia']['wall_s_per_ccd']:.2f} s with it",
+                  f"dia / direct = {data['ratio']['cpu']['wall']:.2f}",
+                  f"In CPU time: {h['direct']['cpu_s_per_ccd']:.2f} against {h['dia']['cpu_s_per_ccd']:.2f} s per CCD, "
+                  f"ratio {data['ratio']['cpu']['cpu']:.2f}",
+                  f"saves {h['dia']['wall_s_per_ccd'] - h['direct']['wall_s_per_ccd']:.2f} s per CCD",
+                  f"direct selects {_pct_ci(direct['completeness'], direct['completeness_ci'])}",
+                  f"dia {_pct_ci(dia['completeness'], dia['completeness_ci'])}",
+                  f"{100 * (direct['completeness'] - dia['completeness']):+.1f} points",
+                  f"direct {direct['false_positives_per_ccd']:.2f} [{direct['false_positives_per_ccd_ci'][0]:.2f}",
+                  f"dia {dia['false_positives_per_ccd']:.2f} [{dia['false_positives_per_ccd_ci'][0]:.2f}",
+                  f"{direct['false_positives_per_ccd'] - dia['false_positives_per_ccd']:+.2f} per CCD",
+                  f"{cmp['completeness']['interval'][0] * 100:+.1f}, {cmp['completeness']['interval'][1] * 100:+.1f}]"):
+        assert piece in first, piece
+    if dia["m50"] is not None and direct["m50"] is not None:
+        assert f"{direct['m50']:.2f} (direct) against {dia['m50']:.2f} (dia)" in first
+    # the numbers in the first paragraph are those of report.json (the paired counts agree with the runs)
+    assert cmp["completeness"]["k_a"] == direct["n_selected"] and cmp["completeness"]["k_b"] == dia["n_selected"]
+    assert cmp["false_positives_per_ccd"]["k_a"] == direct["n_false_positives"]
+    # the verdict is derived: flip the significance and the cost and it says the opposite
+    sig = cmp["completeness"]["significant"]
+    assert ("a significant" in data["answer"]["verdict"]) == sig
+    flipped = json.loads(json.dumps(data))
+    c = flipped["comparison"]["cpu"]["completeness"]
+    c["significant"], c["interval"] = (False, [c["difference"] - 0.5, c["difference"] + 0.5]) if sig else \
+        (True, [c["difference"] - 1e-3, c["difference"] - 1e-4])
+    v = answer(flipped)["verdict"]
+    assert ("not significant" in v) == sig
+    f = flipped["comparison"]["cpu"]["false_positives_per_ccd"]
+    f.update(significant=False)
+    c.update(significant=False, interval=[-0.5, 0.5])
+    flipped["ratio"]["cpu"].update(wall=2.0, cpu=1.9)
+    assert answer(flipped)["verdict"].endswith("no measurable loss of accuracy on this field.")
+    assert "direct is 2.00x cheaper per CCD" in answer(flipped)["verdict"]
+    flipped["ratio"]["cpu"].update(wall=3.0, cpu=1.2)  # a loaded machine: wall and CPU disagree, both are said
+    assert "direct is 1.20x (CPU) to 3.00x (wall) cheaper per CCD" in answer(flipped)["verdict"]
+    assert "wall and CPU ratios disagree" in answer(flipped)["text"]
+    flipped["ratio"]["cpu"].update(wall=0.8, cpu=0.8)
+    assert "not cheaper" in answer(flipped)["verdict"]
+    assert answer(flipped)["verdict"].endswith("skipping DIA brings no saving here.")
+
+
+def test_report_curves_and_kinds_agree_with_the_runs(bench):
+    out, data = bench
+    for run in data["runs"]:
+        e = run["end_to_end"]
+        c = e["operating_curve"]
+        i = c["operating_index"]
+        assert c["threshold"][i] == data["config"]["score_threshold"]
+        assert (c["n_selected"][i], c["n_false_positives"][i]) == (e["n_selected"], e["n_false_positives"])
+        assert c["n_selected"][0] == e["n_detected"]  # threshold 0: every detected transient
+        assert sum(r["n"] for r in e["false_positives_by_kind"]) == e["n_false_positives"]
+        assert e["completeness_ci"][0] <= e["completeness"] <= e["completeness_ci"][1]
+    md = (out / "report.md").read_text()
+    assert "## End-to-end accuracy" in md and "### Operating curves" in md and "### False positives by kind" in md
+    assert "Wilson score interval" in md and "95%" in md
+    assert {"operating_curve", "fp_by_kind", "completeness", "roc"} <= set(data["figures"])

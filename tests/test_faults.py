@@ -334,6 +334,8 @@ def test_the_good_ccd_gives_the_clean_run_catalog_and_nothing_is_left_behind(mod
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     expected = {"candidates.fits", "candidates.parquet", "run.json", "run.log", ".pipeline.lock"}
     expected |= {f"ccds/{c}.json" for c in [*CCD_CASES, GOOD]} | {f"ccds/{c}.fits" for c in done}
+    expected |= {f"ccds/{c}_stamps.fits" for c in done}
+    expected |= {f"regions/{c}.reg" for c in done} | {f"regions/sky/{c}.reg" for c in done}
     assert names == expected, names ^ expected
 
 

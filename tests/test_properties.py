@@ -56,6 +56,7 @@ from pipeline.io import (
     CCD_ID_PATTERN,
     InputError,
     atomic_path,
+    check_ccd_ids,
     read_manifest,
     validate_ccd_id,
     write_catalog,
@@ -321,11 +322,12 @@ def test_ccd_id_is_refused_or_names_only_plain_files_inside_out(ccd):
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         paths = ccd_paths(out, ccd)
-        assert set(paths) == {"catalog", "status", "diff"}
+        assert set(paths) == {"catalog", "status", "stamps", "diff"}
         for kind, p in paths.items():
             assert p.resolve().is_relative_to(out.resolve()), f"{kind} path {p} leaves {out}"
             assert p.parent in (out / "ccds", out / "diff") and p.name.startswith(ccd)
-            assert p.name == ccd + {"catalog": ".fits", "status": ".json", "diff": ".fits"}[kind]
+            assert p.name == ccd + {"catalog": ".fits", "status": ".json", "stamps": "_stamps.fits",
+                                    "diff": ".fits"}[kind]
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(b"x")  # the OS takes the name as one plain file
             assert os.listdir(p.parent).count(p.name) == 1
@@ -333,13 +335,22 @@ def test_ccd_id_is_refused_or_names_only_plain_files_inside_out(ccd):
 
 @_settings(100)
 @given(a=valid_ids, b=valid_ids)
+@example(a="ccd07", b="ccd07_stamps")  # b's catalog would be a's stamps file: refused together
+@example(a="ccd07", b="CCD07_Stamps")
 def test_two_ids_never_share_an_output_file(a, b):
     pa, pb = ccd_paths(Path("/o"), a), ccd_paths(Path("/o"), b)
     files_a = {str(p).lower() for p in pa.values()}
     files_b = {str(p).lower() for p in pb.values()}
+    try:
+        check_ccd_ids([a, b])
+        accepted = True
+    except InputError:
+        accepted = False
     if a.lower() != b.lower():  # even on a case-insensitive file system
-        assert not files_a & files_b
-    assert len(files_a) == 3  # catalog, status and diff are three files
+        assert accepted == (not files_a & files_b), (a, b)  # refused exactly when they would share a file
+    else:
+        assert not accepted
+    assert len(files_a) == 4  # catalog, status, stamps and diff are four files
 
 
 # ---------------------------------------------------------------------------- manifests

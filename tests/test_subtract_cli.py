@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import astropy.wcs
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -103,8 +104,10 @@ def test_write_difference_round_trip(swapped, through_run, tmp_path):
     np.testing.assert_array_equal(back.image, diff.image)
     np.testing.assert_array_equal(back.variance, diff.variance)
     np.testing.assert_array_equal(back.mask & 0xFFFF, diff.mask & 0xFFFF)
-    assert back.wcs.wcs.compare(aligned.search.wcs.wcs)
+    # the celestial mapping is the same; ancillary cards (the epoch: MJD-OBS/DATE-OBS) are checked below
+    assert back.wcs.wcs.compare(aligned.search.wcs.wcs, cmp=astropy.wcs.WCSCOMPARE_ANCILLARY)
     assert back.zero_point == aligned.search.zero_point
+    assert np.isfinite(back.mjd) and abs(back.mjd - aligned.search.mjd) < 1e-8  # days: better than 1 ms
 
 
 def test_subtract_command_refuses_bad_configuration(swapped, tmp_path, capsys):

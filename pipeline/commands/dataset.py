@@ -3,28 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-__all__ = ["add_arguments", "main"]
+from pipeline.cli import SEED_NOTE, add_quiet_argument, parse_shape
+
+__all__ = ["add_arguments", "main", "DEFAULT_SEED"]
+
+#: Default simulation seed: held out (the shipped weights were trained on seed 1000).
+DEFAULT_SEED = 3000
+
+#: Exit status when a requested stream yields no stamps (e.g. every CCD failed); as ``pipeline run``'s 4.
+EXIT_ALL_FAILED = 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of ``pipeline dataset``."""
-    from pipeline.simulate.command import parse_shape
-
     parser.add_argument("--out", required=True, help="output folder: <stream>.npz and dataset.json")
     parser.add_argument("--ccds", type=int, default=40, help="simulated CCD pairs (default 40)")
-    parser.add_argument("--seed", type=int, default=1000, help="simulation seed (default 1000)")
-    parser.add_argument("--shape", type=parse_shape, default=(2048, 2048), help="CCD shape (default 2048x2048)")
-    parser.add_argument("--density-factor", type=float, default=8.0, help="transient density multiplier (default 8)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help=f"simulation seed (default {DEFAULT_SEED}, held out). {SEED_NOTE} "
+                             "Evaluating a model on CCDs it was trained on gives meaningless scores; "
+                             "pipeline evaluate warns when it sees that.")
+    parser.add_argument("--shape", type=parse_shape, default=(2048, 2048), help="CCD shape NYxNX (default 2048x2048)")
+    parser.add_argument("--density-factor", type=float, default=8.0,
+                        help="transient density multiplier (default 8; the shipped weights used 12)")
     parser.add_argument("--streams", default="dia,direct", help="comma-separated: dia, direct (default both)")
     parser.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     parser.add_argument("--fractions", default="0.7,0.1,0.2",
                         help="train,val,test fractions of the CCDs (default 0.7,0.1,0.2; 0,0,1 for a test-only set)")
     parser.add_argument("--config", default=None, help="TOML with RunConfig parameters used for the candidate stages")
+    add_quiet_argument(parser, "progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
-    """Build the stamp sets and write them with a JSON report."""
+    """Build the stamp sets and write them with a JSON report.
+
+    Exit status: 0 the sets were written (CCDs that failed are listed on stderr, one line each,
+    and in ``dataset.json``); 2 bad arguments; 4 a requested stream yielded no stamps (every
+    CCD's error is listed; the streams that did yield stamps are written, with ``dataset.json``).
+    """
     import json
     import time
     from pathlib import Path
@@ -32,13 +49,16 @@ def main(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from pipeline.config import RunConfig, config_from_dict, load_toml
-    from pipeline.datasets import DatasetConfig, build_datasets
+    from pipeline.datasets import DatasetConfig, DatasetError, build_datasets, failed_ccds
     from pipeline.io import atomic_path
 
     streams = tuple(s.strip() for s in args.streams.split(",") if s.strip())
     bad = [s for s in streams if s not in ("dia", "direct")]
-    if bad:
-        print(f"pipeline dataset: unknown stream(s) {bad}; use dia, direct")
+    if bad or not streams:
+        print(f"pipeline dataset: unknown stream(s) {bad or args.streams!r}; use dia, direct", file=sys.stderr)
+        return 2
+    if args.ccds < 1:
+        print(f"pipeline dataset: --ccds must be >= 1, got {args.ccds}", file=sys.stderr)
         return 2
     run_config = RunConfig()
     if args.config:
@@ -46,19 +66,26 @@ def main(args: argparse.Namespace) -> int:
         run_config = config_from_dict(RunConfig, data.get("run", data), where=args.config)
     try:
         fractions = tuple(float(v) for v in args.fractions.split(","))
-        assert len(fractions) == 3 and min(fractions) >= 0 and sum(fractions) > 0
-    except (ValueError, AssertionError):
-        print(f"pipeline dataset: --fractions must be three non-negative numbers, got {args.fractions!r}")
+        if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
+            raise ValueError
+    except ValueError:
+        print(f"pipeline dataset: --fractions must be three non-negative numbers, got {args.fractions!r}",
+              file=sys.stderr)
         return 2
     config = DatasetConfig(n_ccds=args.ccds, seed=args.seed, shape=tuple(args.shape),
                            transient_density_factor=args.density_factor, workers=args.workers,
                            fractions=fractions)
     out = Path(args.out)
     t0 = time.perf_counter()
-    bar = tqdm(total=config.n_ccds, desc="CCDs", unit="ccd")
-    result = build_datasets(config, run_config, streams, progress=lambda r: bar.update(1))
-    bar.close()
-    report = result.pop("report")
+    bar = tqdm(total=config.n_ccds, desc="CCDs", unit="ccd", disable=args.quiet)
+    problem = None
+    try:
+        result = build_datasets(config, run_config, streams, progress=lambda r: bar.update(1))
+        report = result.pop("report")
+    except DatasetError as exc:  # a stream yielded nothing: keep the streams that did, then fail
+        result, report, problem = exc.sets, exc.report, str(exc)
+    finally:
+        bar.close()
     summary = {}
     for stream, stamps in result.items():
         path = stamps.save(out / f"{stream}.npz")
@@ -66,8 +93,18 @@ def main(args: argparse.Namespace) -> int:
         print(f"{stream}: {path} {json.dumps(summary[stream])}")
     report["summary"] = summary
     report["seconds"] = time.perf_counter() - t0
+    if problem:
+        report["error"] = problem
     with atomic_path(out / "dataset.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1))
+    for line in failed_ccds(report):
+        print(f"pipeline dataset: failed: {line}", file=sys.stderr)
     failed = sum(bool(r["errors"]) for r in report["ccds"])
-    print(f"{config.n_ccds} CCDs in {report['seconds']:.0f} s; {failed} with a failed stream")
+    if problem:
+        print(f"pipeline dataset: {problem}; {failed} of {config.n_ccds} CCDs failed (listed above and in "
+              f"{out / 'dataset.json'})", file=sys.stderr)
+        return EXIT_ALL_FAILED
+    print(f"{config.n_ccds} CCDs (seed {config.seed}) in {report['seconds']:.0f} s; "
+          + (f"{failed} with a failed stream (listed above and in {out / 'dataset.json'})" if failed
+             else "none failed"))
     return 0

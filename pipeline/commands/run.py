@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from pipeline.cli import SEED_NOTE, add_device_argument, add_quiet_argument, parse_shape
+
 __all__ = ["add_arguments", "main", "DEFAULT_FIELD"]
 
 #: The embedded default field: simulated on the fly when no --input is given.
@@ -14,30 +16,34 @@ DEFAULT_FIELD = {"ccds": 2, "seed": 2026, "instrument": "decam", "shape": None}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of ``pipeline run``."""
-    from pipeline.simulate.command import parse_shape
-
     parser.add_argument("--mode", choices=("dia", "direct"), default=None, help="pipeline mode (default dia)")
     parser.add_argument("--input", default=None,
                         help="manifest of CCD pairs (ECSV; see README). Default: simulate a small field on the fly")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--device", choices=("cpu", "gpu"), default=None, help="cpu (default) or gpu (CuPy + CUDA)")
+    add_device_argument(parser, None, "where the subtraction (NumPy or CuPy) and the CNN (torch) run; default: the "
+                        "workflow's or config file's device, else cpu, whose results are the reference")
     parser.add_argument("--scheduler", default=None,
                         help="threads (default), local (LocalCluster + dashboard) or tcp://HOST:PORT")
     parser.add_argument("--workers", type=int, default=None, help="workers / threads (default 2)")
     parser.add_argument("--workflow", default=None, help="workflow TOML (workflows/*.toml): scheduler + run settings")
     parser.add_argument("--config", default=None, help="TOML with RunConfig parameters (a [run] table or top level)")
-    parser.add_argument("--model", default=None, help="model name or weights file for this mode")
+    parser.add_argument("--model", default=None,
+                        help="model name or weights file of this mode (default: triplet in dia, pair-direct in direct)")
     parser.add_argument("--threshold", type=float, default=None, help="score threshold (default 0.5)")
     parser.add_argument("--resume", action="store_true", help="skip CCDs whose outputs are complete")
     parser.add_argument("--save-diff", action="store_true", help="keep difference images (dia mode)")
+    parser.add_argument("--no-stamps", action="store_true",
+                        help="do not keep the scored stamps (ccds/<ccd>_stamps.fits, used by `pipeline vet`)")
     parser.add_argument("--ccds", type=int, default=None,
-                        help=f"embedded default: CCDs (default {DEFAULT_FIELD['ccds']})")
+                        help=f"embedded default field: CCD pairs (default {DEFAULT_FIELD['ccds']})")
     parser.add_argument("--seed", type=int, default=None,
-                        help=f"embedded default: seed (default {DEFAULT_FIELD['seed']})")
+                        help=f"embedded default field: simulation seed (default {DEFAULT_FIELD['seed']}, held out). "
+                             + SEED_NOTE)
     parser.add_argument("--instrument", choices=("decam", "ztf", "lsst"), default=None,
-                        help="embedded default: instrument")
-    parser.add_argument("--shape", type=parse_shape, default=None, help="embedded default: CCD shape NYxNX")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+                        help="embedded default field: instrument (default decam)")
+    parser.add_argument("--shape", type=parse_shape, default=None,
+                        help="embedded default field: CCD shape NYxNX (default: the instrument's)")
+    add_quiet_argument(parser, "progress bar")
 
 
 def _run_config(args):
@@ -58,11 +64,17 @@ def _run_config(args):
     if args.mode:
         changes["mode"] = args.mode
     if args.device:
-        changes["device"] = args.device
+        from pipeline.config import resolve_device
+
+        changes["device"], why = resolve_device(args.device)
+        if args.device == "auto":
+            print(f"--device auto: {changes['device']} ({why})", flush=True)
     if args.threshold is not None:
         changes["score_threshold"] = args.threshold
     if args.save_diff:
         changes["save_diff"] = True
+    if args.no_stamps:
+        changes["save_stamps"] = False
     if args.model:
         changes["model_dia" if (args.mode or config.mode) == "dia" else "model_direct"] = args.model
     config = dataclasses.replace(config, **changes)
@@ -136,7 +148,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if entries is None:
             entries = _embedded_default(args, out)
-        result = run_pipeline(entries, config, out, scheduler, resume=args.resume, progress=not args.no_progress,
+        result = run_pipeline(entries, config, out, scheduler, resume=args.resume, progress=not args.quiet,
                               on_dashboard=lambda link: print(f"Dask dashboard: {link}", flush=True),
                               folder=folder, log_file="run.log")
     except (InputError, WeightsError, RunSetupError) as exc:

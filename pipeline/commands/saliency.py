@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.cli import add_device_argument
+
 __all__ = ["add_arguments", "main"]
 
 
@@ -16,16 +18,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="stamp set (.npz) or a DES autoScan folder")
     parser.add_argument("--out", required=True, help="folder for saliency.json and saliency_gallery.png")
     parser.add_argument("--split", default="test", help="split to use (or 'all'; default test)")
-    parser.add_argument("--n", type=int, default=2000, help="number of objects (first N of the split)")
-    parser.add_argument("--gallery", type=int, default=8, help="objects shown in the PNG gallery")
-    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--n", type=int, default=2000, help="number of objects (first N of the split; default 2000)")
+    parser.add_argument("--gallery", type=int, default=8, help="objects shown in the PNG gallery (default 8)")
+    add_device_argument(parser, "cpu", "where the gradients are computed (default cpu, the reference)")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``pipeline saliency``."""
     import numpy as np
 
-    from classifier.infer import load_weights
+    from classifier.infer import load_weights, torch_device
     from classifier.saliency import plot_saliency_gallery, saliency_maps, saliency_table
     from pipeline.commands.train import load_stamp_data
     from pipeline.io import atomic_path
@@ -35,11 +37,10 @@ def main(args: argparse.Namespace) -> int:
         if args.split != "all":
             data = data.select(args.split)
         net, spec, _meta, path = load_weights(args.model)
-    except (OSError, ValueError) as exc:
+        device = torch_device(args.device)
+    except (OSError, ValueError, RuntimeError) as exc:
         print(f"pipeline saliency: {exc}", file=sys.stderr)
         return 2
-    device = "cuda" if args.device == "auto" and __import__("torch").cuda.is_available() else \
-        ("cpu" if args.device == "auto" else args.device)
     data = data.subset(np.arange(min(args.n, len(data))))
     result = saliency_maps(net, spec, data.stamps, data.channels, device=device)
     table = saliency_table(result, data.labels)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.cli import add_device_argument
+
 __all__ = ["add_arguments", "main"]
 
 
@@ -13,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("search", help="search exposure (FITS)")
     parser.add_argument("template", help="template exposure (FITS); resampled onto the search grid")
     parser.add_argument("--out", required=True, help="difference image (FITS: IMAGE, VARIANCE, MASK)")
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="cpu (NumPy) or gpu (CuPy)")
+    add_device_argument(parser, "cpu", "where the PSF matching and subtraction run: cpu (NumPy/SciPy, the "
+                        "reference; default) or gpu (CuPy)")
     parser.add_argument("--convolve", choices=("auto", "template", "search"), default="auto",
                         help="image to convolve (default: the one with the narrower PSF)")
     parser.add_argument("--search-hdu", default=None, help="HDU of the search image")
@@ -34,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
 
     from dia import PsfMatchConfig, StarSelectionError
     from pipeline.align import AlignConfig, align_pair
-    from pipeline.config import config_from_dict, load_toml, run_table
+    from pipeline.config import config_from_dict, load_toml, resolve_device, run_table
     from pipeline.io import InputError, read_exposure, write_difference
     from pipeline.outdir import OutputError
     from pipeline.steps import difference_image, ensure_fwhm
@@ -42,6 +45,9 @@ def main(args: argparse.Namespace) -> int:
     def hdu(value):
         return None if value is None else (int(value) if str(value).isdigit() else value)
 
+    device, why = resolve_device(args.device, torch_too=False)
+    if args.device == "auto":
+        print(f"--device auto: {device} ({why})", flush=True)
     try:
         data = load_toml(args.config) if args.config else {}
         config = config_from_dict(PsfMatchConfig, run_table(data, "psf_match", args.config or ""),
@@ -53,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
         t1 = time.perf_counter()
         aligned = align_pair(search, template, AlignConfig())
         t2 = time.perf_counter()
-        diff = difference_image(aligned, config, args.device)
+        diff = difference_image(aligned, config, device)
         t3 = time.perf_counter()
         write_difference(diff, search, args.out, template_fwhm=aligned.template.fwhm)
     except (InputError, StarSelectionError, ValueError, FileNotFoundError, RuntimeError, ImportError,
@@ -66,5 +72,5 @@ def main(args: argparse.Namespace) -> int:
     stats = diff.stats
     print(f"{args.out}: convolved the {diff.convolved} (FWHM search {search.fwhm:.2f} px, template "
           f"{aligned.template.fwhm:.2f} px on the search grid); {stats.used} kernel stars used of {stats.found} "
-          f"peaks; load {t1 - t0:.2f} s, align {t2 - t1:.2f} s, match+subtract {t3 - t2:.2f} s ({args.device})")
+          f"peaks; load {t1 - t0:.2f} s, align {t2 - t1:.2f} s, match+subtract {t3 - t2:.2f} s ({device})")
     return 0

@@ -3,10 +3,12 @@
 Public API: :func:`simulate_pair` (pure, one CCD pair in memory),
 :func:`write_simulation` (FITS pairs, truth tables and a manifest),
 :class:`SimulationConfig`, :data:`INSTRUMENTS`.  CLI: ``pipeline simulate``.
+
+The names are imported on first use, so that ``pipeline simulate --help`` (which imports
+``pipeline.simulate.command``) does not load the simulator and its dependencies.
 """
 
-from .config import INSTRUMENTS, InstrumentPreset, SimulationConfig
-from .core import TRUTH_COLUMNS, SimulatedPair, ccd_name, simulate_pair, write_simulation
+import importlib
 
 __all__ = [
     "INSTRUMENTS",
@@ -18,3 +20,18 @@ __all__ = [
     "simulate_pair",
     "write_simulation",
 ]
+
+#: public name -> submodule that defines it
+_WHERE = {name: ".config" for name in ("INSTRUMENTS", "InstrumentPreset", "SimulationConfig")}
+_WHERE.update({name: ".core" for name in ("TRUTH_COLUMNS", "SimulatedPair", "ccd_name", "simulate_pair",
+                                          "write_simulation")})
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.cli import SEED_NOTE, parse_shape
+
 __all__ = ["add_arguments", "main", "parse_shape"]
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    """Parse ``NYxNX`` (e.g. ``4096x2048``) into ``(ny, nx)``."""
-    try:
-        ny, nx = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shape: expected NYxNX such as 512x512, got {text!r}") from None
-    if ny < 64 or nx < 64:
-        raise argparse.ArgumentTypeError(f"--shape: both sides must be >= 64, got {text!r}")
-    return ny, nx
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of ``pipeline simulate``."""
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--ccds", type=int, default=1, help="number of CCD pairs (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="simulation seed (default 0). " + SEED_NOTE)
     parser.add_argument("--instrument", choices=("decam", "ztf", "lsst"), default=None,
                         help="instrument preset (default decam, or the config file's)")
     parser.add_argument("--shape", type=parse_shape, default=None, help="CCD shape NYxNX (default: the preset's)")

@@ -113,6 +113,10 @@ class SimulationConfig:
     """Uniform range of airmass (extinction = preset coefficient x airmass)."""
     cloud_range: tuple[float, float] = (0.0, 0.15)
     """Uniform range of grey extinction by clouds (mag); makes the two zero points differ."""
+    search_mjd_range: tuple[float, float] = (59945.0, 61041.0)
+    """Uniform range of the search exposure's MJD (UTC; default 2023-01-01 to 2026-01-01)."""
+    template_lead_days: tuple[float, float] = (30.0, 730.0)
+    """Uniform range of how many days before the search the template coadd was taken."""
     template_depth_mag: tuple[float, float] = (1.0, 1.5)
     """How much deeper the template coadd is than one frame (mag); sets the number of coadded frames."""
     max_offset: float = 30.0

@@ -19,6 +19,8 @@ Model (all magnitudes AB in the preset's band):
   pixels, bad columns in the search; satellites in either; saturation with
   bleed trails in both).
 * Noise: Poisson in electrons on sky + sources, Gaussian read noise, in ADU.
+* Headers: ``MAGZERO`` is an AB zero point (``MAGSYS = 'AB'``); ``DATE-OBS`` (ISO, UTC) and
+  ``MJD-OBS`` date the search, the template earlier (:func:`epochs`).
 
 Truth S/N (column ``snr``) of point sources is the PSF-optimal S/N in the
 search image alone, ``snr = flux * sqrt(sum_i p_i^2 / V_i)``, with ``p`` the
@@ -49,7 +51,7 @@ from . import artifacts
 from .config import INSTRUMENTS, InstrumentPreset, SimulationConfig
 from .render import PsfField, convolve_varying, point_stamps, render_points, render_sersic
 
-__all__ = ["SimulatedPair", "simulate_pair", "write_simulation", "TRUTH_COLUMNS", "ccd_name"]
+__all__ = ["SimulatedPair", "simulate_pair", "write_simulation", "TRUTH_COLUMNS", "ccd_name", "epochs"]
 
 #: Truth table columns and their meaning (units in the column meta).
 TRUTH_COLUMNS = {
@@ -106,6 +108,26 @@ class SimulatedPair:
 def _rng(seed: int, ccd_index: int) -> np.random.Generator:
     # the same stream as SeedSequence(seed).spawn(n)[ccd_index], whatever n
     return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(ccd_index,)))
+
+
+def epochs(config: SimulationConfig, seed: int, ccd_index: int) -> dict[str, float]:
+    """MJDs (UTC, whole seconds) of the search and template exposures of CCD ``ccd_index``.
+
+    The search epoch is uniform in ``config.search_mjd_range``; the template (coadd) is dated
+    ``config.template_lead_days`` earlier.  Drawn from a stream of their own (``(seed,
+    ccd_index, 1)``), so that adding epochs changed no pixel of the simulation.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(ccd_index, 1)))
+    search = float(rng.uniform(*config.search_mjd_range))
+    template = search - float(rng.uniform(*config.template_lead_days))
+    return {label: round(mjd * 86400.0) / 86400.0 for label, mjd in (("search", search), ("template", template))}
+
+
+def _date_obs(mjd: float) -> str:
+    """ISO time (UTC, milliseconds) of an MJD, the value of a ``DATE-OBS`` card."""
+    from astropy.time import Time
+
+    return Time(mjd, format="mjd", scale="utc").isot
 
 
 def _make_wcs(shape, scale_deg, ra, dec, pa_deg, crpix):
@@ -339,6 +361,7 @@ def simulate_pair(config: SimulationConfig | None = None, seed: int = 0, ccd_ind
                       (gtx, gty, flux_t(gal_mag), gal_re, gal_n, gal_q, gal_th + np.radians(rot)), cfg)
 
     records = []  # artifacts: dicts with image coordinates of their own image
+    mjds = epochs(cfg, seed, ccd_index)
     for cond, model, label in ((cs, model_s, "search"), (ct, model_t, "template")):
         if rng.random() < cfg.satellite_probability:
             peak = rng.uniform(2, 30) * np.sqrt(cond.sky_var)
@@ -387,11 +410,14 @@ def simulate_pair(config: SimulationConfig | None = None, seed: int = 0, ccd_ind
         header["SIMSEED"] = (int(seed), "simulation seed")
         header["SIMCCD"] = (int(ccd_index), "simulation CCD index")
         header["SIMTYPE"] = (label, "search or template")
+        header["DATE-OBS"] = (_date_obs(mjds[label]), "UTC start" if label == "search" else "UTC epoch of the coadd")
+        header["TIMESYS"] = ("UTC", "time scale of DATE-OBS and MJD-OBS")
         exposures[label] = Exposure(
             image=image.astype(np.float32), variance=variance, mask=mask, wcs=wcs_s if label == "search" else wcs_t,
             fwhm=float(cond.fwhm), gain=float(cond.gain), read_noise=float(cond.read_noise),
             saturation=float(preset.saturation), zero_point=float(cond.zp), band=preset.band,
-            exptime=float(cond.exptime), sky_level=float(cond.sky), instrument=preset.name,
+            exptime=float(cond.exptime), mjd=mjds[label], mag_system="AB",
+            sky_level=float(cond.sky), instrument=preset.name,
             name=f"{ccd_name(ccd_index)}_{label}", ccd=ccd_name(ccd_index), header=header,
         )
 
@@ -464,6 +490,7 @@ def simulate_pair(config: SimulationConfig | None = None, seed: int = 0, ccd_ind
         "search_beta": cs.psf.beta, "template_beta": ct.psf.beta,
         "search_zp": cs.zp, "template_zp": ct.zp, "search_sky": cs.sky, "template_sky": ct.sky,
         "search_m5": m5s, "template_m5": m5t, "template_ncombine": ct.ncombine,
+        "search_mjd": mjds["search"], "template_mjd": mjds["template"], "mag_system": "AB",
         "template_offset_x": float(offset[0]), "template_offset_y": float(offset[1]),
         "template_rotation_deg": rot,
         "offset_convention": "p_template = R(rot) (p_search - c) + c + offset, c = CCD centre",
