@@ -9,7 +9,8 @@ import numpy as np
 
 from .config import PsfMatchConfig
 
-__all__ = ["KernelBasis", "make_basis", "basis_sigmas", "spatial_terms", "FWHM_TO_SIGMA"]
+__all__ = ["KernelBasis", "make_basis", "basis_sigmas", "spatial_terms", "FWHM_TO_SIGMA", "SeparableBasis",
+           "separable_basis"]
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
@@ -96,6 +97,73 @@ def make_basis(search_fwhm: float, template_fwhm: float, config: PsfMatchConfig)
         images[k] -= images[k].sum() * images[0]
         images[k] /= np.sqrt((images[k] ** 2).sum())
     return KernelBasis(sigmas, tuple(config.kernel_degrees), hw, images)
+
+
+@dataclasses.dataclass(frozen=True)
+class SeparableBasis:
+    """A kernel basis written with 1-D factors: ``images[k] = scale[k] * outer(fy[k], fx[k]) - offset[k] * images[0]``.
+
+    Attributes
+    ----------
+    fx, fy : numpy.ndarray
+        ``(n_basis, size)`` 1-D factors along x (``u``) and y (``v``).
+    scale, offset : numpy.ndarray
+        ``(n_basis,)``; ``offset[0] = 0``.
+    x_index, y_index : numpy.ndarray
+        ``(n_basis,)``: ``fx[k] = factors[x_index[k]]``, ``fy[k] = factors[y_index[k]]``.
+    factors : numpy.ndarray
+        ``(n_factors, size)``: the distinct 1-D factors, Gaussian ``g`` by Gaussian, ``g (u / hw)^p`` for
+        ``p = 0 .. degree``.
+    """
+
+    fx: np.ndarray
+    fy: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray
+    x_index: np.ndarray
+    y_index: np.ndarray
+    factors: np.ndarray
+
+
+def separable_basis(basis: KernelBasis, rtol: float = 1e-9) -> SeparableBasis | None:
+    """The 1-D factors of a basis built by :func:`make_basis` (``None`` if ``basis.images`` are not of that form).
+
+    Every Alard-Lupton function is a Gaussian times ``u^i v^j``, i.e. an outer product of two
+    1-D functions; normalisation subtracts a multiple of the first function.  The factors are
+    recomputed from ``sigmas``/``degrees``/``half_width`` and checked against ``images`` to ``rtol``
+    of the largest pixel, so a basis whose images were changed by hand falls back to 2-D methods.
+    """
+    hw = basis.half_width
+    u = np.arange(-hw, hw + 1, dtype=np.float64)
+    scale_u = float(hw)
+    fx, fy, xi, yi, factors = [], [], [], [], []
+    for sigma, degree in zip(basis.sigmas, basis.degrees):
+        g = np.exp(-0.5 * (u / sigma) ** 2)
+        base = len(factors)
+        factors.extend(g * (u / scale_u) ** p for p in range(degree + 1))
+        for total in range(degree + 1):
+            for j in range(total + 1):
+                i = total - j
+                xi.append(base + i)
+                yi.append(base + j)
+                fx.append(factors[base + i])
+                fy.append(factors[base + j])
+    if len(fx) != basis.n_basis:
+        return None
+    fx_a, fy_a = np.array(fx), np.array(fy)
+    raw = np.einsum("kv,ku->kvu", fy_a, fx_a)
+    sums = raw.sum(axis=(1, 2))
+    first = raw[0] / sums[0]
+    scale = np.empty(len(fx))
+    offset = np.empty(len(fx))
+    scale[0], offset[0] = 1.0 / sums[0], 0.0
+    for k in range(1, len(fx)):
+        norm = np.sqrt(((raw[k] - sums[k] * first) ** 2).sum())
+        scale[k], offset[k] = 1.0 / norm, sums[k] / norm
+    recon = scale[:, None, None] * raw - offset[:, None, None] * first[None]
+    if np.max(np.abs(recon - basis.images)) > rtol * np.max(np.abs(basis.images)):
+        return None
+    return SeparableBasis(fx_a, fy_a, scale, offset, np.array(xi), np.array(yi), np.array(factors))
 
 
 def spatial_terms(order: int) -> list[tuple[int, int]]:

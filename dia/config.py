@@ -8,6 +8,7 @@ import math
 __all__ = ["PsfMatchConfig"]
 
 _CONVOLVE_CHOICES = ("auto", "template", "search")
+_PATH_CHOICES = ("fused", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +77,21 @@ class PsfMatchConfig:
     # execution settings: same result to rounding, so not part of a run's resume key
     # (metadata "science": False is the convention pipeline.config.science_dict reads)
     fft_band_rows: int | None = dataclasses.field(default=512, metadata={"science": False})
-    """On CPU, full-frame convolutions run in bands of this many rows (overlap-save; cache-sized FFTs);
-    None: one band. The GPU always uses one band."""
+    """On CPU, full-frame convolutions run in bands of this many rows (overlap-save; cache-sized FFTs;
+    the fused path balances the bands to about this many rows); None: one band. The GPU always uses one band."""
     fft_workers: int | None = dataclasses.field(default=None, metadata={"science": False})
     """Threads for scipy.fft on CPU (None: all cores)."""
+    path: str = dataclasses.field(default="fused", metadata={"science": False})
+    """Implementation of the kernel fit's stamp convolutions and of the full-frame subtraction; both give the
+    same difference to float32 rounding. ``"fused"`` (default): separable basis convolutions of the fit stamps
+    as matrix products; difference, variance and mask finished band by band in one pass, one inverse FFT along
+    y per spatial term and one along x per power of x, mask growth by running ORs. ``"reference"``: the
+    previous implementation (FFT stamp convolutions; one 2-D inverse FFT per spatial term, full-frame
+    variance and mask steps, maximum filter), kept for same-run comparisons (``benchmarks/bench_dia.py``)."""
 
     def __post_init__(self) -> None:
+        if self.path not in _PATH_CHOICES:
+            raise ValueError(f"PsfMatchConfig.path must be one of {_PATH_CHOICES}, got {self.path!r}")
         if self.convolve not in _CONVOLVE_CHOICES:
             raise ValueError(f"PsfMatchConfig.convolve must be one of {_CONVOLVE_CHOICES}, got {self.convolve!r}")
         if not self.kernel_degrees or any(d < 0 for d in self.kernel_degrees):

@@ -1,5 +1,8 @@
 """Full-frame application of a spatially varying kernel, its variance and mask growth.
 
+These are the ``PsfMatchConfig(path="reference")`` implementation (and shared helpers such as
+:func:`kernel_spectra`); the default ``"fused"`` path, same mathematics, is :mod:`dia.fused`.
+
 A kernel ``K(x, y) = sum_s P_s(x, y) K_s`` is applied as ``sum_s P_s * (X conv K_s)``:
 one forward FFT of the image and one inverse FFT per spatial term ``s``
 (never one per basis function).  ``P_s = xn^i yn^j`` is rank one on the pixel

@@ -21,10 +21,10 @@ import numpy as np
 import scipy.fft
 
 from .backend import Backend, StepClock
-from .basis import KernelBasis, spatial_terms, spatial_vector
+from .basis import KernelBasis, separable_basis, spatial_terms, spatial_vector
 from .config import PsfMatchConfig
 from .masks import BAD_FOR_FIT
-from .stars import StarSelection, StarSelectionError, describe_rejections
+from .stars import StarSelection, StarSelectionError, _gather, describe_rejections
 
 __all__ = ["KernelSolution", "FitStats", "fit_kernel", "stamp_equations"]
 
@@ -120,9 +120,57 @@ def _basis_fft(be: Backend, basis: KernelBasis, n: int):
     return be.fft.rfft2(be.xp.asarray(pad))
 
 
+def _band_matrices(factors: np.ndarray, full_size: int, core_size: int) -> np.ndarray:
+    """``(full_size, n_factors * core_size)``: column ``f * core_size + q`` convolves with ``factors[f]``.
+
+    ``(cut @ M)[r, f * cs + q] = sum_u factors[f, u] cut[r, q + 2 hw - u]``: the 1-D convolution of
+    each row of a stamp cut with ``2 hw`` extra pixels per side, kept on the ``core_size`` core.
+    """
+    nf, size = factors.shape
+    two_hw = size - 1
+    m = np.zeros((full_size, nf, core_size))
+    q = np.arange(core_size)
+    for u in range(size):
+        m[q + two_hw - u, :, q] = factors[:, u][None, :]
+    return m.reshape(full_size, nf * core_size)
+
+
+def _separable_convolutions(xp, sep, degrees, cut, core_size: int):
+    """Basis-convolved stamp cores ``(k, n_basis, cs * cs)`` from cuts ``(k, F, F)``, by 1-D passes (matrix products).
+
+    x pass: one product with the banded matrices of all distinct factors; y pass: per Gaussian and
+    y power ``j``, one batched product with the x-filtered cuts of the powers ``i <= degree - j``
+    it is paired with.  Then the normalisation ``scale * conv - offset * conv_0``.
+    """
+    k, full, _ = cut.shape
+    cs = core_size
+    mats = xp.asarray(_band_matrices(sep.factors, full, cs))  # (F, n_factors * cs)
+    tx = (cut.reshape(k * full, full) @ mats).reshape(k, full, -1)  # rows filtered along x, (k, F, nf * cs)
+    index = {(int(a), int(b)): n for n, (a, b) in enumerate(zip(sep.x_index, sep.y_index))}
+    out = xp.empty((k, len(sep.scale), cs * cs), dtype=cut.dtype)
+    base = 0
+    for degree in degrees:
+        nd = degree + 1
+        for j in range(nd):
+            m = nd - j  # x powers i = 0 .. degree - j go with y power j
+            my_t = xp.ascontiguousarray(mats[:, (base + j) * cs : (base + j + 1) * cs].T)  # (cs, F)
+            r = (my_t @ tx[:, :, base * cs : (base + m) * cs]).reshape(k, cs, m, cs)  # [stamp, p, i, q]
+            for i in range(m):
+                out[:, index[(base + i, base + j)]] = r[:, :, i, :].reshape(k, cs * cs)
+        base += nd
+    out[:, 0] *= float(sep.scale[0])
+    out[:, 1:] *= xp.asarray(sep.scale[None, 1:, None])
+    out[:, 1:] -= xp.asarray(sep.offset[None, 1:, None]) * out[:, :1]
+    return out
+
+
 def stamp_equations(be: Backend, basis: KernelBasis, conv_img, conv_var, ref_img, ref_var, ref_mask, ys, xs,
-                    core_hw: int, chunk: int | None = None):
+                    core_hw: int, chunk: int | None = None, method: str = "separable"):
     """Normal equations of every stamp (device work, small host results).
+
+    ``method="separable"`` convolves the stamps with the basis by 1-D passes written as matrix
+    products (the Gaussian x polynomial functions are outer products of 1-D factors); ``"fft"``
+    (the reference) by batched FFTs.  A basis that is not separable always uses ``"fft"``.
 
     Returns ``M (n, m, m)``, ``v (n, m)``, ``c (n,)``, ``npix (n,)`` as NumPy
     float64, with ``m = n_basis + 1`` (last column: constant background).
@@ -131,11 +179,11 @@ def stamp_equations(be: Backend, basis: KernelBasis, conv_img, conv_var, ref_img
     hw = basis.half_width
     full = core_hw + hw
     size = 2 * full + 1
-    n = scipy.fft.next_fast_len(size, real=True)
-    fb = _basis_fft(be, basis, n)
     cs = 2 * core_hw + 1
-    off_full = xp.arange(-full, full + 1)
-    off_core = xp.arange(-core_hw, core_hw + 1)
+    sep = separable_basis(basis) if method == "separable" else None
+    if sep is None:
+        n = scipy.fft.next_fast_len(size, real=True)
+        fb = _basis_fft(be, basis, n)
     out_m, out_v, out_c, out_n = [], [], [], []
     # CPU: chunks keep the (stamps x basis x FFT grid) products cache-sized; GPU: one launch sequence
     chunk = chunk or (32 if be.name == "cpu" else max(len(ys), 1))
@@ -143,16 +191,21 @@ def stamp_equations(be: Backend, basis: KernelBasis, conv_img, conv_var, ref_img
     for start in range(0, len(ys), chunk):
         yy = xp.asarray(ys[start : start + chunk])
         xx = xp.asarray(xs[start : start + chunk])
-        cut = conv_img[(yy[:, None] + off_full)[:, :, None], (xx[:, None] + off_full)[:, None, :]].astype(xp.float64)
-        fx = be.fft.rfft2(cut, s=(n, n), **kw)
-        conv = be.fft.irfft2(fx[:, None] * fb[None], s=(n, n), **kw)[:, :, hw : hw + cs, hw : hw + cs]
+        cut = _gather(xp, conv_img, yy, xx, full).astype(xp.float64)
         k = cut.shape[0]
-        design = xp.concatenate([conv.reshape(k, basis.n_basis, cs * cs), xp.ones((k, 1, cs * cs))], axis=1)
-        cy = (yy[:, None] + off_core)[:, :, None]
-        cx = (xx[:, None] + off_core)[:, None, :]
-        target = ref_img[cy, cx].astype(xp.float64).reshape(k, -1)
-        var = (ref_var[cy, cx].astype(xp.float64) + conv_var[cy, cx].astype(xp.float64)).reshape(k, -1)
-        good = ((ref_mask[cy, cx] & _BAD) == 0).reshape(k, -1) & xp.isfinite(target) & xp.isfinite(var) & (var > 0)
+        design = xp.empty((k, basis.n_basis + 1, cs * cs))
+        if sep is not None:
+            design[:, : basis.n_basis] = _separable_convolutions(xp, sep, basis.degrees, cut, cs)
+        else:
+            fx = be.fft.rfft2(cut, s=(n, n), **kw)
+            conv = be.fft.irfft2(fx[:, None] * fb[None], s=(n, n), **kw)[:, :, hw : hw + cs, hw : hw + cs]
+            design[:, : basis.n_basis] = conv.reshape(k, basis.n_basis, cs * cs)
+        design[:, basis.n_basis] = 1.0
+        target = _gather(xp, ref_img, yy, xx, core_hw).astype(xp.float64).reshape(k, -1)
+        var = (_gather(xp, ref_var, yy, xx, core_hw).astype(xp.float64)
+               + _gather(xp, conv_var, yy, xx, core_hw).astype(xp.float64)).reshape(k, -1)
+        good = (((_gather(xp, ref_mask, yy, xx, core_hw) & _BAD) == 0).reshape(k, -1) & xp.isfinite(target)
+                & xp.isfinite(var) & (var > 0))
         w = xp.where(good, 1.0 / xp.where(good, var, 1.0), 0.0)
         target = xp.where(good, target, 0.0)
         dw = design * w[:, None, :]
@@ -264,8 +317,9 @@ def fit_kernel(
                                  int(stars.y.size), rejected)
 
     clock = StepClock(be, timings, "fit")
+    method = "separable" if config.path == "fused" else "fft"
     m_i, v_i, c_i, npix = stamp_equations(be, basis, conv_img, conv_var, ref_img, ref_var, ref_mask, stars.y, stars.x,
-                                          core_hw)
+                                          core_hw, method=method)
     clock("stamps")
     nb = basis.n_basis
     m = nb + 1

@@ -112,11 +112,47 @@ def _levels(be: Backend, images, block: int = 128):
 
 
 def _gather(xp, img, ys, xs, hw: int):
-    """Cut ``(n, 2hw+1, 2hw+1)`` stamps centred on integer positions (all inside the image)."""
+    """Cut ``(n, 2hw+1, 2hw+1)`` stamps centred on integer positions (all inside the image).
+
+    On NumPy the stamps are taken from a strided view of all windows (one block copy per stamp
+    row, ~20x faster than indexing every pixel); other array modules index every pixel.
+    """
+    if xp is np:
+        ny, nx = img.shape
+        s0, s1 = img.strides
+        size = 2 * hw + 1
+        windows = np.lib.stride_tricks.as_strided(img, shape=(ny - 2 * hw, nx - 2 * hw, size, size),
+                                                  strides=(s0, s1, s0, s1), writeable=False)
+        return windows[np.asarray(ys) - hw, np.asarray(xs) - hw]
     off = xp.arange(-hw, hw + 1)
     yy = xp.asarray(ys)[:, None] + off[None, :]
     xx = xp.asarray(xs)[:, None] + off[None, :]
     return img[yy[:, :, None], xx[:, None, :]]
+
+
+def _above_threshold(xp, img, bg_blocks, block: int, thr: float):
+    """Pixels with ``img - background > thr`` (finite values only), one row of background blocks at a time.
+
+    Returns ``(y, x, value)`` with ``value`` in float32; the background is the block map
+    ``bg_blocks`` repeated over ``block x block`` cells (no full-frame temporary).
+    """
+    ny, nx = img.shape
+    ys, xs, vals = [], [], []
+    for b in range(bg_blocks.shape[0]):
+        r0, r1 = b * block, min((b + 1) * block, ny)
+        if r0 >= ny:
+            break
+        rows = img[r0:r1].astype(xp.float32, copy=False)
+        bg_row = xp.repeat(bg_blocks[b], block)[:nx]
+        above = (rows - bg_row[None, :]) > thr  # NaN compares False
+        flat = xp.flatnonzero(above)  # (much faster than a 2-D nonzero)
+        cy, cx = flat // nx, flat % nx
+        v = rows.reshape(-1)[flat]
+        ok = xp.isfinite(v)  # +inf is not a peak
+        ys.append(cy[ok] + r0)
+        xs.append(cx[ok])
+        vals.append(v[ok])
+    return xp.concatenate(ys), xp.concatenate(xs), xp.concatenate(vals)
 
 
 def select_stars(
@@ -155,31 +191,35 @@ def select_stars(
     block = 128
     (bgb_c, noise_c), (bgb_r, noise_r) = _levels(be, [(conv_img, conv_var, conv_mask), (ref_img, ref_var, ref_mask)],
                                                  block)
-    bg_c = xp.repeat(xp.repeat(bgb_c, block, axis=0), block, axis=1)[:ny, :nx]
     clock("level")
 
     # local maxima (5x5) above detect_snr; non-finite pixels can't be peaks
-    work = xp.where(xp.isfinite(conv_img), conv_img, -xp.inf).astype(xp.float32, copy=False)
+    thr = config.detect_snr * noise_c
     method = peak_method or ("sparse" if be.name == "cpu" else "filter")
     if method == "filter":  # two separable passes over the frame: cheapest on a GPU
-        peak_map = ((work == be.ndimage.maximum_filter(work, size=5, mode="nearest"))
-                    & (work - bg_c > config.detect_snr * noise_c))
+        bg_c = xp.repeat(xp.repeat(bgb_c, block, axis=0), block, axis=1)[:ny, :nx]
+        work = xp.where(xp.isfinite(conv_img), conv_img, -xp.inf).astype(xp.float32, copy=False)
+        peak_map = (work == be.ndimage.maximum_filter(work, size=5, mode="nearest")) & (work - bg_c > thr)
         cy, cx = xp.nonzero(peak_map)
         val = work[cy, cx]
-        is_peak = xp.ones(val.shape, dtype=bool)
+        amp_dev = val - bg_c[cy, cx]
     elif method == "sparse":  # threshold first, then test the neighbourhood of the few pixels above it
-        cy, cx = xp.nonzero(work - bg_c > config.detect_snr * noise_c)
-        val = work[cy, cx]
-        is_peak = xp.ones(val.shape, dtype=bool)
-        for dy in range(-2, 3):
-            for dx in range(-2, 3):
-                if dy or dx:
-                    ny_, nx_ = xp.clip(cy + dy, 0, ny - 1), xp.clip(cx + dx, 0, nx - 1)
-                    is_peak &= val >= work[ny_, nx_]
+        cy, cx, val = _above_threshold(xp, conv_img, bgb_c, block, thr)
+        # the 8 nearest neighbours first: most candidates (the other pixels of a star) fail there, and
+        # the survivors are compacted before the outer ring of the 5x5 box is tested
+        rings = ([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx],
+                 [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if max(abs(dy), abs(dx)) == 2])
+        for ring in rings:
+            is_peak = xp.ones(val.shape, dtype=bool)
+            for dy, dx in ring:
+                nb = conv_img[xp.clip(cy + dy, 0, ny - 1), xp.clip(cx + dx, 0, nx - 1)].astype(xp.float32)
+                is_peak &= (val >= nb) | ~xp.isfinite(nb)  # a non-finite neighbour counts as -inf
+            cy, cx, val = cy[is_peak], cx[is_peak], val[is_peak]
+        amp_dev = val - bgb_c[cy // block, cx // block]
     else:
         raise ValueError(f"peak_method must be 'sparse' or 'filter', got {peak_method!r}")
-    py, px = be.asnumpy(cy[is_peak]), be.asnumpy(cx[is_peak])
-    amp = be.asnumpy(val[is_peak] - bg_c[cy[is_peak], cx[is_peak]]).astype(np.float64)
+    py, px = be.asnumpy(cy), be.asnumpy(cx)
+    amp = be.asnumpy(amp_dev).astype(np.float64)
     found = int(py.size)
     clock("peaks")
     rejected = {k: 0 for k in REJECT_REASONS}

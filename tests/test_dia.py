@@ -326,22 +326,179 @@ def test_gpu_without_cupy_is_clear(pair):
         pytest.skip("CuPy is installed")
 
 
-def test_one_fft_per_spatial_term(pair):
-    """Full-frame cost: per band, 1 forward + one inverse per spatial term for the image, 2 for the variance."""
-    calls = []
+def _planes(p: Pair) -> dict:
+    return dict(search=p.search, search_variance=p.search_var, search_mask=p.search_mask, template=p.template,
+                template_variance=p.template_var, template_mask=p.template_mask)
+
+
+@pytest.mark.parametrize("band_rows", [None, 100])
+def test_one_fft_per_spatial_term(pair, band_rows):
+    """Full-frame cost per band.
+
+    reference: 1 forward + one 2-D inverse per spatial term for the image, 2 for the variance;
+    fused: 1 forward, one inverse along y per spatial term, one inverse along x per power of x
+    (3 for spatial order 2), 2 for the variance.
+    """
+    from dia.fused import band_layout
+
+    for path in ("reference", "fused"):
+        calls = []
+        be = get_backend("cpu")
+        be.fft_hook = calls.append
+        cfg = PsfMatchConfig(path=path, fft_band_rows=band_rows)
+        d = subtract_on_backend(be, _planes(pair), search_fwhm=4.0, template_fwhm=2.8, config=cfg)
+        n_spatial = len(d.solution.spatial_terms)
+        assert n_spatial == 6
+        n_bands = calls.count("image-forward")
+        assert calls.count("variance-forward") == calls.count("variance-term") == n_bands
+        if path == "reference":
+            assert n_bands == math.ceil(pair.search.shape[0] / (band_rows or pair.search.shape[0]))
+            assert calls.count("image-term") == n_spatial * n_bands
+            assert len(calls) == (n_spatial + 3) * n_bands
+        else:
+            rows, _ = band_layout(pair.search.shape[0], band_rows, d.solution.basis.half_width)
+            assert n_bands == math.ceil(pair.search.shape[0] / rows) == math.ceil(pair.search.shape[0]
+                                                                                  / (band_rows or 512))
+            assert calls.count("image-term-y") == n_spatial * n_bands
+            assert calls.count("image-term-x") == 3 * n_bands  # powers 0, 1, 2 of xn
+            assert len(calls) == (n_spatial + 3 + 3) * n_bands
+        assert d.solution.basis.n_basis == 27  # far fewer FFTs than basis functions
+
+
+def _agree(ref, new, bound=1e-3):
+    """The fused path reproduces the reference: same mask, same stars, difference within float32 noise."""
+    assert np.array_equal(ref.mask, new.mask)
+    assert ref.stats.used == new.stats.used and ref.convolved == new.convolved
+    assert np.allclose(ref.solution.coefficients, new.solution.coefficients, rtol=1e-6, atol=1e-8)
+    ok = ref.mask == 0
+    sigma = np.sqrt(ref.variance[ok])
+    assert np.max(np.abs(new.image[ok] - ref.image[ok]) / sigma) < bound
+    assert np.allclose(new.variance[ok], ref.variance[ok], rtol=1e-5)
+    assert new.image.dtype == ref.image.dtype and new.mask.dtype == np.int32
+
+
+@pytest.mark.parametrize("case", ["template", "search", "hotpants", "background_order_2", "band_rows_100", "odd_shape"])
+def test_fused_path_equals_reference(pair, case):
+    """Both implementations (PsfMatchConfig.path) give the same difference, variance and mask."""
+    p, cfg = pair, {}
+    if case == "search":
+        p = swapped(None)
+    elif case == "hotpants":
+        cfg = dict(kernel_sigmas=(0.7, 1.5, 3.0), kernel_degrees=(6, 4, 2), kernel_size=21)
+    elif case == "background_order_2":  # a background power of x with no spatial-kernel group of its own
+        cfg = dict(spatial_order=1, background_order=2)
+    elif case == "band_rows_100":
+        cfg = dict(fft_band_rows=100)
+    elif case == "odd_shape":  # shapes that are not multiples of the band or the background cells
+        p, cfg = make_pair(seed=3, shape=(333, 611), n_stars=200), dict(fft_band_rows=100)
+    ref, new = run(p, path="reference", **cfg), run(p, path="fused", **cfg)
+    assert new.convolved == ("search" if case == "search" else "template")
+    _agree(ref, new)
+
+
+def test_fused_path_masks_and_non_finite_inputs(pair):
+    """Flagged, NaN and infinite pixels in either image: the same mask and values in both paths."""
+    p = dataclasses.replace(pair, template=pair.template.copy(), template_var=pair.template_var.copy(),
+                            template_mask=pair.template_mask.copy(), search=pair.search.copy())
+    p.template[100:104, 200:203] = np.nan  # in the convolved image
+    p.template[300, 50] = np.inf
+    p.template_var[400, 400] = np.nan
+    p.template_mask[:, 5] |= MaskBits.BAD  # a bad column next to the border
+    p.template_mask[250:260, 500:512] |= MaskBits.NO_DATA  # at the right edge
+    p.template_mask[30, 30] |= MaskBits.SUSPECT  # not in grow_bits: not grown
+    p.search[150, 150] = np.nan  # in the reference: NO_DATA there
+    ref, new = run(p, path="reference"), run(p, path="fused")
+    _agree(ref, new)
+    assert new.mask[150, 150] & MaskBits.NO_DATA
+    hw = new.solution.basis.half_width
+    assert new.mask[102 + hw, 201] & MaskBits.CONVOLVED and not new.mask[102 + hw + 2, 201] & MaskBits.CONVOLVED
+    assert new.mask[300, 50 - hw] & MaskBits.CONVOLVED
+    assert not new.mask[30 + hw + 2, 30] & MaskBits.CONVOLVED
+    assert np.all(new.mask[:, : 5 + hw + 1] & MaskBits.CONVOLVED)
+    assert np.isfinite(new.image[new.mask == 0]).all()
+
+
+def test_running_or_equals_maximum_filter():
+    """Mask growth by doubling ORs is exactly the box maximum filter (border counts as flagged or not)."""
+    from scipy import ndimage
+
+    from dia.fused import grow_mask_box, window_or
+
+    rng = np.random.default_rng(11)
+    for shape, density, hw in (((40, 57), 0.01, 3), ((64, 33), 0.002, 10), ((25, 25), 0.0, 12), ((30, 70), 0.05, 0)):
+        flagged = rng.random(shape) < density
+        for border in (True, False):
+            want = ndimage.maximum_filter(flagged.astype(np.uint8), size=2 * hw + 1, mode="constant",
+                                          cval=int(border)).astype(bool)
+            assert np.array_equal(grow_mask_box(np, flagged, hw, border=border), want)
+    a = rng.random((50, 9)) < 0.05
+    for length in (1, 2, 3, 5, 8, 21):
+        got = window_or(a, length, axis=0)
+        want = np.array([a[k : k + length].any(axis=0) for k in range(a.shape[0] - length + 1)])
+        assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match="window length"):
+        window_or(a, 0, axis=0)
+
+
+def test_separable_stamp_convolutions_equal_fft(pair, diff):
+    """The fit's stamp convolutions by 1-D matrix passes equal the FFT ones; a non-separable basis falls back."""
+    from dia.basis import separable_basis
+    from dia.fit import stamp_equations
+
     be = get_backend("cpu")
-    be.fft_hook = calls.append
-    planes = dict(search=pair.search, search_variance=pair.search_var, search_mask=pair.search_mask,
-                  template=pair.template, template_variance=pair.template_var, template_mask=pair.template_mask)
-    d = subtract_on_backend(be, planes, search_fwhm=4.0, template_fwhm=2.8, config=PsfMatchConfig())
-    n_spatial = len(d.solution.spatial_terms)
-    assert n_spatial == 6
-    n_bands = calls.count("image-forward")
-    assert n_bands == math.ceil(pair.search.shape[0] / PsfMatchConfig().fft_band_rows)
-    assert calls.count("image-term") == n_spatial * n_bands
-    assert calls.count("variance-forward") == calls.count("variance-term") == n_bands
-    assert len(calls) == (n_spatial + 3) * n_bands
-    assert d.solution.basis.n_basis == 27  # far fewer FFTs than basis functions
+    basis = diff.solution.basis
+    sep = separable_basis(basis)
+    assert sep is not None and len(sep.factors) == 5 + 3 + 3
+    outer = np.einsum("kv,ku->kvu", sep.fy, sep.fx)
+    recon = sep.scale[:, None, None] * outer - sep.offset[:, None, None] * basis.images[0]
+    assert np.max(np.abs(recon - basis.images)) < 1e-12
+    rng = np.random.default_rng(2)
+    ys, xs = rng.integers(30, 480, 40), rng.integers(30, 480, 40)
+    args = (be, basis, pair.template, pair.template_var, pair.search, pair.search_var, pair.search_mask, ys, xs, 11)
+    fft = stamp_equations(*args, method="fft")
+    sepr = stamp_equations(*args, method="separable", chunk=16)
+    for a, b in zip(fft, sepr):
+        assert np.allclose(a, b, rtol=1e-9, atol=1e-9 * np.max(np.abs(a)))
+    odd = dataclasses.replace(basis, images=basis.images + 1e-3 * rng.normal(size=basis.images.shape))
+    assert separable_basis(odd) is None
+    fallback = stamp_equations(be, odd, *args[2:], method="separable")
+    assert np.allclose(fallback[0], stamp_equations(be, odd, *args[2:], method="fft")[0])
+
+
+def test_strided_gather_and_peaks_with_non_finite_pixels(pair):
+    """The NumPy stamp gather equals per-pixel indexing; NaN/inf pixels change no peak between the two finders."""
+    from dia.stars import _gather, select_stars
+
+    rng = np.random.default_rng(4)
+    ys, xs = rng.integers(12, 500, 30), rng.integers(12, 500, 30)
+    off = np.arange(-11, 12)
+    want = pair.template[(ys[:, None] + off)[:, :, None], (xs[:, None] + off)[:, None, :]]
+    assert np.array_equal(_gather(np, pair.template, ys, xs, 11), want)
+
+    img = pair.template.copy()
+    # an unsaturated star well inside the image: its brightest pixel, then its neighbours made non-finite
+    k = int(np.argmin(np.abs(pair.star_flux - 2e4) + 1e9 * ((pair.star_xy < 30) | (pair.star_xy > 480)).any(axis=1)))
+    cx, cy = np.round(pair.star_xy[k]).astype(int)
+    dy, dx = np.unravel_index(np.argmax(img[cy - 2 : cy + 3, cx - 2 : cx + 3]), (5, 5))
+    peak = (cy - 2 + dy, cx - 2 + dx)
+    img[peak[0], peak[1] + 1] = np.inf  # a star's neighbour: that star stays a peak, inf is none
+    img[peak[0] + 1, peak[1]] = np.nan
+    from scipy.spatial import cKDTree
+
+    far = cKDTree(pair.star_xy).query(np.array([[x, y] for y in range(20, 500, 7) for x in range(20, 500, 7)]))[0]
+    blank = [(y, x) for (y, x), dist in zip([(y, x) for y in range(20, 500, 7) for x in range(20, 500, 7)], far)
+             if dist > 20]
+    img[blank[0][0] : blank[0][0] + 2, blank[0][1] : blank[0][1] + 2] = np.nan
+    img[blank[-1]] = np.inf  # an isolated infinite pixel is not a peak
+    be = get_backend("cpu")
+    found = []
+    for method, image in (("sparse", img), ("filter", img), ("sparse", pair.template)):
+        s = select_stars(be, image, pair.template_var, pair.template_mask, pair.search, pair.search_var,
+                         pair.search_mask, core_hw=11, kernel_hw=10, config=PsfMatchConfig(), peak_method=method)
+        found.append(s)
+    a, b, clean = found
+    assert a.found == b.found == clean.found and a.rejected == b.rejected
+    assert np.array_equal(a.x, b.x) and np.array_equal(a.y, b.y)
 
 
 def test_peak_methods_agree(pair):
@@ -416,6 +573,35 @@ def test_decorrelation_whitens(pair):
     a, b = zz[:, :-1].ravel(), zz[:, 1:].ravel()
     ok = np.isfinite(a) & np.isfinite(b)
     assert abs(np.corrcoef(a[ok], b[ok])[0, 1]) < 0.05
+
+
+def _numpy_as_device():
+    """A stand-in array module for the GPU code paths: NumPy under a name that is not ``numpy``, with
+    CuPy's ``asnumpy`` and stream synchronisation (no CUDA needed)."""
+    import types
+
+    shim = types.ModuleType("fake_device_xp")
+    shim.__dict__.update({k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+    shim.asnumpy = np.asarray
+    stream = types.SimpleNamespace(synchronize=lambda: None)
+    shim.cuda = types.SimpleNamespace(Stream=types.SimpleNamespace(null=stream))
+    return shim
+
+
+@pytest.mark.parametrize("path", ["reference", "fused"])
+def test_device_code_paths_on_a_numpy_stand_in(pair, diff, path):
+    """The branches taken on a GPU (one band, all stamps in one chunk, full-frame peak filter, per-pixel
+    gathers, LAPACK solves) run through ``xp`` and give the CPU result, for both implementations."""
+    import scipy.fft
+    import scipy.ndimage
+
+    from dia.backend import Backend
+
+    be = Backend("gpu", _numpy_as_device(), scipy.fft, scipy.ndimage)
+    cfg = PsfMatchConfig(path=path)
+    d = subtract_on_backend(be, _planes(pair), search_fwhm=4.0, template_fwhm=2.8, config=cfg)
+    _agree(diff, d.to_numpy())
+    assert set(d.timings) >= {"select", "fit", "convolve", "variance", "mask"}
 
 
 def test_xp_generic_numpy_and_gpu_agree(pair, diff):
