@@ -32,7 +32,7 @@ import numpy as np
 from astropy.wcs import WCS
 from scipy import ndimage
 
-from dia.masks import MaskBits
+from dia.masks import BAD_FOR_FIT, MaskBits
 from pipeline.io import Exposure, InputError
 
 __all__ = ["AlignConfig", "AlignedPair", "PixelMap", "align_pair", "resample_cutouts", "overlap_fraction",
@@ -83,18 +83,36 @@ class AlignConfig:
         When the two WCSs put every search pixel within this many pixels (default 0.001) of
         the same template pixel and the shapes agree, the template is not resampled.
     registration_stars : int
-        Bright isolated search stars used to check that the template's pixels really sit where
+        Bright isolated *template* stars used to check that the template's pixels really sit where
         the two WCSs say (default 40; 0 disables the check).  A template whose pixels were
         rotated, flipped or shifted without updating its WCS fails with a clear error instead
-        of giving hundreds of false candidates.
+        of giving hundreds of false candidates.  The stars are taken from the template because
+        every one of them must be in the search image too: the search's own bright isolated
+        sources include its transients, which no template shows (in a transient-rich field
+        they are most of the bright isolated search sources).
     registration_min_stars : int
         With fewer usable stars than this the check is skipped (and the skip recorded; default 5).
+    registration_star_snr : float
+        Least template S/N of a star used (default 100: bright enough to stand out in a search
+        image a few magnitudes shallower than the template).
     registration_radius_fwhm : float
-        A star is found in the template when a template source peaks within this many template
-        FWHM of its WCS position (default 1.5).
+        A star is found when the search image's PSF-matched-filter S/N peaks within this many
+        FWHM (the larger of the two images', in search pixels; at least 2 px) of its WCS
+        position (default 1.5).
+    registration_found_snr : float
+        Least matched-filter S/N of that search peak (default 5).
     registration_min_fraction : float
-        Least fraction of the stars that must be found (default 0.5; transients and variables
-        are a few percent of bright stars, a wrong WCS leaves almost none).
+        Least fraction of the stars that must be found (default 0.5; variables change by at
+        most a magnitude or so, a wrong WCS leaves only chance neighbours).
+    registration_max_offset_px : float
+        Largest systematic offset (search pixels) between where the found stars are and where the
+        WCSs put them (default 0.75): the median over the found stars of what a robust fit of a
+        shift plus a linear (rotation, scale, shear) term to their offsets predicts, so that the
+        noise of single positions averages out (on correct simulated WCSs it is < 0.1 px).  Catches a
+        template shifted by a pixel or more, or rotated by ~0.1 degree or more about the centre of
+        a 2k x 2k CCD, without its WCS: misregistrations whose stars are still "found" within the
+        radius but would leave dipoles on every star of the difference image.  Raise it for
+        real WCSs known to be poorer than that.
     """
 
     order: str = "bicubic"
@@ -104,8 +122,11 @@ class AlignConfig:
     identity_tolerance: float = 1e-3
     registration_stars: int = 40
     registration_min_stars: int = 5
+    registration_star_snr: float = 100.0
     registration_radius_fwhm: float = 1.5
+    registration_found_snr: float = 5.0
     registration_min_fraction: float = 0.5
+    registration_max_offset_px: float = 0.75
 
     def __post_init__(self) -> None:
         if self.registration_stars < 0 or self.registration_min_stars < 1:
@@ -113,6 +134,9 @@ class AlignConfig:
         if not 0.0 <= self.registration_min_fraction <= 1.0 or self.registration_radius_fwhm <= 0:
             raise ValueError("AlignConfig.registration_min_fraction must be in [0, 1] and "
                              "registration_radius_fwhm > 0")
+        for name in ("registration_star_snr", "registration_found_snr", "registration_max_offset_px"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"AlignConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.method not in _METHODS:
             raise ValueError(f"AlignConfig.method must be one of {list(_METHODS)}, got {self.method!r}")
         if not self.fast_tolerance > 0 or not self.identity_tolerance >= 0:
@@ -252,15 +276,22 @@ class RegistrationCheck:
     """Do the template's pixels sit where the WCSs say?  Result of :func:`check_registration`."""
 
     n_stars: int
-    """Bright isolated search stars looked for in the template."""
+    """Bright isolated template stars looked for in the search image."""
     n_found: int
-    """Of those, how many have a template source within the match radius of their WCS position."""
+    """Of those, how many have a search source within the match radius of their WCS position."""
     median_offset_px: float
-    """Median distance (template pixels) from the WCS position to the template's peak, found stars only."""
+    """Median distance (search pixels) from the WCS position to the search peak, found stars only."""
     radius_px: float
-    """Match radius in template pixels."""
+    """Match radius in search pixels."""
     checked: bool
     """False when there were too few stars to decide (the pair is then accepted)."""
+    median_dx_px: float = float("nan")
+    """Median x offset (search pixels, search peak minus WCS position) of the found stars."""
+    median_dy_px: float = float("nan")
+    """Median y offset (search pixels) of the found stars."""
+    systematic_offset_px: float = float("nan")
+    """What ``registration_max_offset_px`` limits: the median over the found stars of the offset that a
+    robust fit (a shift, plus a rotation / scale / shear with 8 stars or more) to their offsets predicts."""
 
     @property
     def fraction(self) -> float:
@@ -270,7 +301,9 @@ class RegistrationCheck:
     def as_dict(self) -> dict:
         """JSON-able summary for status records."""
         out = dataclasses.asdict(self)
-        out["median_offset_px"] = round(float(self.median_offset_px), 3) if np.isfinite(self.median_offset_px) else None
+        for key in ("median_offset_px", "median_dx_px", "median_dy_px", "systematic_offset_px"):
+            value = float(getattr(self, key))
+            out[key] = round(value, 3) if np.isfinite(value) else None
         out["radius_px"] = round(float(self.radius_px), 3)
         return out
 
@@ -280,63 +313,205 @@ def _sky(image: np.ndarray) -> float:
     return float(np.median(image[:: max(1, image.shape[0] // 256), :: max(1, image.shape[1] // 256)]))
 
 
-def _pixel_snr(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, sky: float) -> np.ndarray:
-    """Per-pixel S/N above the sky level ``sky``, 0 where masked (any window of an exposure)."""
-    good = ((mask & int(MaskBits.NO_DATA | MaskBits.BAD)) == 0) & (variance > 0)
-    snr = (image - sky) / np.sqrt(np.where(good, variance, 1.0))
-    return np.where(good, snr, 0.0).astype(np.float32)
+def _matched_filter_snr(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, fwhm: float) -> np.ndarray:
+    """PSF-matched-filter S/N of a point source at every pixel of a small window (Gaussian PSF).
+
+    ``F = corr(D / V, P)``, ``W = corr(1 / V, P**2)``, ``snr = F / sqrt(W)`` with ``D`` the window
+    minus its median (a local sky) and pixels flagged in :data:`~dia.masks.BAD_FOR_FIT` given zero
+    weight.  Smoothing by the PSF makes a single hot pixel or cosmic ray far less significant than
+    a star of the same peak, and the S/N is that of a PSF flux, whatever the seeing.
+    """
+    good = ((mask & int(BAD_FOR_FIT)) == 0) & (variance > 0) & np.isfinite(image) & np.isfinite(variance)
+    if not good.any():
+        return np.zeros(image.shape, np.float32)
+    sigma = max(float(fwhm), 1.0) / 2.3548
+    weight = np.where(good, 1.0 / np.where(good, variance, 1.0), 0.0)
+    data = np.where(good, image - np.median(image[good]), 0.0)
+    # corr(x, P) with P a unit-sum Gaussian is gaussian_filter(x, sigma); P**2 is a Gaussian of
+    # sigma / sqrt(2) with sum 1 / (4 pi sigma**2)
+    flux = ndimage.gaussian_filter(data * weight, sigma, mode="constant", truncate=3.0)
+    info = ndimage.gaussian_filter(weight, sigma / np.sqrt(2.0), mode="constant", truncate=3.0)
+    info /= 4.0 * np.pi * sigma**2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = np.where(info > 0, flux / np.sqrt(info), 0.0)
+    return np.nan_to_num(snr).astype(np.float32)
+
+
+def _windowed_centroid(image: np.ndarray, mask: np.ndarray, xx: np.ndarray, yy: np.ndarray, x0: float, y0: float,
+                       fwhm: float, iterations: int = 20) -> tuple[float, float]:
+    """Gaussian-windowed centroid of a source near ``(x0, y0)`` in a window (coordinates ``xx``, ``yy``).
+
+    Iterates ``x += 2 sum(w I (x_i - x)) / sum(w I)`` with ``w`` a Gaussian of the PSF's width: the
+    fixed point is the centre of any symmetric profile, unbiased by the pixel phase even for an
+    undersampled (binned) image, and a neighbour a few FWHM away barely weighs.  ``I`` is the window
+    minus its median; flagged pixels are left out.  Falls back to ``(x0, y0)`` when the windowed
+    flux is not positive.
+    """
+    good = ((mask & int(BAD_FOR_FIT)) == 0) & np.isfinite(image)
+    data = np.where(good, image - np.median(image[good]) if good.any() else 0.0, 0.0)
+    sigma = max(float(fwhm), 1.0) / 2.3548
+    x, y = float(x0), float(y0)
+    for _ in range(iterations):
+        wi = data * np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / sigma**2)
+        total = float(wi.sum())
+        if not total > 0:
+            return float(x0), float(y0)
+        dx = float(np.clip(2.0 * (wi * (xx - x)).sum() / total, -1.0, 1.0))
+        dy = float(np.clip(2.0 * (wi * (yy - y)).sum() / total, -1.0, 1.0))
+        x, y = x + dx, y + dy
+        if np.hypot(x - x0, y - y0) > 2.0 * fwhm:  # wandered off to something else
+            return float(x0), float(y0)
+        if abs(dx) < 1e-3 and abs(dy) < 1e-3:
+            break
+    return x, y
+
+
+def _systematic_offset(x: np.ndarray, y: np.ndarray, dx: np.ndarray, dy: np.ndarray, size: float) -> float:
+    """Median over the stars of the offset a robust fit to the stars' offsets ``(dx, dy)`` predicts.
+
+    The fit is a shift, plus linear terms in ``x``, ``y`` (a rotation, scale or shear) with 8 stars or
+    more; offsets more than ``max(0.5, 3 robust sigma)`` from it are dropped (chance neighbours) and it
+    is fitted again.  A shift or rotation of the template shows in full, the measurement noise of
+    single stars is averaged out.  ``size`` (pixels) scales the coordinates for the fit.
+    """
+    n = dx.size
+    if n == 0:
+        return float("nan")
+    u = (x - np.mean(x)) / size
+    v = (y - np.mean(y)) / size
+    design = np.column_stack([np.ones(n), u, v]) if n >= 8 else np.ones((n, 1))
+    keep = np.ones(n, bool)
+    for _ in range(5):
+        cx = np.linalg.lstsq(design[keep], dx[keep], rcond=None)[0]
+        cy = np.linalg.lstsq(design[keep], dy[keep], rcond=None)[0]
+        resid = np.hypot(dx - design @ cx, dy - design @ cy)
+        limit = max(0.5, 3.0 * 1.4826 * float(np.median(resid[keep])))
+        new = resid <= limit
+        if new.sum() < max(3, design.shape[1]) or np.array_equal(new, keep):
+            break
+        keep = new
+    return float(np.median(np.hypot(design @ cx, design @ cy)[keep]))
+
+
+def _find_peaks_near(exposure: Exposure, x: np.ndarray, y: np.ndarray, radius: float, fwhm: float):
+    """Matched-filter S/N peak within ``radius`` pixels of each position ``(x, y)`` of ``exposure``.
+
+    Returns the sub-pixel positions (:func:`_windowed_centroid` started at the highest pixel) and
+    the S/N of the peaks.  The caller keeps the positions at least ``radius + 2 fwhm + 2`` pixels
+    from the border; a window that still leaves the image gets S/N 0.
+    """
+    r = int(np.ceil(radius))
+    pad = int(np.ceil(2.0 * fwhm)) + 2  # the filter needs the light around the search disc
+    h = r + pad
+    ny, nx = exposure.shape
+    px, py = np.full(len(x), np.nan), np.full(len(x), np.nan)
+    peak = np.zeros(len(x))
+    for i, (cx, cy) in enumerate(zip(x, y)):
+        ix, iy = int(np.rint(cx)), int(np.rint(cy))
+        if not (h <= ix <= nx - 1 - h and h <= iy <= ny - 1 - h):
+            continue
+        cut = (slice(iy - h, iy + h + 1), slice(ix - h, ix + h + 1))
+        snr = _matched_filter_snr(exposure.image[cut], exposure.variance[cut], exposure.mask[cut], fwhm)
+        yy, xx = np.mgrid[iy - h : iy + h + 1, ix - h : ix + h + 1]
+        snr = np.where(np.hypot(xx - cx, yy - cy) <= radius, snr, -np.inf)
+        k = int(np.argmax(snr))
+        ky, kx = divmod(k, snr.shape[1])
+        peak[i] = float(snr[ky, kx])
+        px[i], py[i] = _windowed_centroid(exposure.image[cut], exposure.mask[cut], xx, yy, xx[ky, kx], yy[ky, kx],
+                                          fwhm)
+    return px, py, peak
 
 
 def check_registration(search: Exposure, template: Exposure, config: AlignConfig = AlignConfig()) -> RegistrationCheck:
-    """Check that bright search stars appear in the template where the two WCSs put them.
+    """Check that bright template stars appear in the search image where the two WCSs put them.
 
-    The brightest isolated point-like sources of the search image are mapped through both
-    WCSs into template pixels (those falling where the template has no data are left out); a
-    star counts as found when the template's per-pixel S/N peaks
-    above 5 within ``registration_radius_fwhm`` template FWHM of that position.  Cheap (a few
-    dozen small windows) and independent of PSF matching, so both modes use it.
+    The brightest isolated point-like sources of the template (``registration_stars`` of them
+    with template S/N above ``registration_star_snr``) are located in the template, mapped
+    through both WCSs onto the search grid (those falling where the search has no data, or onto
+    saturated or bad search pixels, are left out) and looked for there: a star is found when the
+    search image's PSF-matched-filter S/N peaks above ``registration_found_snr`` within
+    ``registration_radius_fwhm`` FWHM of that position.  The template is the reference because
+    all its stars must be in the search image, whereas the search's bright sources include its
+    transients.  Cheap (a few dozen small windows) and independent of PSF matching, so both
+    modes use it.
+
+    Parameters
+    ----------
+    search, template : Exposure
+        The pair, each on its own pixel grid with a celestial WCS.
+    config : AlignConfig
+        The ``registration_*`` settings.
+
+    Returns
+    -------
+    RegistrationCheck
+        What was found; ``checked`` is False when fewer than ``registration_min_stars`` stars
+        could be used (the pair is then accepted).
 
     Raises
     ------
     InputError
-        When enough stars were tried and fewer than ``registration_min_fraction`` were found:
-        the template's WCS does not describe its pixels.
+        When enough stars were tried and fewer than ``registration_min_fraction`` were found, or
+        the found ones are systematically offset from their WCS positions by more than
+        ``registration_max_offset_px`` (:attr:`RegistrationCheck.systematic_offset_px`): the
+        template's WCS does not describe its pixels.
     """
     from pipeline.detect import bright_isolated_stars
 
     t_fwhm = float(template.fwhm) if np.isfinite(template.fwhm) and template.fwhm > 0 else 3.0
-    radius = max(2.0, config.registration_radius_fwhm * t_fwhm)
-    if config.registration_stars == 0:
-        return RegistrationCheck(0, 0, float("nan"), radius, False)
     s_fwhm = float(search.fwhm) if np.isfinite(search.fwhm) and search.fwhm > 0 else 3.0
-    x, y = bright_isolated_stars(search.image - _sky(search.image), search.variance, search.mask, s_fwhm,
-                                 min_snr=50.0, isolation=4.0, max_stars=config.registration_stars)
-    r = int(np.ceil(radius))
-    # only where the template has data: a star over its NaN / zero-weight part cannot be found
-    usable = template_has_data(search.wcs, template, x, y, bits=int(MaskBits.NO_DATA | MaskBits.BAD), margin=r)
-    tx, ty = _template_pixels(search.wcs, template.wcs, np.asarray(x, float)[usable], np.asarray(y, float)[usable])
-    n = int(tx.size)
+    if config.registration_stars == 0:
+        return RegistrationCheck(0, 0, float("nan"), float("nan"), False)
+    scale = pixel_scale_ratio(search, template)  # template px per search px
+    fwhm = max(s_fwhm, t_fwhm / scale)  # search px
+    radius = max(2.0, config.registration_radius_fwhm * fwhm)
+    # reference stars: the brightest isolated template stars (asking for more than needed, as the
+    # isolation cut comes after the brightness cut), re-measured the way they are measured in the search
+    tx, ty = bright_isolated_stars(template.image - _sky(template.image), template.variance, template.mask, t_fwhm,
+                                   min_snr=config.registration_star_snr, isolation=4.0,
+                                   max_stars=10 * config.registration_stars)
+    tx, ty, t_peak = _find_peaks_near(template, tx, ty, max(1.0, 0.5 * t_fwhm), t_fwhm)
+    ok = np.isfinite(tx) & (t_peak >= config.registration_found_snr)
+    tx, ty, t_peak = tx[ok], ty[ok], t_peak[ok]
+    sx, sy = _template_pixels(template.wcs, search.wcs, tx, ty)  # template -> search pixels
+    # usable: on the search's data, far enough from its border for the window, core not saturated / bad
+    margin = int(np.ceil(radius + 2.0 * fwhm)) + 2
+    usable = template_has_data(template.wcs, search, tx, ty, bits=int(MaskBits.NO_DATA), margin=margin)
+    core = int(np.ceil(fwhm))
+    for i in np.flatnonzero(usable):
+        ix, iy = int(np.rint(sx[i])), int(np.rint(sy[i]))
+        usable[i] = not (search.mask[iy - core : iy + core + 1, ix - core : ix + core + 1] & int(BAD_FOR_FIT)).any()
+    order = np.flatnonzero(usable)[np.argsort(-t_peak[usable], kind="stable")][: config.registration_stars]
+    sx, sy = sx[order], sy[order]
+    n = int(order.size)
     if n < config.registration_min_stars:
         return RegistrationCheck(n, 0, float("nan"), radius, False)
-    sky = _sky(template.image)
-    offsets = []
-    for cx, cy in zip(tx, ty):
-        ix, iy = int(round(cx)), int(round(cy))
-        cut = (slice(iy - r, iy + r + 1), slice(ix - r, ix + r + 1))  # inside: usable has a margin of r
-        win = _pixel_snr(template.image[cut], template.variance[cut], template.mask[cut], sky)
-        k = int(np.argmax(win))
-        py, px = divmod(k, win.shape[1])
-        d = float(np.hypot(ix - r + px - cx, iy - r + py - cy))
-        if win.flat[k] >= 5.0 and d <= radius:
-            offsets.append(d)
-    result = RegistrationCheck(n, len(offsets), float(np.median(offsets)) if offsets else float("nan"), radius, True)
+    px, py, peak = _find_peaks_near(search, sx, sy, radius, s_fwhm)
+    found = peak >= config.registration_found_snr
+    dx, dy = px[found] - sx[found], py[found] - sy[found]
+    offsets = np.hypot(dx, dy)
+    med = float(np.median(offsets)) if offsets.size else float("nan")
+    systematic = _systematic_offset(sx[found], sy[found], dx, dy, float(max(search.shape)))
+    result = RegistrationCheck(n, int(found.sum()), med, radius, True,
+                               float(np.median(dx)) if dx.size else float("nan"),
+                               float(np.median(dy)) if dy.size else float("nan"), systematic)
+    settings = ("align.registration_min_fraction, align.registration_max_offset_px and "
+                "align.registration_radius_fwhm set this check; align.registration_stars = 0 disables it")
     if result.fraction < config.registration_min_fraction:
         raise InputError(
             f"template {template.name!r} does not line up with search {search.name!r} through their WCSs: "
-            f"{result.n_found} of {n} bright isolated search stars have a template source within "
-            f"{radius:.1f} template px of their WCS position (need {config.registration_min_fraction:.0%}); "
-            f"the template's WCS does not describe its pixels (rotated, flipped or shifted image?). "
-            f"align.registration_stars = 0 disables this check"
+            f"{result.n_found} of {n} bright isolated template stars have a search source within "
+            f"{radius:.1f} search px of their WCS position (need {config.registration_min_fraction:.0%}); "
+            f"the template's WCS does not describe its pixels (rotated, flipped or shifted image?). {settings}"
+        )
+    if not systematic <= config.registration_max_offset_px:
+        raise InputError(
+            f"template {template.name!r} does not line up with search {search.name!r} through their WCSs: "
+            f"the {result.n_found} of {n} bright isolated template stars found in the search are offset from "
+            f"their WCS positions by a systematic {systematic:.2f} search px (median dx "
+            f"{result.median_dx_px:+.2f}, dy {result.median_dy_px:+.2f}; allowed "
+            f"{config.registration_max_offset_px:g} px); the template's WCS does not describe its pixels "
+            f"(shifted or rotated image?). {settings}"
         )
     return result
 

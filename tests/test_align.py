@@ -258,3 +258,83 @@ def test_align_config_rejects_unknown_method():
         AlignConfig(method="lanczos")
     with pytest.raises(ValueError, match="fast_tolerance"):
         AlignConfig(fast_tolerance=0.0)
+
+
+# ---- the registration check ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dense_pair():
+    """A 1024 x 1024 CCD with 80x the default transient density (~400 transients, most of the bright isolated
+    search sources): looking for the search's bright isolated sources in the template found only 12 of 28 here
+    (a false "does not line up"), as in the dense 2k x 2k data sets at 12x."""
+    from pipeline.simulate import SimulationConfig, simulate_pair
+
+    cfg = SimulationConfig(shape=(1024, 1024), transient_density=80 * SimulationConfig().transient_density)
+    return simulate_pair(cfg, seed=3000, ccd_index=15)
+
+
+def _moved_template(template, shift=(0.0, 0.0), rotation_deg=0.0):
+    """The template's pixels shifted (x, y) and rotated about the centre, its WCS left as it was."""
+    from scipy import ndimage
+
+    def move(plane, order):
+        out = plane.astype(float)
+        if rotation_deg:
+            out = ndimage.rotate(out, rotation_deg, reshape=False, order=order, mode="nearest")
+        return ndimage.shift(out, (shift[1], shift[0]), order=order, mode="nearest")
+
+    return dataclasses.replace(template, image=move(template.image, 3).astype(np.float32),
+                               variance=move(template.variance, 1).astype(np.float32),
+                               mask=move(template.mask, 0).astype(template.mask.dtype), name="moved.fits[IMAGE]")
+
+
+def test_registration_check_has_no_false_alarm_in_a_transient_rich_field(dense_pair):
+    from pipeline.align import check_registration
+
+    truth = dense_pair.truth
+    assert (truth["kind"] == "transient").sum() >= 300
+    result = check_registration(dense_pair.search, dense_pair.template)
+    assert result.checked and result.n_stars >= 15
+    assert result.fraction > 0.9
+    # the simulated WCSs are exact: the found stars sit where the WCSs put them
+    assert result.median_offset_px < 0.25
+    assert abs(result.median_dx_px) < 0.1 and abs(result.median_dy_px) < 0.1
+    summary = result.as_dict()
+    assert summary["checked"] and summary["n_found"] == result.n_found
+
+
+@pytest.mark.parametrize("shift, rotation", [((3.0, 0.0), 0.0), ((-1.5, 1.5), 0.0), ((0.0, 0.0), 0.5)])
+def test_registration_check_catches_small_shift_or_rotation(dense_pair, shift, rotation):
+    from pipeline.align import check_registration
+
+    moved = _moved_template(dense_pair.template, shift, rotation)
+    with pytest.raises(InputError, match=r"moved\.fits\[IMAGE\]' does not line up .*WCS") as err:
+        check_registration(dense_pair.search, moved)
+    message = str(err.value)
+    for setting in ("align.registration_min_fraction", "align.registration_max_offset_px",
+                    "align.registration_radius_fwhm", "align.registration_stars = 0"):
+        assert setting in message
+    if not rotation:  # a shift well inside the match radius: the stars are found, their offset measured
+        assert "systematic" in message
+        expected = np.hypot(*shift)
+        loose = check_registration(dense_pair.search, moved, AlignConfig(registration_max_offset_px=2 * expected))
+        assert loose.checked and loose.fraction > 0.9
+        assert loose.median_offset_px == pytest.approx(expected, abs=0.25)
+        # search peak minus WCS position: the template's stars moved by +shift, the search's did not
+        assert loose.median_dx_px == pytest.approx(-shift[0], abs=0.25)
+        assert loose.median_dy_px == pytest.approx(-shift[1], abs=0.25)
+
+
+def test_registration_check_is_skipped_without_stars_and_validated():
+    from pipeline.align import check_registration
+
+    search, template, _ = _star_pair()
+    empty = dataclasses.replace(template, image=np.full(template.shape, 100.0, np.float32))
+    result = check_registration(search, empty)
+    assert not result.checked and result.n_stars == 0
+    disabled = check_registration(search, template, AlignConfig(registration_stars=0))
+    assert not disabled.checked
+    for name in ("registration_star_snr", "registration_found_snr", "registration_max_offset_px"):
+        with pytest.raises(ValueError, match=name):
+            AlignConfig(**{name: 0.0})
