@@ -111,9 +111,9 @@ class AlignConfig:
         noise of single positions averages out (on correct simulated WCSs it is < 0.1 px; on a real
         pair of DECam stacks, 256 x 256 px with 6 usable stars and FWHMs of 3.9 and 5.2 px, 0.62 px,
         hence the margin).  Catches a template shifted by more than a pixel, or rotated by ~0.15
-        degree or more about the centre of a 2k x 2k CCD, without its WCS: misregistrations whose stars are still "found" within the
-        radius but would leave dipoles on every star of the difference image.  Raise it for
-        real WCSs known to be poorer than that.
+        degree or more about the centre of a 2k x 2k CCD, without its WCS: misregistrations whose
+        stars are still "found" within the radius but would leave dipoles on every star of the
+        difference image.  Raise it for real WCSs known to be poorer than that.
     """
 
     order: str = "bicubic"

@@ -15,6 +15,13 @@ written under temporary names and renamed, its status file last, so
 a stage error, a full disk, an unwritable status file -- escapes it: the CCD
 is marked failed with the full traceback and the others go on.
 
+Memory: a stage's output state keeps only the full frames a later stage reads, so a worker
+holds about one CCD's frames at a time.  In dia mode the template on its own grid goes after
+``align`` (the resampled one is used from then on), the variance of the convolved image after
+``subtract``, and after ``stamps`` every plane (the search exposure keeps its metadata,
+:func:`without_planes`); each stage starts by handing freed heap pages back to the system
+(:func:`release_free_memory`).
+
 Resume keys on what decides a CCD's result: its input files (resolved path,
 size and modification time of every file of its manifest row, and the HDUs),
 the science part of the configuration (:func:`pipeline.config.science_dict`)
@@ -30,6 +37,7 @@ and, last, ``ccds/<ccd>.json`` (its status).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -60,7 +68,7 @@ from pipeline.io import (
 
 __all__ = ["CcdState", "STAGES", "build_graph", "config_hash", "resume_key", "input_fingerprint",
            "ccd_outputs_complete", "collect_catalog", "run_stage", "status_record", "ccd_paths", "save_stamps",
-           "STAMPS_SUFFIX"]
+           "STAMPS_SUFFIX", "without_planes", "release_free_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -228,9 +236,57 @@ def _decide(state: CcdState, stage: str, **items: Any) -> None:
         logger.info("%s: %s: %s = %s", state.ccd, stage, key, value)
     check = items.get("registration")
     if isinstance(check, dict) and not check.get("checked"):
-        logger.warning("%s: the template's registration was not checked: only %d bright isolated search "
+        logger.warning("%s: the template's registration was not checked: only %d bright isolated template "
                        "star(s) over the template's data (align.registration_min_stars)", state.ccd,
                        check.get("n_stars", 0))
+
+
+def without_planes(exposure, planes: tuple[str, ...] = ("image", "variance", "mask")):
+    """The exposure with some of its pixel planes dropped (default: all three), its metadata,
+    WCS and shape kept.
+
+    A dropped plane becomes a read-only zero-stride view of one NaN (image, variance) or
+    ``NO_DATA`` (mask) value, which takes no memory and cannot be mistaken for data: what
+    the later stages need of an exposure whose pixels they no longer read (zero point,
+    epoch, band, shape) stays.
+    """
+    from dia.masks import MaskBits
+
+    if exposure is None:
+        return None
+    shape = exposure.shape
+    fill = {"image": np.float32(np.nan), "variance": np.float32(np.nan), "mask": np.int32(MaskBits.NO_DATA)}
+    return dataclasses.replace(exposure, **{name: np.broadcast_to(fill[name], shape) for name in planes})
+
+
+def release_free_memory() -> bool:
+    """Hand the C heap's free pages back to the operating system (glibc ``malloc_trim``).
+
+    Frames up to 32 MB that NumPy freed can stay in the heap of a long-lived worker and
+    count in its resident memory; a stage that freed full frames trims them, so the next
+    CCD's peak does not stack on the last one's leftovers.  Returns False where there is no
+    glibc (macOS, musl), where it does nothing.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
 
 
 def _stage_load(state: CcdState, config: RunConfig, out_dir: Path) -> None:
@@ -241,8 +297,10 @@ def _stage_load(state: CcdState, config: RunConfig, out_dir: Path) -> None:
 
 def _stage_align(state: CcdState, config: RunConfig, out_dir: Path) -> None:
     state.aligned = steps.align(state.pair, config)
+    # the template on its own grid is done with: later dia stages use the resampled one
+    state.pair = dataclasses.replace(state.pair, template=None)
     a = state.aligned
-    _decide(state, "align", overlap=round(a.overlap, 4), variance_factor=round(a.variance_factor, 4),
+    _decide(state, "align", method=a.method, overlap=round(a.overlap, 4), variance_factor=round(a.variance_factor, 4),
             template_fwhm_search_px=round(float(a.template.fwhm), 3), pixel_scale_ratio=round(a.scale_ratio, 4),
             registration=a.registration.as_dict() if a.registration is not None else None)
 
@@ -264,6 +322,19 @@ def _stage_subtract(state: CcdState, config: RunConfig, out_dir: Path) -> None:
 
         write_difference(diff, state.aligned.search, ccd_paths(out_dir, state.ccd)["diff"],
                          template_fwhm=state.aligned.template.fwhm)
+    _drop_convolved_variance(state, diff.convolved)
+
+
+def _drop_convolved_variance(state: CcdState, convolved: str) -> None:
+    """Free the variance plane of the image that was convolved: detection reads the difference's
+    variance and the unconvolved image's (its PSF model), the stamps no variance at all."""
+    a = state.aligned
+    if convolved == "template":
+        state.aligned = dataclasses.replace(a, template=without_planes(a.template, ("variance",)))
+    elif convolved == "search":
+        search = without_planes(a.search, ("variance",))
+        state.aligned = dataclasses.replace(a, search=search)
+        state.pair = dataclasses.replace(state.pair, search=search)
 
 
 def _stage_detect(state: CcdState, config: RunConfig, out_dir: Path) -> None:
@@ -286,6 +357,8 @@ def _stage_stamps(state: CcdState, config: RunConfig, out_dir: Path) -> None:
         state.aligned = state.diff = None  # free the full frames
     else:
         state.stamps = steps.cut_pairs(state.candidates, state.pair, config)
+    # no later stage reads pixels: keep the search exposure's metadata only, and no template
+    state.pair = dataclasses.replace(state.pair, search=without_planes(state.pair.search), template=None)
 
 
 def _stage_score(state: CcdState, config: RunConfig, out_dir: Path) -> None:
@@ -390,6 +463,9 @@ def run_stage(stage: str, state: CcdState, config: RunConfig, out_dir: str, chas
                                 cpu_clock=cpu_clock)
     if state.status == "failed":
         return state
+    # the frames the previous stage dropped were freed when its input state was released:
+    # give the heap pages back before this stage allocates its own
+    release_free_memory()
     clock = time.thread_time if cpu_clock == "thread" else time.process_time
     t0, c0 = time.perf_counter(), clock()
     try:

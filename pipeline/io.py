@@ -637,18 +637,48 @@ def _is_2d_image(hdu) -> bool:
     return int(hdu.header.get("NAXIS", 0)) == 2 and all(int(hdu.header.get(f"NAXIS{i}", 0)) > 0 for i in (1, 2))
 
 
+def _native(data: np.ndarray) -> np.ndarray:
+    """``data`` in native byte order, without a copy where possible.
+
+    FITS stores big-endian numbers and astropy hands them back as such; every NumPy
+    operation on them pays a conversion.  An array that owns its (writable, in-memory)
+    buffer is byte-swapped in place -- one pass, no second full-frame allocation -- and
+    viewed as native; anything else (a read-only or memory-mapped array) is converted
+    into a new array.  The result is always writable: :func:`read_exposure` works on it
+    in place.
+    """
+    data = np.asarray(data)
+    if data.dtype.isnative:
+        return data if data.flags.writeable else data.copy()  # the caller works on it in place
+    native = data.dtype.newbyteorder("=")
+    base = data
+    while isinstance(base.base, np.ndarray):
+        base = base.base
+    if data.flags.writeable and base.flags.owndata and not isinstance(base, np.memmap):
+        return data.byteswap(inplace=True).view(native)
+    return data.astype(native)
+
+
 def _hdu_data(hdul: fits.HDUList, idx: int, path: Path, role: str) -> np.ndarray:
-    """The data of HDU ``idx``; a truncated or corrupt data part names the file and HDU."""
+    """The data of HDU ``idx`` in native byte order (:func:`_native`); a truncated or corrupt
+    data part names the file and HDU.
+
+    The HDU forgets its data afterwards (the caller owns the array, which may have been
+    byte-swapped in place), so reading the same HDU twice reads the file twice.
+    """
     hdu = hdul[idx]
     try:
         data = hdu.data
         if data is None:
             raise ValueError("the HDU has no data")
-        return np.asarray(data)
+        data = _native(data)
     except Exception as exc:  # astropy raises ValueError, OSError, TypeError... on a short file
         label = hdu.name or str(idx)
         raise InputError(f"{path}[{label}]: cannot read the {role} data ({type(exc).__name__}: {exc}); "
                          f"the file is probably truncated or corrupt") from None
+    with contextlib.suppress(AttributeError):
+        del hdu.data  # its buffer is the caller's now
+    return data
 
 
 def _find_hdu(hdul: fits.HDUList, names: tuple[str, ...]) -> int | None:
@@ -812,9 +842,10 @@ def read_exposure(
         idx = _select(hdul, hdu, path, "image")
         img_hdu = hdul[idx]
         label = img_hdu.name or str(idx)
-        image = _hdu_data(hdul, idx, path, "image").astype(np.float32)
+        image = _hdu_data(hdul, idx, path, "image").astype(np.float32, copy=False)
         headers = [img_hdu.header, hdul[0].header]
-        if not np.isfinite(image).any():
+        bad = ~np.isfinite(image)
+        if bad.all():
             raise InputError(f"{path}[{label}]: image has no finite pixels (all NaN/inf)")
         wcs = _celestial_wcs(img_hdu.header, path, label)
 
@@ -844,7 +875,7 @@ def read_exposure(
         var_idx = _find_hdu(hdul, VARIANCE_HDU_NAMES) if variance_path is None and weight_path is None else None
         wht_idx = _find_hdu(hdul, WEIGHT_HDU_NAMES) if variance_path is None and weight_path is None else None
         if var_idx is not None:
-            variance = _plane(hdul, var_idx, image.shape, path, "variance").astype(np.float32)
+            variance = _plane(hdul, var_idx, image.shape, path, "variance").astype(np.float32, copy=False)
             provenance["variance"] = f"{hdul[var_idx].name} HDU"
         elif wht_idx is not None:
             variance = _weight_to_variance(_plane(hdul, wht_idx, image.shape, path, "weight"))
@@ -856,7 +887,7 @@ def read_exposure(
         meta_hdr = img_hdu.header.copy()
 
     if variance_path is not None:
-        variance = _read_plane(Path(variance_path), hdu, image.shape, "variance").astype(np.float32)
+        variance = _read_plane(Path(variance_path), hdu, image.shape, "variance").astype(np.float32, copy=False)
         provenance["variance"] = f"file {variance_path}"
     elif weight_path is not None:
         variance = _weight_to_variance(_read_plane(Path(weight_path), hdu, image.shape, "weight"))
@@ -865,22 +896,30 @@ def read_exposure(
         mask = _read_plane(Path(mask_path), hdu, image.shape, "mask")
         own_mask = False
 
-    out_mask = np.zeros(image.shape, dtype=np.int32)
-    if mask is not None:
-        mask = np.nan_to_num(np.asarray(mask), nan=1).astype(np.int64)
-        if own_mask:
-            out_mask |= mask.astype(np.int32)
-        else:  # foreign data-quality plane: any non-zero value is a bad pixel
-            out_mask[mask != 0] |= MaskBits.BAD
-    bad = ~np.isfinite(image)
+    # The planes read above are this function's own native arrays (_hdu_data): they are
+    # worked on in place, with no full-frame copy and no float64 temporary.
+    if mask is not None and own_mask and mask.dtype == np.int32:
+        out_mask = mask  # our own bits, already int32: used as they are
+    else:
+        out_mask = np.zeros(image.shape, dtype=np.int32)
+        if mask is not None:
+            if mask.dtype.kind not in "iub":  # a float plane: NaN counts as bad, values truncated to integers
+                mask = np.nan_to_num(mask, nan=1).astype(np.int64)
+            if own_mask:
+                out_mask |= mask.astype(np.int32, copy=False)
+            else:  # foreign data-quality plane: any non-zero value is a bad pixel
+                out_mask[mask != 0] |= MaskBits.BAD
+    mask = None
     if np.isfinite(saturation):
-        out_mask[image >= saturation] |= MaskBits.SAT
+        np.bitwise_or(out_mask, np.int32(MaskBits.SAT), out=out_mask, where=image >= saturation)
     if variance is None:
         variance = estimate_variance(image, gain, read_noise)
         provenance["variance"] = "estimated from the image, GAIN and RDNOISE"
-    bad |= ~np.isfinite(variance) | (variance <= 0)
-    out_mask[bad] |= MaskBits.NO_DATA
-    if not (~bad).any():
+    bad |= ~np.isfinite(variance)
+    bad |= variance <= 0
+    np.bitwise_or(out_mask, np.int32(MaskBits.NO_DATA), out=out_mask, where=bad)
+    any_bad = bool(bad.any())
+    if any_bad and bad.all():
         raise InputError(f"{path}[{label}]: no usable pixels (all NaN or zero weight)")
     usable = ~bad & ((out_mask & int(MaskBits.SAT | MaskBits.BAD)) == 0)
     if not usable.any():
@@ -889,8 +928,10 @@ def read_exposure(
         badpix = int(((out_mask & int(MaskBits.BAD)) != 0).sum())
         raise InputError(f"{path}[{label}]: no usable pixels: {sat / n:.0%} at or above the saturation level "
                          f"(SATURATE = {saturation:g} ADU), {badpix / n:.0%} flagged bad by the mask")
-    image = np.where(bad, 0.0, image).astype(np.float32)
-    variance = np.where(bad, np.float32(np.nanmax(np.where(bad, np.nan, variance))), variance)
+    if any_bad:  # no data: image 0, variance the largest good one
+        image[bad] = 0.0
+        variance[bad] = np.max(variance, where=~bad, initial=-np.inf)
+    del bad
 
     def meta(keys, default, cast=str):
         value = _header_value(headers, keys, default)
@@ -908,7 +949,7 @@ def read_exposure(
     mjd, provenance["mjd"] = observation_mjd(headers)
     return Exposure(
         image=image,
-        variance=variance.astype(np.float32),
+        variance=variance.astype(np.float32, copy=False),
         mask=out_mask,
         wcs=wcs,
         fwhm=fwhm,
@@ -946,10 +987,18 @@ def _read_plane(path: Path, hdu, shape, role: str) -> np.ndarray:
 
 
 def _weight_to_variance(weight: np.ndarray) -> np.ndarray:
-    weight = np.asarray(weight, dtype=np.float64)
+    """``1 / weight`` as float32 variance, ``inf`` where the weight is not positive.
+
+    A float32 weight is inverted in float32 (IEEE division correctly rounded: the same
+    numbers as dividing in float64 and rounding), other types in float64.
+    """
+    weight = np.asarray(weight)
+    if weight.dtype != np.float32:
+        weight = weight.astype(np.float64)
+    var = np.full(weight.shape, np.inf, dtype=weight.dtype)
     with np.errstate(divide="ignore", invalid="ignore"):
-        var = np.where(weight > 0, 1.0 / weight, np.inf)
-    return var.astype(np.float32)
+        np.divide(1.0, weight, out=var, where=weight > 0)
+    return var.astype(np.float32, copy=False)
 
 
 # ----------------------------------------------------------------------------- manifests

@@ -11,9 +11,9 @@ stamps have no missing pixel.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from dia.masks import MaskBits
 
@@ -54,18 +54,23 @@ class Stamps:
         return self.data.shape[0]
 
 
-def _cut(plane: np.ndarray, ix: np.ndarray, iy: np.ndarray, size: int, fill) -> np.ndarray:
-    """(N, size, size) cut-outs of one plane, ``fill`` off the image (vectorised)."""
+def _interior(ix: np.ndarray, iy: np.ndarray, shape: tuple[int, int], size: int) -> np.ndarray:
+    """True for stamps that lie wholly on the image."""
     half = size // 2
-    ny, nx = plane.shape
-    offs = np.arange(-half, half + 1)
-    yy = iy[:, None] + offs[None, :]
-    xx = ix[:, None] + offs[None, :]
-    vy = (yy >= 0) & (yy < ny)
-    vx = (xx >= 0) & (xx < nx)
-    out = plane[np.clip(yy, 0, ny - 1)[:, :, None], np.clip(xx, 0, nx - 1)[:, None, :]]
-    inside = vy[:, :, None] & vx[:, None, :]
-    return np.where(inside, out, fill)
+    ny, nx = shape
+    return (ix >= half) & (ix < nx - half) & (iy >= half) & (iy < ny - half)
+
+
+def _edge_index(ix: np.ndarray, iy: np.ndarray, shape: tuple[int, int], size: int):
+    """Clipped pixel indices ``(rows (N, size, 1), cols (N, 1, size))`` of stamps that reach
+    off the image, and ``inside`` ``(N, size, size)``, True for stamp pixels on the image."""
+    half = size // 2
+    ny, nx = shape
+    offs = np.arange(-half, half + 1, dtype=np.intp)
+    yy = iy.astype(np.intp)[:, None] + offs[None, :]
+    xx = ix.astype(np.intp)[:, None] + offs[None, :]
+    inside = ((yy >= 0) & (yy < ny))[:, :, None] & ((xx >= 0) & (xx < nx))[:, None, :]
+    return np.clip(yy, 0, ny - 1)[:, :, None], np.clip(xx, 0, nx - 1)[:, None, :], inside
 
 
 def cut_stamps(
@@ -76,6 +81,11 @@ def cut_stamps(
     size: int = STAMP_SIZE,
 ) -> Stamps:
     """Cut stamps of several aligned planes around positions.
+
+    Each plane (and mask) is read with one gather of all the stamps that lie wholly on the
+    image (a fancy index into its sliding-window view, which copies whole stamp rows) and
+    one clipped gather of those that reach off it: no full-frame copy or conversion of any
+    plane, whatever its dtype or memory layout.
 
     Parameters
     ----------
@@ -102,15 +112,35 @@ def cut_stamps(
     masks = masks or {}
     n, c = ix.size, len(planes)
     data = np.empty((n, c, size, size), np.float32)
-    mask = np.empty((n, c, size, size), np.int32)
-    nodata = int(MaskBits.NO_DATA)
+    mask = np.zeros((n, c, size, size), np.int32)
+    if n == 0:
+        return Stamps(data=data, mask=mask, channels=tuple(planes), x=ix, y=iy)
+    shape = next(iter(shapes.values()))
+    interior = _interior(ix, iy, shape, size)
+    parts = []  # (stamp rows, gather of a plane's pixels there, pixels off the image or None)
+    inner = slice(None) if interior.all() else np.flatnonzero(interior)
+    half = size // 2
+    if interior.any():  # whole windows, rows copied contiguously from the plane's sliding-window view
+        wy, wx = iy[inner] - half, ix[inner] - half
+        parts.append((inner, lambda src: sliding_window_view(src, (size, size))[wy, wx], None))
+    if not interior.all():  # stamps reaching off the image: clipped indices, NO_DATA off it
+        edge = np.flatnonzero(~interior)
+        rows, cols, inside = _edge_index(ix[edge], iy[edge], shape, size)
+        flat = rows * shape[1] + cols
+        parts.append((edge, lambda src: src.reshape(-1).take(flat) if src.flags.c_contiguous else src[rows, cols],
+                      ~inside))
+    nodata = np.int32(MaskBits.NO_DATA)
     for k, (name, plane) in enumerate(planes.items()):
         m = masks.get(name)
-        mk = _cut(m if m is not None else np.zeros(plane.shape, np.int32), ix, iy, size, nodata)
-        dk = _cut(plane.astype(np.float32, copy=False), ix, iy, size, np.nan)
-        dk = np.where((mk & nodata) != 0, np.nan, dk)
-        data[:, k] = dk
-        mask[:, k] = mk
+        for where, gather, off in parts:
+            dk = gather(plane).astype(np.float32, copy=False)
+            if m is not None or off is not None:
+                mk = gather(m).astype(np.int32, copy=False) if m is not None else np.zeros(dk.shape, np.int32)
+                if off is not None:
+                    mk[off] = nodata  # off the image: NO_DATA alone
+                dk[(mk & nodata) != 0] = np.nan  # dk is a fresh gather: NaN where there are no data
+                mask[where, k] = mk
+            data[where, k] = dk
     return Stamps(data=data, mask=mask, channels=tuple(planes), x=ix, y=iy)
 
 
@@ -135,12 +165,41 @@ def ring_background(data: np.ndarray, width: int = 5) -> np.ndarray:
 
     The ring of a 51-pixel stamp lies >= 20 px from the centre: sky, unless a
     large galaxy fills the stamp (then the median is the local galaxy light,
-    which is also what a classifier should not see as signal).
+    which is also what a classifier should not see as signal).  NaN pixels (no data) are
+    left out; a ring with no data at all has background 0.
+
+    The ring pixels of all stamps are gathered at once; rings without NaN take one batched
+    median, rings with NaN one batched sort (:func:`_nan_median_rows`, the numbers of
+    ``np.nanmedian`` row by row).
     """
     ring = np.ones(data.shape[-2:], bool)
     ring[width:-width, width:-width] = False
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        # a ring with no data at all (a stamp off the image) has no median: 0 below, said by NO_DATA
-        warnings.filterwarnings("ignore", message="All-NaN slice encountered", category=RuntimeWarning)
-        bkg = np.nanmedian(data[..., ring], axis=-1)
+    values = data[..., ring]  # (..., R): one gather
+    if values.size == 0:
+        return np.zeros(values.shape[:-1], dtype=np.result_type(data.dtype, np.float16))
+    has_nan = np.isnan(values).any(axis=-1)
+    if not has_nan.any():
+        return np.nan_to_num(np.median(values, axis=-1))
+    bkg = np.empty(values.shape[:-1], dtype=np.result_type(data.dtype, np.float16))
+    clean = ~has_nan
+    if clean.any():
+        bkg[clean] = np.median(values[clean], axis=-1)
+    bkg[has_nan] = _nan_median_rows(values[has_nan])
     return np.nan_to_num(bkg)
+
+
+def _nan_median_rows(rows: np.ndarray) -> np.ndarray:
+    """Median of the non-NaN values of each row of ``rows`` (M, R); NaN for a row of NaN only.
+
+    One sort of all rows (NaN sorts last), then the middle one or two values of each row's
+    ``n`` valid ones -- the mean of two as ``np.median`` takes it, in the data's precision.
+    """
+    srt = np.sort(rows, axis=-1)
+    n = np.count_nonzero(~np.isnan(rows), axis=-1)
+    k = n // 2
+    hi = np.take_along_axis(srt, k[:, None], axis=-1)[:, 0]
+    lo = np.take_along_axis(srt, np.maximum(k - 1, 0)[:, None], axis=-1)[:, 0]
+    with np.errstate(invalid="ignore"):
+        med = np.where(n % 2 == 1, hi, (lo + hi) / 2)
+    med[n == 0] = np.nan
+    return med

@@ -194,14 +194,18 @@ def detect_on_difference(diff, aligned: AlignedPair, config: RunConfig, ccd: str
     if config.aperture_correction:
         ref = aligned.search if diff.convolved == "template" else aligned.template
         img = ref.image - estimate_background(ref.image, ref.mask)
-        model = fit_psf_model(img, ref.variance, ref.mask, fwhm)
+        model = fit_psf_model(img, ref.variance, ref.mask, fwhm, method=config.detect.method)
     return detect_difference(diff.image, diff.variance, diff.mask, fwhm, aligned.search.wcs,
                              config.detect, ccd=ccd, psf_model=model)
 
 
-def _calibrate(data: np.ndarray, template_scale: float) -> np.ndarray:
-    """Remove the ring sky of the template (0) and search (1) channels; scale the template."""
-    data = data.copy()
+def _calibrate(data: np.ndarray, template_scale: float, *, inplace: bool = False) -> np.ndarray:
+    """Remove the ring sky of the template (0) and search (1) channels; scale the template.
+
+    Works on a copy unless ``inplace`` (the stamp cutters pass their own fresh cube).
+    """
+    if not inplace:
+        data = data.copy()
     data[:, :2] -= ring_background(data[:, :2])[..., None, None]
     data[:, 0] *= template_scale
     return data
@@ -219,7 +223,7 @@ def cut_triplets(candidates: Table, aligned: AlignedPair, diff, size: int = STAM
         {"template": t.mask, "search": s.mask, "difference": diff.mask},
         np.asarray(candidates["x"]), np.asarray(candidates["y"]), size=size,
     )
-    stamps.data = _calibrate(stamps.data, _zp_scale(s, t))
+    stamps.data = _calibrate(stamps.data, _zp_scale(s, t), inplace=True)
     return stamps
 
 
@@ -237,7 +241,7 @@ def cut_pairs(candidates: Table, pair: LoadedPair, config: RunConfig, size: int 
     data = np.concatenate([t_img[:, None], search.data], axis=1)
     mask = np.concatenate([t_mask[:, None], search.mask], axis=1)
     stamps = Stamps(data=data, mask=mask, channels=("template", "search"), x=search.x, y=search.y)
-    stamps.data = _calibrate(stamps.data, _zp_scale(s, t))
+    stamps.data = _calibrate(stamps.data, _zp_scale(s, t), inplace=True)
     return stamps
 
 
