@@ -476,7 +476,11 @@ def answer(data: dict, device: str = "cpu") -> dict[str, Any]:
     per = [v for v in (ratio.get("per_ccd") or {}).values() if v is not None]
     ans.update(wall_s_per_ccd=wall, ratio=r, saved_s_per_ccd=wall["dia"] - wall["direct"],
                saved_fraction=1 - wall["direct"] / wall["dia"] if wall["dia"] else None)
-    cheaper = r is not None and math.isfinite(r) and r > 1
+    # a saving counts only when every CCD shows it: per-CCD ratios on both sides of 1 mean the
+    # modes cost the same within this run's scatter
+    cheaper = r is not None and math.isfinite(r) and r > 1 and (len(per) < 2 or min(per) > 1)
+    same = r is not None and math.isfinite(r) and len(per) > 1 and min(per) <= 1 <= max(per)
+    ans["same_cost"] = same
     spread = f"; per-CCD ratios {min(per):.2f}-{max(per):.2f}" if len(per) > 1 else ""
     cpu = {"dia": cd["cpu_per_ccd"], "direct": cr["cpu_per_ccd"]}
     rc = ratio.get("cpu")
@@ -485,7 +489,8 @@ def answer(data: dict, device: str = "cpu") -> dict[str, Any]:
              f"{wall['dia']:.2f} s with it (dia), wall time of the {data['config']['workers']}-worker "
              f"{device.upper()} runs: dia / direct = {_fmt(r, 2)}{spread}"
              + (f", so direct saves {ans['saved_s_per_ccd']:.2f} s per CCD ({ans['saved_fraction']:.0%})."
-                if cheaper else ", so direct saves nothing here.")]
+                if cheaper else ", on both sides of 1: the two modes cost the same within the scatter between CCDs."
+                if same else ", so direct saves nothing here.")]
     if rc is not None and math.isfinite(rc):
         parts.append(f"In CPU time: {cpu['direct']:.2f} against {cpu['dia']:.2f} s per CCD, ratio {rc:.2f}"
                      + (" (wall and CPU ratios disagree by more than 25%: other load on the machine inflated the "
@@ -555,6 +560,8 @@ def answer(data: dict, device: str = "cpu") -> dict[str, Any]:
         bits = [f"direct is {lo_r[0]:.2f}x ({lo_r[1]}) to {hi_r[0]:.2f}x ({hi_r[1]}) cheaper per CCD"]
     else:
         bits = [f"direct is {r:.2f}x cheaper per CCD" if cheaper
+                else f"direct costs the same as dia (dia / direct = {_fmt(r, 2)} wall, {_fmt(rc, 2)} CPU; per-CCD "
+                     f"ratios {min(per):.2f}-{max(per):.2f})" if same
                 else f"direct is not cheaper (dia / direct = {_fmt(r, 2)} wall, {_fmt(rc, 2)} CPU)"]
     if c is None:
         bits.append("completeness could not be compared")

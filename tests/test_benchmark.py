@@ -418,7 +418,6 @@ def test_answer_follows_the_numbers(bench):
                   f"dia / direct = {data['ratio']['cpu']['wall']:.2f}",
                   f"In CPU time: {h['direct']['cpu_s_per_ccd']:.2f} against {h['dia']['cpu_s_per_ccd']:.2f} s per CCD, "
                   f"ratio {data['ratio']['cpu']['cpu']:.2f}",
-                  f"saves {h['dia']['wall_s_per_ccd'] - h['direct']['wall_s_per_ccd']:.2f} s per CCD",
                   f"direct selects {_pct_ci(direct['completeness'], direct['completeness_ci'])}",
                   f"dia {_pct_ci(dia['completeness'], dia['completeness_ci'])}",
                   f"{100 * (direct['completeness'] - dia['completeness']):+.1f} points",
@@ -429,6 +428,9 @@ def test_answer_follows_the_numbers(bench):
         assert piece in first, piece
     if dia["m50"] is not None and direct["m50"] is not None:
         assert f"{direct['m50']:.2f} (direct) against {dia['m50']:.2f} (dia)" in first
+    saving = f"saves {h['dia']['wall_s_per_ccd'] - h['direct']['wall_s_per_ccd']:.2f} s per CCD"
+    per_ccd = list(data["ratio"]["cpu"]["per_ccd"].values())
+    assert (saving in first) == (data["ratio"]["cpu"]["wall"] > 1 and min(per_ccd) > 1)
     # the numbers in the first paragraph are those of report.json (the paired counts agree with the runs)
     assert cmp["completeness"]["k_a"] == direct["n_selected"] and cmp["completeness"]["k_b"] == dia["n_selected"]
     assert cmp["false_positives_per_ccd"]["k_a"] == direct["n_false_positives"]
@@ -444,15 +446,21 @@ def test_answer_follows_the_numbers(bench):
     f = flipped["comparison"]["cpu"]["false_positives_per_ccd"]
     f.update(significant=False)
     c.update(significant=False, interval=[-0.5, 0.5])
-    flipped["ratio"]["cpu"].update(wall=2.0, cpu=1.9)
+    flipped["ratio"]["cpu"].update(wall=2.0, cpu=1.9, per_ccd={"a": 1.8, "b": 2.2})
     assert answer(flipped)["verdict"].endswith("no measurable loss of accuracy on this field.")
     assert "direct is 2.00x cheaper per CCD" in answer(flipped)["verdict"]
     flipped["ratio"]["cpu"].update(wall=3.0, cpu=1.2)  # a loaded machine: wall and CPU disagree, both are said
     assert "direct is 1.20x (CPU) to 3.00x (wall) cheaper per CCD" in answer(flipped)["verdict"]
     assert "wall and CPU ratios disagree" in answer(flipped)["text"]
-    flipped["ratio"]["cpu"].update(wall=0.8, cpu=0.8)
+    flipped["ratio"]["cpu"].update(wall=0.8, cpu=0.8, per_ccd={"a": 0.7, "b": 0.9})
     assert "not cheaper" in answer(flipped)["verdict"]
     assert answer(flipped)["verdict"].endswith("skipping DIA brings no saving here.")
+    # a 3% saving with CCDs on both sides of 1 is no saving: the modes cost the same
+    flipped["ratio"]["cpu"].update(wall=1.03, cpu=1.04, per_ccd={"a": 0.9, "b": 1.17})
+    same = answer(flipped)
+    assert "direct costs the same as dia" in same["verdict"] and same["same_cost"]
+    assert "cost the same within the scatter" in same["text"] and "saves" not in same["text"]
+    assert same["verdict"].endswith("skipping DIA brings no saving here.")
 
 
 def test_report_curves_and_kinds_agree_with_the_runs(bench):
