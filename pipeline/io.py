@@ -699,10 +699,11 @@ def _select(hdul: fits.HDUList, hdu: int | str | None, path: Path, role: str) ->
     if hdu is not None:
         try:
             idx = hdul.index_of(hdu)
+            target = hdul[idx]  # an index past the end raises here, not in index_of
         except (KeyError, IndexError):
             names = [h.name for h in hdul]
             raise InputError(f"{path}: HDU {hdu!r} not found ({role}); file has HDUs {names}") from None
-        if not _is_2d_image(hdul[idx]):
+        if not _is_2d_image(target):
             raise InputError(f"{path}[{hdu}]: HDU holds no 2-D image ({role})")
         return idx
     idx = _find_hdu(hdul, IMAGE_HDU_NAMES)
@@ -1015,6 +1016,8 @@ MANIFEST_COLUMNS = {
     "search_weight": "(optional) separate search inverse-variance file",
     "template_mask": "(optional) separate template mask file",
     "template_weight": "(optional) separate template inverse-variance file",
+    "search_variance": "(optional) separate search variance file (instead of a weight file)",
+    "template_variance": "(optional) separate template variance file (instead of a weight file)",
 }
 
 
@@ -1032,6 +1035,8 @@ class PairEntry:
     search_weight: Path | None = None
     template_mask: Path | None = None
     template_weight: Path | None = None
+    search_variance: Path | None = None
+    template_variance: Path | None = None
     manifest: Path | None = dataclasses.field(default=None, compare=False)
     """The manifest the row was read from (recorded in the catalogs; not an input of the CCD)."""
 
@@ -1044,9 +1049,9 @@ class PairEntry:
             return int(value) if str(value).isdigit() else str(value)
 
         search = read_exposure(self.search, hdu=hdu(self.search_hdu), mask_path=self.search_mask,
-                               weight_path=self.search_weight)
+                               weight_path=self.search_weight, variance_path=self.search_variance)
         template = read_exposure(self.template, hdu=hdu(self.template_hdu), mask_path=self.template_mask,
-                                 weight_path=self.template_weight)
+                                 weight_path=self.template_weight, variance_path=self.template_variance)
         if not search.ccd:
             search.ccd = self.ccd
         return search, template
@@ -1106,6 +1111,7 @@ def read_manifest(path: str | Path) -> list[PairEntry]:
                 search_hdu=cell("search_hdu"), template_hdu=cell("template_hdu"),
                 search_mask=as_path("search_mask"), search_weight=as_path("search_weight"),
                 template_mask=as_path("template_mask"), template_weight=as_path("template_weight"),
+                search_variance=as_path("search_variance"), template_variance=as_path("template_variance"),
                 manifest=path.resolve(),
             )
         )

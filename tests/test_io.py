@@ -100,6 +100,8 @@ def test_missing_hdu(pair, tmp_path):
     path = write_exposure(pair.search, tmp_path / "s.fits")
     with pytest.raises(InputError, match=r"s\.fits.*'NOPE'"):
         read_exposure(path, hdu="NOPE")
+    with pytest.raises(InputError, match=r"s\.fits: HDU 7 not found"):  # an index past the last HDU
+        read_exposure(path, hdu=7)
     with pytest.raises(InputError, match=r"no_mask\.fits: mask file does not exist"):
         read_exposure(path, mask_path=tmp_path / "no_mask.fits")
     # a separate mask file that lacks the requested CCD extension

@@ -120,3 +120,235 @@ def test_subtract_command_refuses_bad_configuration(swapped, tmp_path, capsys):
     assert cli(args + ["--config", str(tmp_path / "c.toml")]) == 2
     assert "[psf_match].min_stars: expected an integer, got 'few'" in capsys.readouterr().err
     assert not (tmp_path / "d.fits").exists()
+
+
+# ----------------------------------------------------------------------------- separate mask/weight/variance files
+# (issue #11 item 1): HOTPANTS's -imi/-tmi and -ini/-tni.  A small pair is written as
+# foreign multi-extension files (SCI, WHT, DQ: any non-zero DQ value is a bad pixel), then
+# split into one file per plane; both layouts must give the same difference.
+
+SMALL = (384, 384)
+#: A crowded small field and a spatially constant kernel: enough stars on 384 x 384 pixels
+#: with part of them masked, whatever the full-CCD defaults of the kernel fit.
+SMALL_FIELD = {"shape": SMALL, "star_density_range": (40.0, 40.0)}
+SMALL_FIT = "[psf_match]\nspatial_order = 0\nbackground_order = 0\nmin_stars = 4\n"
+
+
+def _write_foreign(exposure, folder, stem, rng):
+    """Write ``stem.fits`` (SCI, WHT, DQ) and its planes as ``stem_{sci,wht,dq,var}.fits``; return the DQ plane."""
+    write_exposure(exposure, folder / f"{stem}_tmp.fits")
+    header = fits.getheader(folder / f"{stem}_tmp.fits", "IMAGE")  # metadata and WCS
+    (folder / f"{stem}_tmp.fits").unlink()
+    dq = (exposure.mask != 0).astype(np.int16)
+    ny, nx = exposure.shape
+    dq[rng.integers(0, ny, 20), rng.integers(0, nx, 20)] = 4  # scattered bad pixels
+    dq[:, nx // 3] = 1  # a bad column
+    weight = (1.0 / exposure.variance).astype(np.float32)
+    image = np.asarray(exposure.image, np.float32)
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(image, header=header, name="SCI"),
+                  fits.ImageHDU(weight, name="WHT"), fits.ImageHDU(dq, name="DQ")]).writeto(folder / f"{stem}.fits")
+    fits.PrimaryHDU(image, header=header).writeto(folder / f"{stem}_sci.fits")
+    fits.PrimaryHDU(weight).writeto(folder / f"{stem}_wht.fits")
+    fits.PrimaryHDU(dq).writeto(folder / f"{stem}_dq.fits")
+    # float64 1/weight rounds to the float32 that read_exposure makes of the weight: the same variance
+    fits.PrimaryHDU(1.0 / weight.astype(np.float64)).writeto(folder / f"{stem}_var.fits")
+    return dq
+
+
+@pytest.fixture(scope="module")
+def foreign(tmp_path_factory):
+    """Search and template (the template sharper: it is convolved) as MEFs and as separate planes."""
+    cfg = dataclasses.replace(SimulationConfig(), **SMALL_FIELD)
+    sim = simulate_pair(cfg, seed=7, ccd_index=0)
+    folder = tmp_path_factory.mktemp("foreign")
+    (folder / "fit.toml").write_text(SMALL_FIT)
+    rng = np.random.default_rng(11)
+    dq = {name: _write_foreign(getattr(sim, name), folder, name, rng) for name in ("search", "template")}
+    return folder, dq
+
+
+def _run(folder, out, *extra, config=None):
+    code = cli(["subtract", *extra, "--out", str(folder / out), "--config", str(config or folder / "fit.toml")])
+    assert code == 0
+    with fits.open(folder / out) as hdul:
+        return {n: np.asarray(hdul[n].data) for n in ("IMAGE", "VARIANCE", "MASK")}, hdul["IMAGE"].header.copy()
+
+
+def _planes(folder, image, noise="wht"):
+    option = "weight" if noise == "wht" else "variance"
+    return [str(folder / f"{image}_sci.fits"), f"--{image}-mask", str(folder / f"{image}_dq.fits"),
+            f"--{image}-{option}", str(folder / f"{image}_{noise}.fits")]
+
+
+@pytest.fixture(scope="module")
+def from_mef(foreign):
+    folder, _ = foreign
+    return _run(folder, "mef.fits", str(folder / "search.fits"), str(folder / "template.fits"))
+
+
+@pytest.fixture(scope="module")
+def from_planes(foreign):
+    folder, _ = foreign
+    search, *s_opts = _planes(folder, "search")
+    template, *t_opts = _planes(folder, "template")
+    return _run(folder, "planes.fits", search, template, *s_opts, *t_opts)
+
+
+def test_separate_planes_give_the_multi_extension_difference(from_mef, from_planes):
+    (mef, mef_hdr), (planes, planes_hdr) = from_mef, from_planes
+    assert mef_hdr["CONVOLV"] == planes_hdr["CONVOLV"] == "template"
+    for name in ("IMAGE", "VARIANCE", "MASK"):
+        np.testing.assert_array_equal(planes[name], mef[name], err_msg=name)
+    assert planes_hdr["HIERARCH DIA FIT USED"] == mef_hdr["HIERARCH DIA FIT USED"] > 0
+
+
+def test_mask_file_bad_pixels_are_masked_in_the_difference(foreign, from_planes):
+    from dia.masks import MaskBits
+
+    folder, dq = foreign
+    (planes, _) = from_planes
+    mask = planes["MASK"]
+    bad = dq["search"] != 0
+    assert bad.sum() > SMALL[0]
+    assert np.all(mask[bad] & int(MaskBits.BAD)), "every bad search pixel is BAD in the difference"
+    assert np.mean(mask == 0) > 0.5  # and not everything
+    # the template's mask file: without it, its bad column (resampled, grown by the kernel) is not masked
+    search, *s_opts = _planes(folder, "search")
+    no_template_mask, _ = _run(folder, "no_tmask.fits", search, str(folder / "template_sci.fits"), *s_opts,
+                               "--template-weight", str(folder / "template_wht.fits"))
+    extra = (mask != 0) & (no_template_mask["MASK"] == 0)
+    assert extra.sum() > 0.8 * SMALL[0], extra.sum()
+    assert np.all(no_template_mask["MASK"][mask == 0] == 0)  # the template mask only adds
+
+
+def test_variance_files_give_the_weight_file_difference(foreign, from_planes):
+    folder, _ = foreign
+    search, *s_opts = _planes(folder, "search", "var")
+    template, *t_opts = _planes(folder, "template", "var")
+    via_variance, _ = _run(folder, "var.fits", search, template, *s_opts, *t_opts)
+    for name in ("IMAGE", "VARIANCE", "MASK"):
+        np.testing.assert_array_equal(via_variance[name], from_planes[0][name], err_msg=name)
+
+
+def test_variance_of_a_weight_file_is_its_inverse(foreign, tmp_path):
+    """The weight really is read as an inverse variance: doubling it halves the difference's variance
+    where the (unconvolved) search dominates."""
+    folder, _ = foreign
+    weight = fits.getdata(folder / "search_wht.fits")
+    fits.PrimaryHDU(4.0 * weight).writeto(tmp_path / "w4.fits")
+    config = folder / "fit.toml"
+    base, _ = _run(tmp_path, "a.fits", str(folder / "search_sci.fits"), str(folder / "template_sci.fits"),
+                   "--search-weight", str(folder / "search_wht.fits"), config=config)
+    quarter, _ = _run(tmp_path, "b.fits", str(folder / "search_sci.fits"), str(folder / "template_sci.fits"),
+                      "--search-weight", str(tmp_path / "w4.fits"), config=config)
+    good = (base["MASK"] == 0) & (quarter["MASK"] == 0)
+    ratio = np.median(quarter["VARIANCE"][good] / base["VARIANCE"][good])
+    assert 0.25 < ratio < 0.6, ratio  # search 1/4, the convolved template's share unchanged
+
+
+# ----------------------------------------------------------------------------- FWHM overrides
+
+
+@pytest.fixture(scope="module")
+def equal_seeing(tmp_path_factory):
+    """A pair of equal seeing (either image can be convolved), with FWHM keywords in the headers."""
+    cfg = dataclasses.replace(SimulationConfig(), **SMALL_FIELD, template_seeing_factor=1.0)
+    sim = simulate_pair(cfg, seed=7, ccd_index=0)
+    folder = tmp_path_factory.mktemp("equal")
+    (folder / "fit.toml").write_text(SMALL_FIT)
+    write_exposure(sim.search, folder / "search.fits")
+    write_exposure(sim.template, folder / "template.fits")
+    return sim, folder
+
+
+@pytest.mark.parametrize(("s_fwhm", "t_fwhm", "convolved"), [(2.5, 3.5, "search"), (3.5, 2.5, "template")])
+def test_fwhm_overrides_choose_the_convolved_image_and_reach_the_header(equal_seeing, capsys, s_fwhm, t_fwhm,
+                                                                        convolved):
+    sim, folder = equal_seeing
+    assert abs(sim.search.fwhm - sim.template.fwhm) < 0.2 * sim.search.fwhm
+    _, hdr = _run(folder, f"d{convolved}.fits", str(folder / "search.fits"), str(folder / "template.fits"),
+                  "--search-fwhm", str(s_fwhm), "--template-fwhm", str(t_fwhm))
+    out = capsys.readouterr().out
+    assert hdr["CONVOLV"] == convolved  # the narrower PSF is convolved
+    assert hdr["SFWHM"] == s_fwhm and hdr["FWHM"] == s_fwhm
+    assert hdr["TFWHM"] == pytest.approx(t_fwhm, rel=1e-3)  # same pixel scale
+    assert hdr["CONVFWHM"] == pytest.approx(min(s_fwhm, t_fwhm), rel=1e-3)
+    assert hdr["SFWHMSRC"] == f"--search-fwhm {s_fwhm:g} (FWHM {sim.search.fwhm:g} px not used)"
+    assert hdr["TFWHMSRC"] == f"--template-fwhm {t_fwhm:g} (FWHM {sim.template.fwhm:g} px not used)"
+    assert f"convolved the {convolved}" in out and f"FWHM search {s_fwhm:.2f} px [--search-fwhm" in out
+
+
+def test_without_overrides_the_header_fwhm_is_used_and_recorded(equal_seeing):
+    sim, folder = equal_seeing
+    _, hdr = _run(folder, "plain.fits", str(folder / "search.fits"), str(folder / "template.fits"))
+    assert hdr["SFWHM"] == pytest.approx(sim.search.fwhm, rel=1e-6)
+    assert hdr["SFWHMSRC"] == hdr["TFWHMSRC"] == "FWHM"  # the keyword it was read from
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "nan", "inf", "wide"])
+def test_fwhm_override_must_be_a_positive_number(equal_seeing, tmp_path, capsys, value):
+    _, folder = equal_seeing
+    with pytest.raises(SystemExit) as exc:
+        cli(["subtract", str(folder / "search.fits"), str(folder / "template.fits"), "--out", str(tmp_path / "d.fits"),
+             "--template-fwhm", value])
+    assert exc.value.code == 2
+    assert f"argument --template-fwhm: must be a positive number of pixels, got '{value}'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- errors: one line, option and file
+
+
+def _error(args, capsys):
+    assert cli(["subtract", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_missing_files_are_named_with_their_option(foreign, tmp_path, capsys):
+    folder, _ = foreign
+    base = [str(folder / "search_sci.fits"), str(folder / "template_sci.fits"), "--out", str(tmp_path / "d.fits")]
+    for option in ("--search-mask", "--search-weight", "--search-variance", "--template-mask", "--template-weight",
+                   "--template-variance"):
+        err = _error(base + [option, str(tmp_path / "nope.fits")], capsys)
+        assert err == f"pipeline subtract: {option}: {tmp_path / 'nope.fits'}: no such file"
+    err = _error([str(tmp_path / "nope.fits")] + base[1:], capsys)
+    assert err == f"pipeline subtract: SEARCH: {tmp_path / 'nope.fits'}: no such file"
+    assert not (tmp_path / "d.fits").exists()
+
+
+def test_plane_of_another_shape_is_named_with_its_option(foreign, tmp_path, capsys):
+    folder, _ = foreign
+    fits.PrimaryHDU(np.zeros((100, 120), np.int16)).writeto(tmp_path / "small.fits")
+    base = [str(folder / "search_sci.fits"), str(folder / "template_sci.fits"), "--out", str(tmp_path / "d.fits")]
+    for option, role in (("--search-mask", "mask"), ("--template-weight", "weight"),
+                         ("--template-variance", "variance")):
+        err = _error(base + [option, str(tmp_path / "small.fits")], capsys)
+        assert err.startswith(f"pipeline subtract: {option}: {tmp_path / 'small.fits'}[")
+        assert f"{role} plane has shape (100, 120), image has {SMALL}" in err
+
+
+def test_unreadable_hdu_and_file_are_named_with_their_option(foreign, tmp_path, capsys):
+    folder, _ = foreign
+    base = [str(folder / "search.fits"), str(folder / "template.fits"), "--out", str(tmp_path / "d.fits")]
+    # --search-hdu SCI is also looked for in the mask file, which has only a primary HDU
+    err = _error(base + ["--search-hdu", "SCI", "--search-mask", str(folder / "search_dq.fits")], capsys)
+    assert err.startswith(f"pipeline subtract: --search-mask: {folder / 'search_dq.fits'}: HDU 'SCI' not found (mask)")
+    err = _error(base + ["--template-hdu", "NOPE"], capsys)
+    assert err.startswith(f"pipeline subtract: TEMPLATE: {folder / 'template.fits'}: HDU 'NOPE' not found (image)")
+    err = _error(base + ["--search-hdu", "WHT"], capsys)  # the weight is an image, but has no WCS
+    assert err.startswith(f"pipeline subtract: SEARCH: {folder / 'search.fits'}[WHT]: no celestial WCS")
+    (tmp_path / "junk.fits").write_text("not a FITS file")
+    err = _error(base + ["--template-mask", str(tmp_path / "junk.fits")], capsys)
+    assert err.startswith(f"pipeline subtract: --template-mask: {tmp_path / 'junk.fits'}: cannot read mask file")
+
+
+def test_weight_and_variance_of_one_image_are_refused(foreign, tmp_path, capsys):
+    folder, _ = foreign
+    with pytest.raises(SystemExit) as exc:
+        cli(["subtract", str(folder / "search_sci.fits"), str(folder / "template_sci.fits"), "--out",
+             str(tmp_path / "d.fits"), "--search-weight", str(folder / "search_wht.fits"),
+             "--search-variance", str(folder / "search_var.fits")])
+    assert exc.value.code == 2
+    assert "argument --search-variance: not allowed with argument --search-weight" in capsys.readouterr().err
+    assert not (tmp_path / "d.fits").exists()

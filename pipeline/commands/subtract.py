@@ -1,13 +1,42 @@
-"""``pipeline subtract``: PSF-matched difference of two FITS exposures, like HOTPANTS."""
+"""``pipeline subtract``: PSF-matched difference of two FITS exposures, like HOTPANTS.
+
+Each image may come with separate mask, weight (inverse variance) or variance files, as
+HOTPANTS's ``-imi/-tmi`` and ``-ini/-tni``; they are read by :func:`pipeline.io.read_exposure`
+through :meth:`pipeline.io.PairEntry.load`, the call ``pipeline run`` makes for a manifest row.
+``--search-fwhm``/``--template-fwhm`` replace the header or measured PSF FWHM.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
 
 from pipeline.cli import add_device_argument
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["add_arguments", "main", "positive_pixels"]
+
+#: The separate per-image files: (image, kind) -> option.  ``kind`` is the read_exposure role.
+_PLANE_OPTIONS = {
+    ("search", "mask"): "--search-mask",
+    ("search", "weight"): "--search-weight",
+    ("search", "variance"): "--search-variance",
+    ("template", "mask"): "--template-mask",
+    ("template", "weight"): "--template-weight",
+    ("template", "variance"): "--template-variance",
+}
+
+
+def positive_pixels(text: str) -> float:
+    """argparse type of a FWHM in pixels: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of pixels, got {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,11 +48,100 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "reference; default) or gpu (CuPy)")
     parser.add_argument("--convolve", choices=("auto", "template", "search"), default="auto",
                         help="image to convolve (default: the one with the narrower PSF)")
-    parser.add_argument("--search-hdu", default=None, help="HDU of the search image")
-    parser.add_argument("--template-hdu", default=None, help="HDU of the template image")
+    hdu_note = ("also the HDU read from its --{0}-mask/-weight/-variance files when given (default: "
+                "IMAGE/SCI or the first 2-D HDU of the image file, the first 2-D HDU of the others)")
+    parser.add_argument("--search-hdu", default=None,
+                        help="HDU of the search image (index or EXTNAME); " + hdu_note.format("search"))
+    parser.add_argument("--template-hdu", default=None,
+                        help="HDU of the template image (index or EXTNAME); " + hdu_note.format("template"))
+    for image in ("search", "template"):
+        parser.add_argument(f"--{image}-mask", metavar="FILE", default=None,
+                            help=f"separate {image} mask (FITS, same shape; non-zero = bad pixel); replaces a "
+                                 f"MASK/DQ HDU of the {image} file")
+        noise = parser.add_mutually_exclusive_group()
+        noise.add_argument(f"--{image}-weight", metavar="FILE", default=None,
+                           help=f"separate {image} inverse-variance weight (FITS, same shape; <= 0 = no data); "
+                                f"replaces a VARIANCE/WEIGHT HDU of the {image} file")
+        noise.add_argument(f"--{image}-variance", metavar="FILE", default=None,
+                           help=f"separate {image} variance in ADU^2 (FITS, same shape); not with "
+                                f"--{image}-weight")
+    parser.add_argument("--search-fwhm", metavar="PX", type=positive_pixels, default=None,
+                        help="search PSF FWHM in search pixels, instead of the header's FWHM keyword or the "
+                             "one measured from the stars")
+    parser.add_argument("--template-fwhm", metavar="PX", type=positive_pixels, default=None,
+                        help="template PSF FWHM in template pixels (before resampling onto the search grid), "
+                             "instead of the header's or the measured one")
     parser.add_argument("--decorrelate", action="store_true", help="decorrelate the difference noise")
     parser.add_argument("--config", default=None,
                         help="TOML with PsfMatchConfig parameters ([psf_match] table or top level)")
+
+
+def _option_of(message: str, files: dict[str, str | None]) -> str:
+    """The option(s) whose file an :class:`~pipeline.io.InputError` message is about.
+
+    :func:`~pipeline.io.read_exposure` starts its messages with the file's path (``path: ...`` or
+    ``path[HDU]: ...``).  A file given to several options (one mask for both images) names them all.
+    """
+    named = [option for option, name in files.items() if name is not None
+             and any(message.startswith(f"{Path(name)}{sep}") for sep in (":", "["))]
+    return "/".join(named) or "input"
+
+
+def _input_files(args: argparse.Namespace) -> dict[str, str | None]:
+    """Option (or positional argument) -> the file given to it, None when absent."""
+    files: dict[str, str | None] = {"SEARCH": args.search, "TEMPLATE": args.template}
+    for option in _PLANE_OPTIONS.values():
+        files[option] = getattr(args, option[2:].replace("-", "_"))
+    return files
+
+
+def _load(args: argparse.Namespace):
+    """Read both exposures as ``pipeline run`` reads a manifest row (:meth:`PairEntry.load`).
+
+    Raises
+    ------
+    pipeline.io.InputError
+        One line that starts with the option (or argument) whose file is missing, unreadable,
+        without the HDU asked for, or of another shape than its image.
+    """
+    from pipeline.io import InputError, PairEntry
+
+    files = _input_files(args)
+    for option, name in files.items():  # before reading anything
+        if name is not None and not Path(name).exists():
+            raise InputError(f"{option}: {name}: no such file")
+
+    def path(option):
+        return None if files[option] is None else Path(files[option])
+
+    entry = PairEntry(ccd="", search=Path(args.search), template=Path(args.template),
+                      search_hdu=args.search_hdu, template_hdu=args.template_hdu,
+                      search_mask=path("--search-mask"), search_weight=path("--search-weight"),
+                      search_variance=path("--search-variance"),
+                      template_mask=path("--template-mask"), template_weight=path("--template-weight"),
+                      template_variance=path("--template-variance"))
+    try:
+        return entry.load()
+    except InputError as exc:
+        raise InputError(f"{_option_of(str(exc), files)}: {exc}") from None
+
+
+def _with_fwhm(exposure, fwhm: float | None, option: str):
+    """The exposure with its FWHM replaced by the command line's (when given), the provenance saying so."""
+    import dataclasses
+
+    if fwhm is None:
+        return exposure
+    was = f" ({exposure.provenance.get('fwhm', 'header')} {exposure.fwhm:g} px not used)" \
+        if math.isfinite(exposure.fwhm) else ""
+    provenance = dict(exposure.provenance, fwhm=f"{option} {fwhm:g}{was}")
+    return dataclasses.replace(exposure, fwhm=float(fwhm), provenance=provenance)
+
+
+def _fwhm_cards(search, template) -> list[tuple[str, str, str]]:
+    """Header cards saying where the search and template FWHMs came from."""
+    return [("SFWHMSRC", str(search.provenance.get("fwhm", "")), "SFWHM source"),
+            ("TFWHMSRC", str(template.provenance.get("fwhm", "")), "TFWHM source")]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -34,16 +152,16 @@ def main(args: argparse.Namespace) -> int:
     """
     import dataclasses
     import time
+    import warnings
+
+    from astropy.io import fits
 
     from dia import PsfMatchConfig, StarSelectionError
     from pipeline.align import AlignConfig, align_pair
     from pipeline.config import config_from_dict, load_toml, resolve_device, run_table
-    from pipeline.io import InputError, read_exposure, write_difference
+    from pipeline.io import InputError, write_difference
     from pipeline.outdir import OutputError
     from pipeline.steps import difference_image, ensure_fwhm
-
-    def hdu(value):
-        return None if value is None else (int(value) if str(value).isdigit() else value)
 
     device, why = resolve_device(args.device, torch_too=False)
     if args.device == "auto":
@@ -54,14 +172,21 @@ def main(args: argparse.Namespace) -> int:
                                   where=f"{args.config} [psf_match]" if args.config else "")
         config = dataclasses.replace(config, convolve=args.convolve, decorrelate=args.decorrelate or config.decorrelate)
         t0 = time.perf_counter()
-        search = ensure_fwhm(read_exposure(args.search, hdu=hdu(args.search_hdu)))
-        template = ensure_fwhm(read_exposure(args.template, hdu=hdu(args.template_hdu)))
+        search, template = _load(args)
+        search = ensure_fwhm(_with_fwhm(search, args.search_fwhm, "--search-fwhm"))
+        template = ensure_fwhm(_with_fwhm(template, args.template_fwhm, "--template-fwhm"))
         t1 = time.perf_counter()
         aligned = align_pair(search, template, AlignConfig())
         t2 = time.perf_counter()
         diff = difference_image(aligned, config, device)
         t3 = time.perf_counter()
-        write_difference(diff, search, args.out, template_fwhm=aligned.template.fwhm)
+        header = search.header.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", fits.verify.VerifyWarning)  # long values continue on CONTINUE cards
+            for key, value, comment in _fwhm_cards(search, template):
+                header[key] = (value, comment)
+        write_difference(diff, dataclasses.replace(search, header=header), args.out,
+                         template_fwhm=aligned.template.fwhm)
     except (InputError, StarSelectionError, ValueError, FileNotFoundError, RuntimeError, ImportError,
             OutputError) as exc:
         print(f"pipeline subtract: {exc}", file=sys.stderr)
@@ -70,7 +195,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"pipeline subtract: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     stats = diff.stats
-    print(f"{args.out}: convolved the {diff.convolved} (FWHM search {search.fwhm:.2f} px, template "
-          f"{aligned.template.fwhm:.2f} px on the search grid); {stats.used} kernel stars used of {stats.found} "
-          f"peaks; load {t1 - t0:.2f} s, align {t2 - t1:.2f} s, match+subtract {t3 - t2:.2f} s ({device})")
+    print(f"{args.out}: convolved the {diff.convolved} (FWHM search {search.fwhm:.2f} px "
+          f"[{search.provenance.get('fwhm', '?')}], template {template.fwhm:.2f} px "
+          f"[{template.provenance.get('fwhm', '?')}], {aligned.template.fwhm:.2f} px on the search grid); "
+          f"{stats.used} kernel stars used of {stats.found} peaks; load {t1 - t0:.2f} s, align {t2 - t1:.2f} s, "
+          f"match+subtract {t3 - t2:.2f} s ({device})")
     return 0
