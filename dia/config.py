@@ -51,13 +51,31 @@ class PsfMatchConfig:
     grid_cells: int = 32
     """Approximate number of cells of the grid that spreads the stars over the image."""
     min_stars: int = 10
-    """Fewest usable stars (after clipping) for a fit; fewer raises StarSelectionError."""
+    """Fewest usable stars (after clipping) for a fit with the configured ``spatial_order`` and
+    ``background_order`` (and at least one more than the terms of either).  With fewer, see ``order_fallback``."""
+    order_fallback: bool = True
+    """With fewer than ``min_stars`` usable stars, lower the orders instead of failing: the spatial order,
+    then the background order, each to the highest order ``o`` (not above the configured one) with at least
+    ``fallback_stars_per_term`` x its number of terms ``(o + 1)(o + 2) / 2`` stars (defaults: order 1 needs 6,
+    order 0 needs ``fallback_min_stars``).  The orders used and why are recorded in ``FitStats``.  ``False``:
+    fewer than ``min_stars`` raises StarSelectionError (the previous behaviour)."""
+    fallback_stars_per_term: float = 2.0
+    """Usable stars per spatial term needed for a lowered order (see ``order_fallback``)."""
+    fallback_min_stars: int = 3
+    """Fewest usable stars for any fit (order 0 kernel and background; ``min_stars`` if that is smaller);
+    fewer raises StarSelectionError."""
     stamp_half_width: int | None = None
     """Half-width of the fitted stamp core [px]; ``None``: the kernel half-width + 1."""
     detect_snr: float = 5.0
     """Per-pixel S/N of the local maxima considered (also used for the isolation test)."""
     min_peak_snr: float = 25.0
-    """Least peak S/N (per pixel, above background) in both images for a kernel-fit star."""
+    """Least peak S/N (per pixel, above background) of a kernel-fit star in each image, judged against that
+    image's own noise (the convolved image: ``too_faint``; the other one: ``no_counterpart``)."""
+    min_peak_snr_floor: float = 10.0
+    """When fewer stars than the configured orders need (``min_stars``) pass ``min_peak_snr``, the cut is
+    lowered just enough to keep that many (the brightest by their lower S/N of the two images), but not below
+    this (small or sparse frames).  A value at or above ``min_peak_snr`` gives a fixed cut.  The cut used is recorded
+    (``FitStats.peak_snr_cut``)."""
     isolation_ratio: float = 0.05
     """A neighbour peak brighter than this fraction of the star's peak within the stamp makes it not isolated."""
     saturation: float = math.inf
@@ -107,5 +125,9 @@ class PsfMatchConfig:
             raise ValueError("PsfMatchConfig.spatial_order and background_order must be >= 0")
         if self.min_stars < 1 or self.max_stars < self.min_stars:
             raise ValueError("PsfMatchConfig needs 1 <= min_stars <= max_stars")
+        if self.fallback_min_stars < 2 or self.fallback_stars_per_term <= 0:
+            raise ValueError("PsfMatchConfig needs fallback_min_stars >= 2 and fallback_stars_per_term > 0")
+        if not self.min_peak_snr_floor > 0:
+            raise ValueError("PsfMatchConfig.min_peak_snr_floor must be > 0")
         if self.sigma_beta <= 1.0 or self.min_sigma <= 0:
             raise ValueError("PsfMatchConfig.sigma_beta must be > 1 and min_sigma > 0")

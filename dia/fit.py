@@ -24,7 +24,7 @@ from .backend import Backend, StepClock
 from .basis import KernelBasis, separable_basis, spatial_terms, spatial_vector
 from .config import PsfMatchConfig
 from .masks import BAD_FOR_FIT
-from .stars import StarSelection, StarSelectionError, _gather, describe_rejections
+from .stars import StarSelection, StarSelectionError, _absolute_min, _gather, choose_orders, describe_rejections
 
 __all__ = ["KernelSolution", "FitStats", "fit_kernel", "stamp_equations"]
 
@@ -97,7 +97,10 @@ class FitStats:
     ``dia.stars.REJECT_REASONS``; ``clipped`` = removed by the residual clip);
     ``chi2_median``/``chi2_max``: reduced chi^2 of the used stamps under the
     final spatial solution; ``residual_rms``: sqrt of their mean reduced chi^2;
-    ``local_chi2_median``: the same for independent per-stamp fits.
+    ``local_chi2_median``: the same for independent per-stamp fits;
+    ``spatial_order``/``background_order``: the orders fitted and ``fallback`` why
+    they are lower than configured (see ``PsfMatchConfig.order_fallback``);
+    ``peak_snr_cut``: the star S/N cut applied.
     """
 
     found: int
@@ -109,6 +112,14 @@ class FitStats:
     residual_rms: float
     local_chi2_median: float
     iterations: int
+    spatial_order: int = -1
+    """Spatial order of the kernel actually fitted (lower than configured after a fallback)."""
+    background_order: int = -1
+    """Order of the differential background actually fitted."""
+    fallback: str = ""
+    """Why the orders were lowered (empty: the configured orders were used)."""
+    peak_snr_cut: float = float("nan")
+    """Peak S/N cut the kernel-fit stars passed (``min_peak_snr`` unless lowered towards ``min_peak_snr_floor``)."""
 
 
 def _basis_fft(be: Backend, basis: KernelBasis, n: int):
@@ -237,6 +248,21 @@ def _clip(red: np.ndarray, keep: np.ndarray, nsig: float) -> np.ndarray:
     return keep & (red > med + nsig * spread)
 
 
+def _may_clip(keep: np.ndarray, clip: np.ndarray, config: PsfMatchConfig) -> bool:
+    """Whether the stars ``clip`` may be removed from ``keep``.
+
+    Without ``order_fallback`` always (too few left then fails, as before).  With it, only when
+    the stars left afford the same orders as now: with few stars, the brightest ones often
+    have the largest chi^2 (PSF-shape systematics) and clipping them would leave a noisier
+    kernel of lower order fitted to the faintest stars.
+    """
+    if not config.order_fallback:
+        return True
+    now = choose_orders(int(keep.sum()), config)
+    after = choose_orders(int((keep & ~clip).sum()), config)
+    return after is not None and (now is None or after[:2] == now[:2])
+
+
 def _cholesky_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Solve SPD systems ``a x = b`` (stacked ``(..., n, n)``, ``(..., n)``) by Cholesky in NumPy.
 
@@ -301,20 +327,27 @@ def fit_kernel(
 ) -> tuple[KernelSolution, FitStats]:
     """Fit the spatial kernel and background to the selected stars, clipping outliers.
 
+    The spatial and background orders follow the number of usable stars
+    (:func:`dia.stars.choose_orders`): the configured ones with at least
+    ``min_stars``, lower ones with fewer (``order_fallback``); the clip never takes
+    the stars below the fewest a fit can be made with.
+
     Raises
     ------
     StarSelectionError
-        If fewer than ``max(config.min_stars, n_unknown_spatial_terms + 1)`` stars remain.
+        If fewer than ``fallback_min_stars`` stars (``min_stars`` without ``order_fallback``) remain.
     """
     shape = tuple(int(v) for v in conv_img.shape)
-    s_terms = spatial_terms(config.spatial_order)
-    b_terms = spatial_terms(config.background_order)
-    n_s, n_b = len(s_terms), len(b_terms)
-    needed = max(config.min_stars, n_s + 1, n_b + 1)
     rejected = dict(stars.rejected)
-    if stars.y.size < needed:
-        raise StarSelectionError(describe_rejections(stars.found, int(stars.y.size), rejected, needed), stars.found,
-                                 int(stars.y.size), rejected)
+    cut = float(stars.peak_snr_cut)
+
+    def fail(usable: int) -> StarSelectionError:
+        needed = _absolute_min(config)
+        return StarSelectionError(describe_rejections(stars.found, usable, rejected, needed, cut), stars.found,
+                                  usable, rejected)
+
+    if choose_orders(int(stars.y.size), config) is None:
+        raise fail(int(stars.y.size))
 
     clock = StepClock(be, timings, "fit")
     method = "separable" if config.path == "fused" else "fft"
@@ -330,19 +363,23 @@ def fit_kernel(
     local = _ridge_solve(m_i, v_i, config.regularization, lapack)
     local_red = _chi2(local, m_i, v_i, c_i) / np.maximum(npix - m, 1)
     keep = np.ones(n, bool)
-    keep &= ~_clip(local_red, keep, config.clip_sigma)
+    if _may_clip(keep, _clip(local_red, keep, config.clip_sigma), config):
+        keep &= ~_clip(local_red, keep, config.clip_sigma)
 
     order = max(config.spatial_order, config.background_order)
     all_terms = spatial_terms(order)
     p = spatial_vector(stars.x, stars.y, shape, order)  # (n, n_all)
     n_all = len(all_terms)
-    # unknowns: kernel rows k < nb use the first n_s terms, the background row the first n_b terms
-    sel = [k * n_all + s for k in range(nb) for s in range(n_s)] + [nb * n_all + s for s in range(n_b)]
-    sel = np.array(sel)
     iterations = 0
+    chosen = None
     for iterations in range(1, config.clip_iterations + 2):
-        if keep.sum() < needed:
+        chosen = choose_orders(int(keep.sum()), config)
+        if chosen is None:
             break
+        so, bo, _ = chosen
+        n_s, n_b = len(spatial_terms(so)), len(spatial_terms(bo))
+        # unknowns: kernel rows k < nb use the first n_s terms, the background row the first n_b terms
+        sel = np.array([k * n_all + s for k in range(nb) for s in range(n_s)] + [nb * n_all + s for s in range(n_b)])
         pk = p[keep]
         pp = (pk[:, :, None] * pk[:, None, :]).reshape(len(pk), -1)
         g = (m_i[keep].reshape(len(pk), -1).T @ pp).reshape(m, m, n_all, n_all)
@@ -359,18 +396,21 @@ def fit_kernel(
         clip = _clip(red, keep, config.clip_sigma)
         if not clip.any():
             break
+        if not _may_clip(keep, clip, config):
+            break  # clipping would lower the orders (few stars): keep this solution
         keep &= ~clip
     rejected["clipped"] = int(n - keep.sum())
-    if keep.sum() < needed:
-        raise StarSelectionError(describe_rejections(stars.found, int(keep.sum()), rejected, needed), stars.found,
-                                 int(keep.sum()), rejected)
+    if chosen is None:
+        raise fail(int(keep.sum()))
+    so, bo, why = chosen
+    n_s, n_b = len(spatial_terms(so)), len(spatial_terms(bo))
 
     clock("solve")
     coefficients = coef[:nb, :n_s].copy()
     bg = coef[nb, :n_b].copy()
-    centre = spatial_vector((shape[1] - 1) / 2, (shape[0] - 1) / 2, shape, config.spatial_order)
+    centre = spatial_vector((shape[1] - 1) / 2, (shape[0] - 1) / 2, shape, so)
     ksum = float(coefficients[0] @ centre * basis.images[0].sum())
-    solution = KernelSolution(basis, config.spatial_order, config.background_order, shape, coefficients, bg, ksum)
+    solution = KernelSolution(basis, so, bo, shape, coefficients, bg, ksum)
     used_red = red[keep]
     stats = FitStats(
         found=stars.found,
@@ -382,5 +422,9 @@ def fit_kernel(
         residual_rms=float(np.sqrt(np.mean(used_red))),
         local_chi2_median=float(np.median(local_red[keep])),
         iterations=iterations,
+        spatial_order=so,
+        background_order=bo,
+        fallback=why,
+        peak_snr_cut=cut,
     )
     return solution, stats

@@ -11,7 +11,7 @@ from .backend import Backend, StepClock
 from .config import PsfMatchConfig
 from .masks import BAD_FOR_FIT, MaskBits
 
-__all__ = ["StarSelectionError", "StarSelection", "select_stars", "REJECT_REASONS"]
+__all__ = ["StarSelectionError", "StarSelection", "select_stars", "REJECT_REASONS", "stars_needed", "choose_orders"]
 
 # plain ints: CuPy kernels do not take enum scalars
 _BAD = int(BAD_FOR_FIT)
@@ -33,34 +33,97 @@ class StarSelectionError(ValueError):
 
 @dataclasses.dataclass
 class StarSelection:
-    """Pixel positions (host int arrays) of the chosen stars and the bookkeeping of the choice."""
+    """Pixel positions (host int arrays) of the chosen stars and the bookkeeping of the choice.
+
+    ``peak_snr_cut`` is the peak S/N cut applied (``min_peak_snr``, or lower down to
+    ``min_peak_snr_floor`` when too few stars passed it).
+    """
 
     y: np.ndarray
     x: np.ndarray
     found: int
     rejected: dict[str, int]
     not_selected: int
+    peak_snr_cut: float = math.nan
+
+
+def _n_terms(order: int) -> int:
+    return (order + 1) * (order + 2) // 2
+
+
+def stars_needed(config: PsfMatchConfig) -> int:
+    """Usable stars needed for a fit with the configured orders (no fallback).
+
+    ``max(min_stars, terms(spatial_order) + 1, terms(background_order) + 1)``.
+    """
+    return max(config.min_stars, _n_terms(config.spatial_order) + 1, _n_terms(config.background_order) + 1)
+
+
+def _absolute_min(config: PsfMatchConfig) -> int:
+    return max(2, min(config.fallback_min_stars, config.min_stars)) if config.order_fallback else stars_needed(config)
+
+
+def choose_orders(n_stars: int, config: PsfMatchConfig) -> tuple[int, int, str] | None:
+    """Spatial and background orders a fit with ``n_stars`` usable stars can afford.
+
+    Parameters
+    ----------
+    n_stars : int
+        Usable kernel-fit stars.
+    config : PsfMatchConfig
+        ``spatial_order``, ``background_order``, ``min_stars``, ``order_fallback``,
+        ``fallback_stars_per_term``, ``fallback_min_stars``.
+
+    Returns
+    -------
+    tuple or None
+        ``(spatial_order, background_order, why)``: the configured orders and ``""`` with at least
+        :func:`stars_needed` stars; otherwise (``order_fallback``) each order lowered to the highest
+        ``o`` with ``n_stars >= max(fallback_min_stars, ceil(fallback_stars_per_term * terms(o)))``
+        and ``why`` saying so; ``None`` when no fit can be made (fewer than ``fallback_min_stars``,
+        or fewer than ``min_stars`` without ``order_fallback``).
+    """
+    if n_stars >= stars_needed(config):
+        return config.spatial_order, config.background_order, ""
+    if not config.order_fallback or n_stars < _absolute_min(config):
+        return None
+
+    def highest(order: int) -> int:
+        while order > 0 and n_stars < max(_absolute_min(config), math.ceil(config.fallback_stars_per_term
+                                                                           * _n_terms(order))):
+            order -= 1
+        return order
+
+    so, bo = highest(config.spatial_order), highest(config.background_order)
+    why = (f"{n_stars} usable kernel-fit stars < {stars_needed(config)} needed for spatial_order "
+           f"{config.spatial_order} / background_order {config.background_order} (psf_match.min_stars): "
+           f"fitted spatial_order {so}, background_order {bo} (psf_match.order_fallback, "
+           f"fallback_stars_per_term {config.fallback_stars_per_term:g})")
+    return so, bo, why
 
 
 #: The PsfMatchConfig setting that controls each rejection reason (named in error messages).
 REASON_SETTINGS = {
-    "edge": "kernel_size / stamp_half_width",
-    "too_faint": "min_peak_snr",
+    "edge": "kernel_size / stamp_half_width: margin kernel half-width + stamp half-width",
+    "too_faint": "min_peak_snr / min_peak_snr_floor, detect_snr",
     "saturated": "saturation and the SAT mask bit",
     "masked": "the input masks",
     "not_isolated": "isolation_ratio",
-    "no_counterpart": "min_peak_snr",
+    "no_counterpart": "min_peak_snr / min_peak_snr_floor",
     "clipped": "clip_sigma",
 }
 
 
-def describe_rejections(found: int, usable: int, rejected: dict[str, int], needed: int) -> str:
+def describe_rejections(found: int, usable: int, rejected: dict[str, int], needed: int,
+                        peak_snr_cut: float = math.nan) -> str:
     """Human-readable summary used in StarSelectionError messages, naming the settings involved."""
     reasons = ", ".join(f"{k}: {v} [{REASON_SETTINGS.get(k, '?')}]" for k, v in rejected.items() if v) or "none"
+    cut = f" at peak S/N cut {peak_snr_cut:.3g}" if math.isfinite(peak_snr_cut) else ""
     return (
-        f"too few usable kernel-fit stars: {usable} usable, {needed} needed (psf_match.min_stars, or one more "
-        f"than the spatial_order / background_order terms); "
-        f"{found} candidate peaks found, rejected by reason ({reasons}); the psf_match settings in brackets "
+        f"too few usable kernel-fit stars: {usable} usable, {needed} needed (psf_match.min_stars for the "
+        f"configured spatial_order / background_order, or one more than their terms; with "
+        f"psf_match.order_fallback the orders are lowered down to psf_match.fallback_min_stars stars); "
+        f"{found} candidate peaks found{cut}, rejected by reason ({reasons}); the psf_match settings in brackets "
         f"control each reason"
     )
 
@@ -174,13 +237,19 @@ def select_stars(
 
     Peaks are found in the image to be convolved (the sharper one), then
     tested in order: the stamp and its kernel margin inside the image
-    (``edge``), peak S/N >= ``min_peak_snr`` (``too_faint``), no SAT pixel or
+    (``edge``: the margin is the kernel half-width + the stamp half-width, the pixels
+    the convolved stamp needs), peak S/N >= the cut in the convolved image against its
+    own noise (``too_faint``), no SAT pixel or
     value >= ``config.saturation`` in either stamp (``saturated``), no other
     BAD_FOR_FIT or non-finite pixel (``masked``), no neighbour peak brighter than
     ``isolation_ratio`` x its peak within the core (``not_isolated``), a peak
-    with S/N >= ``min_peak_snr`` in the other image (``no_counterpart``, e.g. a
-    transient or a bad pixel).  Survivors are spread over a grid of about
-    ``grid_cells`` cells, brightest first per cell, up to ``max_stars``.
+    with S/N >= the cut in the other image against that image's noise
+    (``no_counterpart``, e.g. a transient or a bad pixel).  The cut is
+    ``min_peak_snr``; when fewer than :func:`stars_needed` stars pass it, it is
+    lowered to the S/N (the lower of the two images) of the star that makes that
+    number, but not below ``min_peak_snr_floor`` (small or sparse frames).
+    Survivors are spread over a grid of about ``grid_cells`` cells, brightest
+    first per cell, up to ``max_stars``.
 
     ``peak_method`` (``"sparse"``: default on CPU, ``"filter"``: default on GPU)
     only changes how the same 5x5 local maxima are found.
@@ -224,68 +293,91 @@ def select_stars(
     clock("peaks")
     rejected = {k: 0 for k in REJECT_REASONS}
     if found == 0:
-        return StarSelection(np.zeros(0, int), np.zeros(0, int), 0, rejected, 0)
+        return StarSelection(np.zeros(0, int), np.zeros(0, int), 0, rejected, 0, float(config.min_peak_snr))
 
     full = core_hw + kernel_hw
-    alive = np.ones(found, bool)
+    edge = (py < full) | (px < full) | (py >= ny - full) | (px >= nx - full)
+    cache: dict = {}
 
-    def reject(bad: np.ndarray, reason: str) -> None:
-        bad = bad & alive
-        rejected[reason] += int(bad.sum())
-        alive[bad] = False
+    def judge(cut: float):
+        """Apply the tests in order with peak S/N cut ``cut``; returns ``(alive, rejected, snr)``."""
+        alive = np.ones(found, bool)
+        rej = {k: 0 for k in REJECT_REASONS}
 
-    reject((py < full) | (px < full) | (py >= ny - full) | (px >= nx - full), "edge")
-    reject(amp < config.min_peak_snr * noise_c, "too_faint")
+        def reject(bad: np.ndarray, reason: str) -> None:
+            bad = bad & alive
+            rej[reason] += int(bad.sum())
+            alive[bad] = False
 
-    idx = np.nonzero(alive)[0]
-    if idx.size:
-        ys, xs = xp.asarray(py[idx]), xp.asarray(px[idx])  # one small host->device copy
-        mc = _gather(xp, conv_mask, ys, xs, full)
-        mr = _gather(xp, ref_mask, ys, xs, core_hw)
-        vc = _gather(xp, conv_img, ys, xs, full)
-        vr = _gather(xp, ref_img, ys, xs, core_hw)
-        varc = _gather(xp, conv_var, ys, xs, full)
-        varr = _gather(xp, ref_var, ys, xs, core_hw)
-        sat = (
-            ((mc & _SAT) != 0).any(axis=(1, 2))
-            | ((mr & _SAT) != 0).any(axis=(1, 2))
-            | (vc >= config.saturation).any(axis=(1, 2))
-            | (vr >= config.saturation).any(axis=(1, 2))
-        )
-        bad = (
-            ((mc & _BAD) != 0).any(axis=(1, 2))
-            | ((mr & _BAD) != 0).any(axis=(1, 2))
-            | ~xp.isfinite(vc).all(axis=(1, 2))
-            | ~xp.isfinite(vr).all(axis=(1, 2))
-            | ~(xp.isfinite(varc) & (varc > 0)).all(axis=(1, 2))
-            | ~(xp.isfinite(varr) & (varr > 0)).all(axis=(1, 2))
-        )
-        c = core_hw
-        ref_peak = vr[:, c - 1 : c + 2, c - 1 : c + 2].max(axis=(1, 2)) - bgb_r[ys // block, xs // block]
-        # one device->host copy for the three per-star results
-        res = be.asnumpy(xp.stack([sat.astype(xp.float64), bad.astype(xp.float64), ref_peak.astype(xp.float64)]))
-        flags = np.zeros(found, bool)
-        flags[idx] = res[0] > 0
-        reject(flags, "saturated")
-        flags[:] = False
-        flags[idx] = res[1] > 0
-        reject(flags, "masked")
+        reject(edge, "edge")
+        reject(amp < cut * noise_c, "too_faint")
+        snr = np.full(found, -np.inf)  # the lower peak S/N of the two images (each against its own noise)
+        idx = np.nonzero(alive)[0]
+        if idx.size:
+            todo = np.array([i for i in idx if i not in cache], dtype=int)
+            if todo.size:
+                ys, xs = xp.asarray(py[todo]), xp.asarray(px[todo])  # one small host->device copy
+                mc = _gather(xp, conv_mask, ys, xs, full)
+                mr = _gather(xp, ref_mask, ys, xs, core_hw)
+                vc = _gather(xp, conv_img, ys, xs, full)
+                vr = _gather(xp, ref_img, ys, xs, core_hw)
+                varc = _gather(xp, conv_var, ys, xs, full)
+                varr = _gather(xp, ref_var, ys, xs, core_hw)
+                sat = (
+                    ((mc & _SAT) != 0).any(axis=(1, 2))
+                    | ((mr & _SAT) != 0).any(axis=(1, 2))
+                    | (vc >= config.saturation).any(axis=(1, 2))
+                    | (vr >= config.saturation).any(axis=(1, 2))
+                )
+                bad = (
+                    ((mc & _BAD) != 0).any(axis=(1, 2))
+                    | ((mr & _BAD) != 0).any(axis=(1, 2))
+                    | ~xp.isfinite(vc).all(axis=(1, 2))
+                    | ~xp.isfinite(vr).all(axis=(1, 2))
+                    | ~(xp.isfinite(varc) & (varc > 0)).all(axis=(1, 2))
+                    | ~(xp.isfinite(varr) & (varr > 0)).all(axis=(1, 2))
+                )
+                c = core_hw
+                ref_peak = vr[:, c - 1 : c + 2, c - 1 : c + 2].max(axis=(1, 2)) - bgb_r[ys // block, xs // block]
+                # one device->host copy for the three per-star results
+                res = be.asnumpy(xp.stack([sat.astype(xp.float64), bad.astype(xp.float64),
+                                           ref_peak.astype(xp.float64)]))
+                for j, i in enumerate(todo):
+                    cache[int(i)] = (res[0, j] > 0, res[1, j] > 0, res[2, j])
+            res = np.array([cache[int(i)] for i in idx], dtype=np.float64).T
+            flags = np.zeros(found, bool)
+            flags[idx] = res[0] > 0
+            reject(flags, "saturated")
+            flags[:] = False
+            flags[idx] = res[1] > 0
+            reject(flags, "masked")
+            reject(notiso, "not_isolated")
+            rp = np.full(found, np.inf)
+            rp[idx] = res[2]
+            reject(~(rp >= cut * noise_r), "no_counterpart")
+            snr[idx] = np.minimum(amp[idx] / noise_c, rp[idx] / noise_r)
+        return alive, rej, snr
 
-        # isolation against every detected peak (a small host-side search, vectorised over pairs)
-        from scipy.spatial import cKDTree
+    # isolation against every detected peak (a small host-side search, vectorised over pairs)
+    from scipy.spatial import cKDTree
 
-        pairs = cKDTree(np.column_stack([py, px])).query_pairs(r=core_hw, output_type="ndarray")
-        notiso = np.zeros(found, bool)
-        if len(pairs):
-            i, j = pairs[:, 0], pairs[:, 1]
-            np.logical_or.at(notiso, i, amp[j] > config.isolation_ratio * amp[i])
-            np.logical_or.at(notiso, j, amp[i] > config.isolation_ratio * amp[j])
-        reject(notiso, "not_isolated")
+    pairs = cKDTree(np.column_stack([py, px])).query_pairs(r=core_hw, output_type="ndarray")
+    notiso = np.zeros(found, bool)
+    if len(pairs):
+        i, j = pairs[:, 0], pairs[:, 1]
+        np.logical_or.at(notiso, i, amp[j] > config.isolation_ratio * amp[i])
+        np.logical_or.at(notiso, j, amp[i] > config.isolation_ratio * amp[j])
 
-        flags[:] = False
-        rp = np.full(found, np.inf)
-        rp[idx] = res[2]
-        reject(~(rp >= config.min_peak_snr * noise_r), "no_counterpart")
+    cut = float(config.min_peak_snr)
+    alive, rejected, _ = judge(cut)
+    wanted = stars_needed(config)
+    floor = min(float(config.min_peak_snr_floor), cut)
+    if alive.sum() < wanted and floor < cut:
+        # small or sparse frame: lower the cut just enough to keep ``wanted`` stars (not below the floor)
+        ok, _, snr = judge(floor)
+        ranked = np.sort(snr[ok])[::-1]
+        cut = float(max(floor, ranked[wanted - 1])) if ranked.size >= wanted else floor
+        alive, rejected, _ = judge(cut)
 
     clock("tests")
     good = np.nonzero(alive)[0]
@@ -304,4 +396,5 @@ def select_stars(
     first = order[rank < per_cell]
     rest = order[rank >= per_cell]
     chosen = np.concatenate([first, rest])[: config.max_stars]
-    return StarSelection(py[chosen].astype(int), px[chosen].astype(int), found, rejected, int(good.size - chosen.size))
+    return StarSelection(py[chosen].astype(int), px[chosen].astype(int), found, rejected, int(good.size - chosen.size),
+                         cut)

@@ -316,7 +316,13 @@ def _stage_subtract(state: CcdState, config: RunConfig, out_dir: Path) -> None:
     }
     _decide(state, "subtract", convolved=diff.convolved, search_fwhm=round(float(state.aligned.search.fwhm), 3),
             template_fwhm=round(float(state.aligned.template.fwhm), 3),
-            kernel_stars_used=int(stats.used) if stats is not None else None)
+            kernel_stars_used=int(stats.used) if stats is not None else None,
+            spatial_order=stats.spatial_order if stats is not None else None,
+            background_order=stats.background_order if stats is not None else None,
+            kernel_fallback=(stats.fallback or None) if stats is not None else None,
+            peak_snr_cut=stats.peak_snr_cut if stats is not None else None)
+    if stats is not None and stats.fallback:
+        logger.info("%s: kernel fit fallback: %s", state.ccd, stats.fallback)
     if config.save_diff:
         from pipeline.io import write_difference
 

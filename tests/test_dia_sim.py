@@ -131,12 +131,21 @@ def test_forced_convolution_directions(normal):
         assert 0.9 <= np.std(z) <= 1.2  # convolving the sharper image is ill-posed, yet stays sane
 
 
+def test_default_ccd_keeps_the_configured_orders(normal):
+    """A full simulated DECam CCD has plenty of kernel stars: no order fallback, the full S/N cut."""
+    _, _, diff, _ = normal
+    s, cfg = diff.stats, PsfMatchConfig()
+    assert (s.spatial_order, s.background_order) == (cfg.spatial_order, cfg.background_order)
+    assert (diff.solution.spatial_order, diff.solution.background_order) == (cfg.spatial_order, cfg.background_order)
+    assert s.fallback == "" and s.peak_snr_cut == cfg.min_peak_snr and s.used >= cfg.min_stars
+
+
 def test_clear_errors_for_unusable_inputs(normal):
     sim, aligned, _, _ = normal
     s, t = aligned.search, aligned.template
     with pytest.raises(StarSelectionError, match=r"too few usable kernel-fit stars.*\d+ candidate peaks"):
         subtract(s.image, s.variance, s.mask, t.image, t.variance, t.mask, search_fwhm=s.fwhm,
-                 template_fwhm=t.fwhm, config=PsfMatchConfig(min_stars=5000, max_stars=6000))
+                 template_fwhm=t.fwhm, config=PsfMatchConfig(min_stars=5000, max_stars=6000, order_fallback=False))
     all_masked = np.full(s.mask.shape, MaskBits.BAD, np.int32)
     with pytest.raises(ValueError, match="mask"):
         subtract(s.image, s.variance, all_masked, t.image, t.variance, t.mask, search_fwhm=s.fwhm,

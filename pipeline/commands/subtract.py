@@ -200,4 +200,6 @@ def main(args: argparse.Namespace) -> int:
           f"[{template.provenance.get('fwhm', '?')}], {aligned.template.fwhm:.2f} px on the search grid); "
           f"{stats.used} kernel stars used of {stats.found} peaks; load {t1 - t0:.2f} s, align {t2 - t1:.2f} s, "
           f"match+subtract {t3 - t2:.2f} s ({device})")
+    if stats.fallback:
+        print(f"note: {stats.fallback}")
     return 0
