@@ -509,5 +509,6 @@ def format_summary(result: RunResult, config: RunConfig) -> str:
     if table:
         lines.append("  time per stage (median s per CCD): "
                      + ", ".join(f"{s} {v['median']:.2f}" for s, v in table.items()))
-    lines.append(f"  outputs: {result.out_dir}/candidates.fits, candidates.parquet, run.json")
+    lines.append(f"  outputs: {result.out_dir}/candidates.fits, candidates.parquet, run.json; ds9 regions in regions/")
+    lines.append(f"  look at the candidates: pipeline vet {result.out_dir}")
     return "\n".join(lines)

@@ -62,9 +62,9 @@ CCD_CASES: dict[str, dict[str, tuple[str, str]]] = {
                        "direct": ("detect", r"template 'rotated_template\.fits\[IMAGE\]' does not line up .*WCS")},
     "empty-sky": {"dia": ("subtract", r"empty_search\.fits.*too few usable kernel-fit stars.*psf_match\.min_stars"),
                   "direct": ("done", "")},
-    # dia on this 1024-pixel CCD keeps too few kernel stars on half a template: a clean failure
-    "half-nan-template": {"dia": ("subtract", r"halfnan_template\.fits.*too few usable kernel-fit stars"),
-                          "direct": ("done", "")},
+    # dia on this 1024-pixel CCD has too few kernel stars at the default S/N cut on half a template:
+    # the fit relaxes the cut or lowers its orders and records it (checked below)
+    "half-nan-template": {"*": ("done", "")},
     "binned-template": {"*": ("done", "")},
     "int-image": {"*": ("done", "")},
     "compressed": {"*": ("done", "")},
@@ -301,6 +301,13 @@ def test_every_bad_ccd_fails_alone_with_a_message_naming_file_and_problem(mode, 
         if stage == "done":
             if rec["status"] != "done":
                 problems.append(f"{ccd}: expected done, got {rec['failed_stage']}: {rec['error']}")
+            elif ccd == "half-nan-template" and mode == "dia":
+                # kept going by relaxing the kernel-star S/N cut (below min_peak_snr = 25) or the orders
+                sub = rec["decisions"].get("subtract", {})
+                relaxed = sub.get("peak_snr_cut") is not None and sub["peak_snr_cut"] < 25
+                lowered = bool(sub.get("kernel_fallback")) and sub.get("spatial_order", 2) < 2
+                if not (relaxed or lowered):
+                    problems.append(f"{ccd}: no relaxed star cut or kernel-order fallback recorded: {sub}")
             continue
         if rec["status"] != "failed" or rec["failed_stage"] != stage:
             problems.append(f"{ccd}: expected failure at {stage}, got {rec['status']} {rec['failed_stage']}: "
