@@ -147,25 +147,11 @@ def machine_info() -> dict[str, Any]:
 
 
 def gpu_available() -> tuple[bool, str]:
-    """Whether both CuPy (DIA) and torch CUDA (CNN) see a GPU, and a sentence saying so."""
-    try:
-        import torch
+    """Whether both CuPy (DIA) and torch CUDA (CNN) see a GPU, and a sentence saying so
+    (:func:`pipeline.config.gpu_usable`, the one probe ``--device auto`` uses too)."""
+    from pipeline.config import gpu_usable
 
-        if not torch.cuda.is_available():
-            return False, "torch sees no CUDA device"
-    except Exception as exc:  # noqa: BLE001
-        return False, f"torch unavailable ({exc})"
-    try:
-        import cupy
-
-        n = cupy.cuda.runtime.getDeviceCount()
-        if n < 1:
-            return False, "CuPy sees no CUDA device"
-        props = cupy.cuda.runtime.getDeviceProperties(0)
-        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-        return True, f"GPU: {name}"
-    except Exception as exc:  # noqa: BLE001
-        return False, f"CuPy unavailable ({type(exc).__name__}: {exc})"
+    return gpu_usable(torch_too=True)
 
 
 # ----------------------------------------------------------------------------- worker functions

@@ -237,8 +237,9 @@ def run_ccds(out_dir: str | Path) -> list[str]:
 
 
 def write_ccd_regions(out_dir: str | Path, ccd: str, threshold: float,
-                      config: RegionConfig = RegionConfig()) -> list[Path]:
-    """Write ``OUT/regions/<ccd>.reg`` (image) and ``OUT/regions/sky/<ccd>.reg`` (icrs) from ``OUT/ccds/<ccd>.fits``.
+                      config: RegionConfig = RegionConfig(), table: Table | None = None) -> list[Path]:
+    """Write ``OUT/regions/<ccd>.reg`` (image) and ``OUT/regions/sky/<ccd>.reg`` (icrs) from the CCD's
+    candidates: ``table`` when given (the run has them in memory), else ``OUT/ccds/<ccd>.fits``.
 
     Returns
     -------
@@ -247,7 +248,8 @@ def write_ccd_regions(out_dir: str | Path, ccd: str, threshold: float,
     """
     validate_ccd_id(ccd)
     out_dir = Path(out_dir)
-    table = read_catalog(out_dir / "ccds" / f"{ccd}.fits")
+    if table is None:
+        table = read_catalog(out_dir / "ccds" / f"{ccd}.fits")
     image = write_regions(table, out_dir / "regions" / f"{ccd}.reg", threshold=threshold, frame="image",
                           config=config)
     sky = write_regions(table, out_dir / "regions" / "sky" / f"{ccd}.reg", threshold=threshold, frame="icrs",
@@ -256,7 +258,7 @@ def write_ccd_regions(out_dir: str | Path, ccd: str, threshold: float,
 
 
 def write_run_regions(out_dir: str | Path, threshold: float, ccds: list[str] | None = None,
-                      config: RegionConfig = RegionConfig()) -> list[Path]:
+                      config: RegionConfig = RegionConfig(), catalog: Table | None = None) -> list[Path]:
     """Write the region files of every CCD of a run (see :func:`write_ccd_regions`).
 
     Parameters
@@ -269,13 +271,20 @@ def write_run_regions(out_dir: str | Path, threshold: float, ccds: list[str] | N
         The CCDs; default :func:`run_ccds`.
     config : RegionConfig
         Drawing parameters.
+    catalog : astropy.table.Table, optional
+        The run's merged catalog (``ccd`` column): each CCD's rows are taken from it instead of
+        reading ``OUT/ccds/<ccd>.fits`` again.
 
     Returns
     -------
     list of Path
         Every file written.
     """
+    names = None  # an empty merged catalog may have no columns: read the CCDs' own then
+    if catalog is not None and "ccd" in catalog.colnames:
+        names = np.char.strip(np.asarray(catalog["ccd"]).astype(str))
     written: list[Path] = []
     for ccd in run_ccds(out_dir) if ccds is None else ccds:
-        written += write_ccd_regions(out_dir, ccd, threshold, config)
+        table = None if names is None else catalog[names == ccd]
+        written += write_ccd_regions(out_dir, ccd, threshold, config, table=table)
     return written

@@ -328,7 +328,7 @@ def _run_locked(entries, config, out_dir, scheduler, chash, weights_path, weight
     try:  # ds9 overlays of each CCD's candidates: a convenience, never a reason to fail the run
         from pipeline.regions import write_run_regions
 
-        write_run_regions(out_dir, config.score_threshold,
+        write_run_regions(out_dir, config.score_threshold, catalog=catalog,
                           ccds=[r["ccd"] for r in records if r["status"] == "done"])
     except Exception as exc:  # noqa: BLE001 - reported in run.json and the log
         regions_error = f"{type(exc).__name__}: {exc}"

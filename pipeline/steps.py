@@ -250,7 +250,7 @@ def get_scorer(model: str, device: str, threads: int, batch_size: int):
     """The CNN scorer, loaded once per worker process (cached by model, device, threads, batch)."""
     from classifier.infer import Scorer
 
-    return Scorer(model, device="cuda" if device == "gpu" else "cpu", batch_size=batch_size, threads=threads)
+    return Scorer(model, device=device, batch_size=batch_size, threads=threads)  # "gpu" -> CUDA in torch_device
 
 
 def score_stamps(stamps: Stamps, config: RunConfig) -> np.ndarray:

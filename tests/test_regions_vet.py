@@ -214,6 +214,24 @@ def test_write_run_regions(tmp_path, with_record):
     assert not list(run.rglob("*.tmp"))
 
 
+def test_run_regions_from_the_merged_catalog_equal_those_from_the_ccd_catalogs(tmp_path):
+    """The runner passes its in-memory merged catalog; the files are those read from ccds/<ccd>.fits."""
+    from astropy.table import vstack
+
+    from pipeline.io import read_catalog
+    from pipeline.regions import write_run_regions
+
+    run = make_run(tmp_path / "run")
+    write_run_regions(run, THRESHOLD)
+    from_disk = {p.relative_to(run): p.read_text() for p in (run / "regions").rglob("*.reg")}
+    merged = vstack([read_catalog(run / "ccds" / f"{ccd}.fits") for ccd in ROWS])
+    for p in (run / "regions").rglob("*.reg"):
+        p.unlink()
+    (run / "ccds" / "ccdA.fits").unlink()  # not read when the catalog is given
+    write_run_regions(run, THRESHOLD, ccds=list(ROWS), catalog=merged)
+    assert {p.relative_to(run): p.read_text() for p in (run / "regions").rglob("*.reg")} == from_disk
+
+
 # ----------------------------------------------------------------------------- pictures
 
 
