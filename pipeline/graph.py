@@ -327,7 +327,8 @@ def _stage_subtract(state: CcdState, config: RunConfig, out_dir: Path) -> None:
         from pipeline.io import write_difference
 
         write_difference(diff, state.aligned.search, ccd_paths(out_dir, state.ccd)["diff"],
-                         template_fwhm=state.aligned.template.fwhm)
+                         template_fwhm=state.aligned.template.fwhm,
+                         template_fwhm_source=state.aligned.template.provenance.get("fwhm"))
     _drop_convolved_variance(state, diff.convolved)
 
 

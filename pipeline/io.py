@@ -1215,7 +1215,8 @@ def _summary_cards(obj, prefix: str, max_items: int = 16) -> list[tuple[str, Any
     return cards
 
 
-def write_difference(difference, search: Exposure, path: str | Path, *, template_fwhm: float | None = None) -> Path:
+def write_difference(difference, search: Exposure, path: str | Path, *, template_fwhm: float | None = None,
+                     template_fwhm_source: str | None = None) -> Path:
     """Write a difference image (IMAGE, VARIANCE, MASK on the search WCS) with the kernel summary.
 
     The header carries the search exposure's metadata, which image was convolved and the
@@ -1231,6 +1232,9 @@ def write_difference(difference, search: Exposure, path: str | Path, *, template
     path : path
     template_fwhm : float, optional
         The template's FWHM in search pixels (``AlignedPair.template.fwhm``).
+    template_fwhm_source : str, optional
+        Where the template's FWHM came from (its ``provenance["fwhm"]``); written as ``TFWHMSRC``
+        beside ``SFWHMSRC``, the search's.
     """
     diff = difference.to_numpy() if hasattr(difference, "to_numpy") else difference
     exposure = dataclasses.replace(
@@ -1251,6 +1255,10 @@ def write_difference(difference, search: Exposure, path: str | Path, *, template
     hdr["DECORREL"] = (bool(getattr(diff, "decorrelated", False)), "noise decorrelation applied")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fits.verify.VerifyWarning)  # long keys become HIERARCH cards
+        for key, source, comment in (("SFWHMSRC", search.provenance.get("fwhm"), "SFWHM source"),
+                                     ("TFWHMSRC", template_fwhm_source, "TFWHM source")):
+            if source:
+                hdr[key] = (str(source), comment)  # long values continue on CONTINUE cards
         for key, value in _summary_cards(getattr(diff, "solution", None), "DIA KERNEL") + \
                 _summary_cards(getattr(diff, "stats", None), "DIA FIT"):
             hdr[key] = value

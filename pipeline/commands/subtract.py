@@ -138,12 +138,6 @@ def _with_fwhm(exposure, fwhm: float | None, option: str):
     return dataclasses.replace(exposure, fwhm=float(fwhm), provenance=provenance)
 
 
-def _fwhm_cards(search, template) -> list[tuple[str, str, str]]:
-    """Header cards saying where the search and template FWHMs came from."""
-    return [("SFWHMSRC", str(search.provenance.get("fwhm", "")), "SFWHM source"),
-            ("TFWHMSRC", str(template.provenance.get("fwhm", "")), "TFWHM source")]
-
-
 def main(args: argparse.Namespace) -> int:
     """Align, PSF-match, subtract and write; print a one-line kernel summary.
 
@@ -152,9 +146,6 @@ def main(args: argparse.Namespace) -> int:
     """
     import dataclasses
     import time
-    import warnings
-
-    from astropy.io import fits
 
     from dia import PsfMatchConfig, StarSelectionError
     from pipeline.align import AlignConfig, align_pair
@@ -180,13 +171,8 @@ def main(args: argparse.Namespace) -> int:
         t2 = time.perf_counter()
         diff = difference_image(aligned, config, device)
         t3 = time.perf_counter()
-        header = search.header.copy()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", fits.verify.VerifyWarning)  # long values continue on CONTINUE cards
-            for key, value, comment in _fwhm_cards(search, template):
-                header[key] = (value, comment)
-        write_difference(diff, dataclasses.replace(search, header=header), args.out,
-                         template_fwhm=aligned.template.fwhm)
+        write_difference(diff, search, args.out, template_fwhm=aligned.template.fwhm,
+                         template_fwhm_source=template.provenance.get("fwhm"))
     except (InputError, StarSelectionError, ValueError, FileNotFoundError, RuntimeError, ImportError,
             OutputError) as exc:
         print(f"pipeline subtract: {exc}", file=sys.stderr)
