@@ -67,7 +67,7 @@ from pipeline.io import (
 )
 
 __all__ = ["CcdState", "STAGES", "build_graph", "config_hash", "resume_key", "input_fingerprint",
-           "ccd_outputs_complete", "collect_catalog", "run_stage", "status_record", "ccd_paths", "save_stamps",
+           "ccd_outputs_complete", "collect_catalog", "run_stage", "status_record", "ccd_paths",
            "STAMPS_SUFFIX", "without_planes", "release_free_memory"]
 
 logger = logging.getLogger(__name__)
@@ -78,11 +78,6 @@ STAGES = {
 }
 #: Stages that use the accelerator when device="gpu" (they carry the Dask resource {"GPU": 1}).
 GPU_STAGES = ("subtract", "score")
-
-
-def save_stamps(config: RunConfig) -> bool:
-    """Whether the run keeps each CCD's scored stamps (``RunConfig.save_stamps``, default True)."""
-    return bool(getattr(config, "save_stamps", True))
 
 
 @dataclasses.dataclass
@@ -370,7 +365,7 @@ def _stage_stamps(state: CcdState, config: RunConfig, out_dir: Path) -> None:
 
 def _stage_score(state: CcdState, config: RunConfig, out_dir: Path) -> None:
     state.scores = steps.score_stamps(state.stamps, config)
-    if not save_stamps(config):
+    if not config.save_stamps:
         state.stamps = None
 
 
@@ -385,7 +380,7 @@ def _stage_write(state: CcdState, config: RunConfig, out_dir: Path) -> None:
             table, truth, config.score_threshold, edge=config.detect.edge, shape=search.shape
         ).as_dict()
     paths = ccd_paths(out_dir, state.ccd)
-    if save_stamps(config):
+    if config.save_stamps:
         _write_ccd_stamps(state, table, config, paths["stamps"])
     elif paths["stamps"].exists():  # an earlier run's stamps no longer match this catalog
         paths["stamps"].unlink()

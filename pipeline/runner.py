@@ -27,7 +27,6 @@ from pipeline.graph import (
     ccd_paths,
     collect_catalog,
     config_hash,
-    save_stamps,
     status_record,
 )
 from pipeline.io import (
@@ -279,7 +278,7 @@ def _run_locked(entries, config, out_dir, scheduler, chash, weights_path, weight
     todo = []
     for entry in entries:
         record, why = (None, "") if not resume else ccd_outputs_complete(
-            out_dir, entry, chash, need_diff=config.save_diff, need_stamps=save_stamps(config))
+            out_dir, entry, chash, need_diff=config.save_diff, need_stamps=config.save_stamps)
         if record is not None:
             try:
                 reused[entry.ccd] = dict(_resummarize(record, entry, out_dir, config), resumed=True)

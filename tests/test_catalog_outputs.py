@@ -8,7 +8,6 @@ the shipped weights file, on the two small simulated CCDs of ``conftest.sim_fiel
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -23,7 +22,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from pipeline.cluster import SchedulerConfig
-from pipeline.config import RunConfig, execution_field
+from pipeline.config import RunConfig
 from pipeline.detect import CANDIDATE_COLUMNS, FLAG_DESCRIPTIONS, CandidateFlags, CandidateTable, flag_bits
 from pipeline.graph import ccd_paths, collect_catalog
 from pipeline.io import (
@@ -44,13 +43,6 @@ from pipeline.steps import finalize_candidates, magnitudes
 
 THREADS = SchedulerConfig(kind="threads", workers=2)
 WEIGHTS = Path(__file__).resolve().parents[1] / "classifier" / "weights"
-
-
-@dataclasses.dataclass(frozen=True)
-class _NoStampsConfig(RunConfig):
-    """RunConfig with ``save_stamps`` off (an execution setting: the science hash is unchanged)."""
-
-    save_stamps: bool = execution_field(False)
 
 
 def _run(entries, out, mode, **config):
@@ -354,9 +346,10 @@ def test_a_missing_or_stale_stamps_file_redoes_the_ccd_and_save_stamps_off_remov
     result = run_pipeline(entries, RunConfig(mode="direct"), out, THREADS, resume=True, progress=False)
     assert {r["ccd"]: r["resumed"] for r in result.records} == {"ccd00": True, "ccd01": False}
     # save_stamps is an execution setting: off, finished CCDs are reused; a CCD computed again drops its stamps
-    result = run_pipeline(entries, _NoStampsConfig(mode="direct"), out, THREADS, resume=True, progress=False)
+    no_stamps = RunConfig(mode="direct", save_stamps=False)
+    result = run_pipeline(entries, no_stamps, out, THREADS, resume=True, progress=False)
     assert all(r["resumed"] for r in result.records)
-    result = run_pipeline(entries[1:], _NoStampsConfig(mode="direct"), out, THREADS, progress=False)
+    result = run_pipeline(entries[1:], no_stamps, out, THREADS, progress=False)
     assert result.exit_status == 0
     assert not (out / "ccds" / "ccd01_stamps.fits").exists() and (out / "ccds" / "ccd00_stamps.fits").exists()
 
