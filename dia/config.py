@@ -9,6 +9,7 @@ __all__ = ["PsfMatchConfig"]
 
 _CONVOLVE_CHOICES = ("auto", "template", "search")
 _PATH_CHOICES = ("fused", "reference")
+_BACKGROUND_FIT_CHOICES = ("sky", "stamps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,19 @@ class PsfMatchConfig:
     spatial_order: int = 2
     """Polynomial order of the spatial variation of the kernel."""
     background_order: int = 1
-    """Polynomial order of the differential background."""
+    """Polynomial order of the differential background (with ``background_fit="sky"``: of the sky re-fit,
+    lowered only when the frame has fewer than two background cells per term)."""
+    background_fit: str = "sky"
+    """Where the differential background comes from.  ``"sky"`` (default): fitted with the kernel on the star
+    stamps, then re-fitted on the blank sky of the difference (robust medians of cells of ``background_cell`` px,
+    :mod:`dia.background`), which the star stamps alone determine poorly (a constant is nearly degenerate with the
+    kernel's wings on a stamp; few stars, stacks' PSF wings).  ``"stamps"``: the kernel fit's background as it is
+    (the previous behaviour)."""
+    background_cell: int | None = None
+    """Cell side [px] of the sky re-fit; ``None``: a quarter of the shorter image side clipped to 16..128 px."""
+    background_clip: float = 5.0
+    """Sky re-fit: pixels beyond this many sigma of the difference (transients, residuals) are left out of the
+    cell medians, and cells off the fit by more than this many robust sigma are rejected."""
     convolve: str = "auto"
     """Which image is convolved: ``"auto"`` (the one with the narrower PSF), ``"template"`` or ``"search"``."""
 
@@ -88,8 +101,19 @@ class PsfMatchConfig:
     """Ridge added to the normal equations, relative to their mean diagonal."""
     grow_bits: int = 1 | 2 | 4 | 8
     """Mask bits of the convolved image that are grown by the kernel footprint (BAD|SAT|NO_DATA|CR)."""
+    noise_correlation: bool = True
+    """Measure the noise covariance of the convolved image on its blank sky (lags up to 3 px, significant ones
+    only) and scale its variance term by what the convolution does to correlated noise (:mod:`dia.noise`;
+    stacks, resampled images); white noise leaves the variance as it was.  Recorded as
+    ``FitStats.noise_correlation_factor``."""
     decorrelate: bool = False
     """Apply the Reiss & Lupton (2016) noise decorrelation afterburner to the difference."""
+    decorrelate_variance: str = "measured"
+    """Variance plane of a decorrelated difference.  ``"formula"``: ``v_Y + kappa^2 v_X`` (Reiss & Lupton), right for
+    white input noise and too large when the inputs' noise is already correlated (stacks, resampled images: x1.3-1.5
+    on real DECam stacks).  ``"measured"`` (default): the formula's plane scaled by the measured variance of the
+    decorrelated difference over it on unflagged pixels (robust, sources clipped;
+    :func:`dia.decorrelate.empirical_variance_scale`), recorded as ``FitStats.variance_scale``."""
     float32: bool = True
     """Full-frame convolutions in float32 (the fit is always float64)."""
     # execution settings: same result to rounding, so not part of a run's resume key
@@ -110,6 +134,16 @@ class PsfMatchConfig:
     def __post_init__(self) -> None:
         if self.path not in _PATH_CHOICES:
             raise ValueError(f"PsfMatchConfig.path must be one of {_PATH_CHOICES}, got {self.path!r}")
+        if self.decorrelate_variance not in ("measured", "formula"):
+            raise ValueError("PsfMatchConfig.decorrelate_variance must be 'measured' or 'formula', "
+                             f"got {self.decorrelate_variance!r}")
+        if self.background_fit not in _BACKGROUND_FIT_CHOICES:
+            raise ValueError(f"PsfMatchConfig.background_fit must be one of {_BACKGROUND_FIT_CHOICES}, "
+                             f"got {self.background_fit!r}")
+        if self.background_cell is not None and self.background_cell < 4:
+            raise ValueError(f"PsfMatchConfig.background_cell must be >= 4 px (or None), got {self.background_cell}")
+        if not self.background_clip > 0:
+            raise ValueError(f"PsfMatchConfig.background_clip must be > 0, got {self.background_clip}")
         if self.convolve not in _CONVOLVE_CHOICES:
             raise ValueError(f"PsfMatchConfig.convolve must be one of {_CONVOLVE_CHOICES}, got {self.convolve!r}")
         if not self.kernel_degrees or any(d < 0 for d in self.kernel_degrees):

@@ -105,10 +105,26 @@ def background_image(be: Backend, solution: KernelSolution, dtype):
     return eval_poly_image(coeffs, solution.shape, be.xp, dtype)
 
 
-def kernel_power_coeffs(solution: KernelSolution) -> dict[tuple[int, int], float]:
-    """Polynomial ``sum_uv K(x, y; u, v)^2 = sum_st P_s P_t <K_s, K_t>`` as {(i, j): coefficient}."""
+def kernel_power_coeffs(solution: KernelSolution, noise_cov: np.ndarray | None = None) -> dict[tuple[int, int], float]:
+    """Polynomial ``sum_uv K(x, y; u, v)^2 = sum_st P_s P_t <K_s, K_t>`` as {(i, j): coefficient}.
+
+    With ``noise_cov`` (the convolved image's noise covariance ``C[dy + L, dx + L]`` in units of its
+    variance plane, :func:`dia.noise.noise_covariance`), the variance gain of correlated noise
+    ``sum_d C(d) sum_u K(u) K(u + d) = sum_st P_s P_t sum_d C(d) <K_s, K_t shifted by d>`` instead.
+    """
     ks = solution.spatial_kernels()
-    gram = np.einsum("suv,tuv->st", ks, ks)
+    if noise_cov is None:
+        gram = np.einsum("suv,tuv->st", ks, ks)
+    else:
+        from scipy.signal import correlate2d
+
+        lag = noise_cov.shape[0] // 2
+        c = ks.shape[-1] - 1
+        gram = np.empty((len(ks), len(ks)))
+        for a in range(len(ks)):
+            for b in range(len(ks)):
+                corr = correlate2d(ks[a], ks[b], mode="full")[c - lag : c + lag + 1, c - lag : c + lag + 1]
+                gram[a, b] = float((noise_cov * corr).sum())
     terms = solution.spatial_terms
     out: dict[tuple[int, int], float] = {}
     for s, (i1, j1) in enumerate(terms):
@@ -118,8 +134,9 @@ def kernel_power_coeffs(solution: KernelSolution) -> dict[tuple[int, int], float
     return out
 
 
-def convolve_variance(be: Backend, variance, solution: KernelSolution, dtype, band_rows: int | None = None):
-    """Propagate a variance plane through the spatially varying kernel.
+def convolve_variance(be: Backend, variance, solution: KernelSolution, dtype, band_rows: int | None = None,
+                      noise_cov: np.ndarray | None = None):
+    """Propagate a variance plane through the spatially varying kernel (``noise_cov``: see :func:`kernel_power_coeffs`).
 
     Exact would be ``sum_uv K(x, y; u, v)^2 V(x - u, y - v)``, which needs one
     convolution per *pair* of spatial terms.  We convolve ``V`` once with the
@@ -134,8 +151,8 @@ def convolve_variance(be: Backend, variance, solution: KernelSolution, dtype, ba
     kc = solution.kernel_at((nx - 1) / 2, (ny - 1) / 2)
     k2 = kc * kc
     conv = convolve_terms(be, variance, k2[None], [(0, 0)], dtype, band_rows, "variance")
-    ratio = eval_poly_image({k: v / float(k2.sum()) for k, v in kernel_power_coeffs(solution).items()}, (ny, nx),
-                            be.xp, dtype)
+    ratio = eval_poly_image({k: v / float(k2.sum()) for k, v in kernel_power_coeffs(solution, noise_cov).items()},
+                            (ny, nx), be.xp, dtype)
     conv *= ratio
     return conv
 

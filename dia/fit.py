@@ -120,6 +120,15 @@ class FitStats:
     """Why the orders were lowered (empty: the configured orders were used)."""
     peak_snr_cut: float = float("nan")
     """Peak S/N cut the kernel-fit stars passed (``min_peak_snr`` unless lowered towards ``min_peak_snr_floor``)."""
+    background: str = "stamps"
+    """Where the differential background came from: ``"stamps"`` (the kernel fit's) or the sky re-fit's
+    summary (``PsfMatchConfig.background_fit``; :mod:`dia.background`)."""
+    noise_correlation_factor: float = 1.0
+    """Factor applied to the convolved image's variance term for its correlated noise (1: white;
+    ``PsfMatchConfig.noise_correlation``, :mod:`dia.noise`)."""
+    variance_scale: float = 1.0
+    """Factor applied to the decorrelated variance plane (``PsfMatchConfig.decorrelate_variance="measured"``:
+    the measured variance of the decorrelated difference over the formula's, on unflagged pixels)."""
 
 
 def _basis_fft(be: Backend, basis: KernelBasis, n: int):

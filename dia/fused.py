@@ -145,7 +145,8 @@ class _Laps:
 
 
 def subtract_fused(be: Backend, x_img, x_var, x_mask, y_img, y_var, y_mask, solution: KernelSolution, convolved: str,
-                   *, grow_bits: int, dtype, band_rows: int | None, timings: dict | None = None):
+                   *, grow_bits: int, dtype, band_rows: int | None, timings: dict | None = None,
+                   noise_cov: np.ndarray | None = None):
     """Difference, variance and mask of a PSF-matched pair, band by band.
 
     Parameters
@@ -168,6 +169,9 @@ def subtract_fused(be: Backend, x_img, x_var, x_mask, y_img, y_var, y_mask, solu
         Rows per band (``None``: one band).
     timings : dict, optional
         Seconds spent on the image (``convolve``), the variance and the mask are added here.
+    noise_cov : array, optional
+        Noise covariance of ``x_img`` in units of ``x_var`` (:func:`dia.noise.noise_covariance`): the
+        variance propagation accounts for correlated noise (:func:`dia.convolve.kernel_power_coeffs`).
 
     Returns
     -------
@@ -203,7 +207,7 @@ def subtract_fused(be: Backend, x_img, x_var, x_mask, y_img, y_var, y_mask, solu
     bg_left = sorted({i for i, _ in bg_coeffs} - set(groups))  # background x powers without a spatial group
     scale0 = float(solution.basis.images[0].sum())
     ksum_coeffs = {t: float(c) * scale0 for t, c in zip(terms, solution.coefficients[0])}
-    ratio_coeffs = {k: v / float(k2.sum()) for k, v in kernel_power_coeffs(solution).items()}
+    ratio_coeffs = {k: v / float(k2.sum()) for k, v in kernel_power_coeffs(solution, noise_cov).items()}
 
     xpows = {i: xn_t**i for i in set(groups) | set(bg_left) if i > 1}
     xpows[1] = xn_t

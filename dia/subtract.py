@@ -10,13 +10,15 @@ from typing import Any
 import numpy as np
 
 from .backend import Backend, get_backend
+from .background import refit_background
 from .basis import make_basis
 from .config import PsfMatchConfig
 from .convolve import background_image, convolve_spatial, convolve_variance, grow_mask, kernel_sum_image
-from .decorrelate import decorrelate_difference
+from .decorrelate import decorrelate_difference, empirical_variance_scale
 from .fit import FitStats, KernelSolution, fit_kernel
 from .fused import subtract_fused
 from .masks import BAD_FOR_FIT, MaskBits
+from .noise import correlation_factor, noise_covariance
 from .stars import select_stars
 
 __all__ = ["Difference", "subtract", "subtract_on_backend", "choose_convolved"]
@@ -44,7 +46,8 @@ class Difference:
     stats : FitStats
         Star counts, rejections and fit residual metrics.
     timings : dict
-        Seconds per step (transfer, select, fit, convolve, variance, mask, decorrelate, total),
+        Seconds per step (transfer, select, fit, noise, convolve, variance, mask, background,
+        decorrelate, total),
         plus sub-steps named ``step.part`` (already counted in their step).
     decorrelated : bool
         Whether the Reiss & Lupton afterburner was applied.
@@ -205,12 +208,23 @@ def subtract_on_backend(be: Backend, planes: dict[str, Any], *, search_fwhm: flo
                                  timings=sub)
     lap("fit")
 
+    cov = None  # the convolved image's noise covariance (None: white)
+    if config.noise_correlation:
+        cov = noise_covariance(be, x_img, x_var, x_mask)
+        kc = solution.kernel_at((x_img.shape[1] - 1) / 2, (x_img.shape[0] - 1) / 2)
+        factor = correlation_factor(cov, kc)
+        if np.count_nonzero(cov) == 1 or not (math.isfinite(factor) and factor > 0):
+            cov = None  # white noise (delta): the plain propagation
+        else:
+            stats = dataclasses.replace(stats, noise_correlation_factor=factor)
+        lap("noise")
+
     band = config.fft_band_rows if be.name == "cpu" else None
     if config.path == "fused":
         parts: dict[str, float] = {}
         image, variance, mask = subtract_fused(be, x_img, x_var, x_mask, y_img, y_var, y_mask, solution, convolved,
                                                grow_bits=config.grow_bits, dtype=dtype, band_rows=band,
-                                               timings=parts)
+                                               timings=parts, noise_cov=cov)
         be.sync()
         timings.update(parts)  # convolve, variance, mask: measured inside the band loop
         t = time.perf_counter()
@@ -229,7 +243,7 @@ def subtract_on_backend(be: Backend, planes: dict[str, Any], *, search_fwhm: flo
         lap("convolve")
 
         var_conv = convolve_variance(be, xp.where(bad_x, dtype(0), x_var).astype(dtype, copy=False), solution, dtype,
-                                     band)
+                                     band, noise_cov=cov)
         variance = var_conv
         variance += y_var.astype(dtype, copy=False)
         if convolved == "search":
@@ -241,10 +255,21 @@ def subtract_on_backend(be: Backend, planes: dict[str, Any], *, search_fwhm: flo
         mask |= xp.where(~xp.isfinite(y_img), xp.int32(int(MaskBits.NO_DATA)), xp.int32(0))
         lap("mask")
 
+    if config.background_fit == "sky":
+        image, solution, sky = refit_background(be, image, variance, mask, solution, convolved, config, dtype)
+        if sky is not None:
+            stats = dataclasses.replace(stats, background_order=solution.background_order, background=sky.describe())
+        lap("background")
+
     decorrelated = False
     if config.decorrelate:
         image, variance = decorrelate_difference(be, image, variance, y_var, x_var, solution, convolved, mask, dtype)
         decorrelated = True
+        if config.decorrelate_variance == "measured":
+            ratio = empirical_variance_scale(be, image, variance, mask)
+            if math.isfinite(ratio) and ratio > 0:
+                variance *= dtype(ratio)
+                stats = dataclasses.replace(stats, variance_scale=ratio)
         lap("decorrelate")
     timings["total"] = time.perf_counter() - t0
     timings.update(sub)  # sub-steps ("select.peaks", "fit.stamps", ...), already inside their steps

@@ -740,20 +740,90 @@ def _celestial_wcs(header: fits.Header, path: Path, hdu_label: str) -> WCS:
     return wcs.celestial
 
 
-def estimate_variance(image: np.ndarray, gain: float, read_noise: float) -> np.ndarray:
-    """Per-pixel variance (ADU^2) of a bare image, as HOTPANTS estimates it.
+#: BUNIT values (lower case, spaces removed) of pixels in counts, to which a GAIN applies
+COUNT_UNITS = ("", "adu", "adus", "count", "counts", "ct", "cts", "dn", "data number", "electron", "electrons", "e-",
+               "e", "photon", "photons")
 
-    Sky noise is measured robustly (MAD) so that sky-subtracted images work;
-    sources add their Poisson variance ``(image - sky) / gain``.
+
+def estimate_variance(image: np.ndarray, gain: float | None, read_noise: float, *, cell: int = 64) -> np.ndarray:
+    """Per-pixel variance of a bare image [image units^2].
+
+    The sky noise is measured from the image itself and allowed to vary over it
+    (:func:`sky_variance_map`: the sigma-clipped MAD of the pixels in cells of ``cell`` px, sources
+    clipped, so that sky-subtracted and crowded images work).  With a ``gain`` (image in counts),
+    as HOTPANTS does: at least the read noise, plus the sources' Poisson variance
+    ``(image - sky) / gain``.
+
+    With ``gain=None`` (no usable GAIN: no keyword, or pixels not in counts such as JWST's MJy/sr),
+    the sky noise only.  Without a gain the sources' Poisson
+    variance cannot be told from the data of one image, so it is left out: the variance is right on
+    the sky (where detection thresholds matter) and too small on bright sources, whose significance
+    is then overestimated.
     """
+    sky_var = sky_variance_map(image, cell=cell)
+    if gain is None:
+        return sky_var
     finite = np.isfinite(image)
     sample = image[finite][:: max(1, finite.sum() // 200_000)]
     sky = float(np.median(sample))
-    sky_var = float((1.4826 * np.median(np.abs(sample - sky))) ** 2)
     floor = (read_noise / gain) ** 2 if gain > 0 else 0.0
-    sky_var = max(sky_var, floor)
-    source = np.clip(np.nan_to_num(image - sky), 0, None) / max(gain, 1e-12)
-    return (sky_var + source).astype(np.float32)
+    np.maximum(sky_var, np.float32(floor), out=sky_var)
+    sky_var += (np.clip(np.nan_to_num(image - sky), 0, None) / max(gain, 1e-12)).astype(np.float32)
+    return sky_var
+
+
+def sky_variance_map(image: np.ndarray, *, cell: int = 64, clip: float = 3.0) -> np.ndarray:
+    """Sky variance of an image from its own pixels, per cell (see :func:`estimate_variance` with ``gain=None``).
+
+    Sources are left out where the image smoothed by a 1.5 px Gaussian is above 3 x its robust noise
+    (grown by 4 px; faint wings and halos); each cell's noise is then the MAD of its finite pixels (at
+    most ~32 x 32 samples per cell), iterated three times with pixels beyond ``clip`` x that noise of the
+    median left out; cells with fewer than 16 samples take the median of the others.  float32, the
+    image's shape.
+    """
+    import scipy.ndimage
+
+    ny, nx = image.shape
+    cell = int(max(8, min(cell, ny, nx)))
+    step = max(1, cell // 32)
+    sub = np.asarray(image[::step, ::step], dtype=np.float64)
+    # faint source light (wings, halos) is below any per-pixel clip: left out where the image smoothed by a
+    # 1.5 px Gaussian is above 3 x its own robust noise, grown by 4 px
+    finite = np.isfinite(sub)
+    if finite.sum() > 100:
+        level = float(np.median(sub[finite]))
+        smooth = scipy.ndimage.gaussian_filter(np.where(finite, sub - level, 0.0), 1.5 / step)
+        s_noise = 1.4826 * float(np.median(np.abs(smooth[finite] - np.median(smooth[finite]))))
+        if s_noise > 0:
+            sources = scipy.ndimage.binary_dilation(smooth > np.median(smooth[finite]) + 3 * s_noise,
+                                                    iterations=max(1, 4 // step))
+            if (finite & ~sources).sum() > 0.2 * finite.sum():
+                sub = np.where(sources, np.nan, sub)
+    b = -(-cell // step)
+    by, bx = -(-sub.shape[0] // b), -(-sub.shape[1] // b)
+    cells = np.full((by * b, bx * b), np.nan)
+    cells[: sub.shape[0], : sub.shape[1]] = np.where(np.isfinite(sub), sub, np.nan)
+    cells = cells.reshape(by, b, bx, b).transpose(0, 2, 1, 3).reshape(by, bx, b * b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells
+        for _ in range(3):
+            med = np.nanmedian(cells, axis=-1, keepdims=True)
+            sig = 1.4826 * np.nanmedian(np.abs(cells - med), axis=-1, keepdims=True)
+            cells = np.where(np.abs(cells - med) <= clip * sig, cells, np.nan)
+        # (clipping a Gaussian at 3 sigma lowers its MAD by ~0.3% per pass: left as is)
+        sig = 1.4826 * np.nanmedian(np.abs(cells - np.nanmedian(cells, axis=-1, keepdims=True)), axis=-1)
+    n = np.isfinite(cells).sum(axis=-1)
+    ok = (n >= 16) & np.isfinite(sig) & (sig > 0)
+    if not ok.any():
+        raise ValueError("sky_variance_map: no cell with enough finite pixels to measure the sky noise")
+    sig = np.where(ok, sig, np.median(sig[ok]))
+    if min(by, bx) >= 3:
+        sig = scipy.ndimage.median_filter(sig, size=3, mode="nearest")
+    var = sig**2
+    full = scipy.ndimage.zoom(var, (ny / by, nx / bx), order=1, mode="nearest", grid_mode=True)
+    out = np.empty((ny, nx), np.float32)
+    out[...] = full[:ny, :nx] if full.shape[0] >= ny and full.shape[1] >= nx else np.median(var)
+    return out
 
 
 def observation_mjd(headers) -> tuple[float, str]:
@@ -914,8 +984,16 @@ def read_exposure(
     if np.isfinite(saturation):
         np.bitwise_or(out_mask, np.int32(MaskBits.SAT), out=out_mask, where=image >= saturation)
     if variance is None:
-        variance = estimate_variance(image, gain, read_noise)
-        provenance["variance"] = "estimated from the image, GAIN and RDNOISE"
+        unit = str(_header_value(headers, ("BUNIT",), "") or "").strip()
+        counts = unit.lower() in COUNT_UNITS
+        if counts and not provenance["gain"].startswith("default"):
+            variance = estimate_variance(image, gain, read_noise)
+            provenance["variance"] = "estimated from the image, GAIN and RDNOISE"
+        else:
+            variance = estimate_variance(image, None, read_noise)
+            why = f"BUNIT = {unit!r} is not in counts" if not counts else "no GAIN keyword"
+            provenance["variance"] = (f"sky only, measured from the image (clipped MAD per 64 px cell; {why}, so "
+                                      "no source Poisson term)")
     bad |= ~np.isfinite(variance)
     bad |= variance <= 0
     np.bitwise_or(out_mask, np.int32(MaskBits.NO_DATA), out=out_mask, where=bad)
