@@ -535,8 +535,9 @@ def _trained_on(metadata: dict) -> str:
         return "unrecorded"
     attrs = train.get("attrs") or {}
     ds = attrs.get("dataset_config") or {}
-    where = (f"{ds['n_ccds']} {attrs.get('source', '')} CCDs, seed {ds['seed']}" if "n_ccds" in ds and "seed" in ds
-             else attrs.get("source", "unrecorded data"))
+    instrument = str(attrs.get("instrument", "decam")).upper().replace("DECAM", "DECam")  # older weights: DECam
+    where = (f"{ds['n_ccds']} {instrument} {attrs.get('source', '')} CCDs, seed {ds['seed']}"
+             if "n_ccds" in ds and "seed" in ds else attrs.get("source", "unrecorded data"))
     return f"{train.get('n', '?')} {attrs.get('stream', '')}-stream stamps from {where}".replace("  ", " ")
 
 

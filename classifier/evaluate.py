@@ -334,6 +334,14 @@ def training_overlap(metadata: dict[str, Any], data: StampSet, model: str = "the
     if not data_seeds:
         out["note"] = "the evaluated set is not simulated (no simulation seeds): overlap not checked"
         return out
+    # CCD k of seed s is the same sky only within one instrument preset (the presets share CCD names)
+    trained_on = str((((metadata.get("provenance") or {}).get("train") or {}).get("attrs") or {}).get(
+        "instrument", "decam")).lower()
+    evaluated_on = str(data.attrs.get("instrument", "decam")).lower()
+    if trained_on != evaluated_on:
+        out["note"] = (f"{model} was trained on {trained_on} simulations and the evaluated set is {evaluated_on}: "
+                       "no shared CCDs")
+        return out
     out["checked"] = True
     names = np.asarray(data.meta["ccd"]).astype(str)
     unique, inverse = np.unique(names, return_inverse=True)

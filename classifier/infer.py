@@ -3,6 +3,10 @@
 Weights files are ``{"state_dict", "metadata"}`` dicts written by :func:`classifier.train.save_weights`
 (``model.pt`` of a training run, or a shipped ``classifier/weights/<name>.pt``), read with
 ``torch.load(..., weights_only=True)`` so no code is ever unpickled.
+
+Shipped weights exist per instrument preset: ``<name>.pt`` were trained on simulated DECam CCDs
+(the default), ``<name>-<preset>.pt`` (``triplet-ztf.pt``, ...) on the simulator's other presets.
+:func:`preset_weights` picks the file of a shipped name for an instrument.
 """
 
 from __future__ import annotations
@@ -19,14 +23,97 @@ from .data import CHANNELS
 from .models import MODELS, ModelSpec, build_model, get_spec, prepare_input
 
 __all__ = ["Scorer", "shipped_weights", "load_weights", "torch_threads", "torch_device", "WEIGHTS_DIR",
-           "WeightsError"]
+           "WeightsError", "PRESETS", "DEFAULT_PRESET", "preset_weights", "preset_model_name", "is_shipped_name"]
 
 #: Folder of the shipped weights (``<name>.pt``).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
+#: Instrument presets that may have their own shipped weights (the simulator's presets).
+PRESETS = ("decam", "ztf", "lsst")
+
+#: The preset of the plain shipped names (``triplet.pt`` ...): trained on simulated DECam CCDs.
+DEFAULT_PRESET = "decam"
+
+
 class WeightsError(ValueError):
     """A weights file that is missing, corrupt or does not match its model."""
+
+
+def is_shipped_name(model: str | Path) -> bool:
+    """Whether ``model`` names shipped weights rather than a file or training folder.
+
+    A shipped name has no path separator, is not an existing file or folder, and is a registered
+    model or the stem of a file in :data:`WEIGHTS_DIR` -- the same order :func:`load_weights`
+    resolves names in, so a file of that name in the working directory still wins.
+    """
+    if not isinstance(model, str) or "/" in model or "\\" in model:
+        return False
+    if Path(model).exists():
+        return False
+    return model in MODELS or (WEIGHTS_DIR / f"{model}.pt").is_file()
+
+
+def preset_weights(model: str | Path, instrument: str = "", strict: bool = False) -> tuple[str | Path, str]:
+    """The weights to load for ``model`` on data of instrument preset ``instrument``.
+
+    A shipped name (:func:`is_shipped_name`) without a preset suffix becomes the shipped file
+    ``<model>-<instrument>.pt`` when it exists (``"triplet"`` on ZTF data ->
+    ``classifier/weights/triplet-ztf.pt``); the plain names are the DECam weights.  Anything
+    else -- a weights file, a training folder, a name that already carries a preset suffix
+    (``"triplet-ztf"``) -- is used as given.
+
+    Parameters
+    ----------
+    model : str or Path
+        Model name or weights path (as ``RunConfig.model``).
+    instrument : str
+        A preset of :data:`PRESETS`, or ``""`` (unknown: the plain, DECam, weights).
+    strict : bool
+        The preset was asked for explicitly: raise when no weights of that preset are shipped
+        for a shipped name, instead of falling back to the DECam weights.
+
+    Returns
+    -------
+    weights, how : (str or Path, str)
+        What to give :func:`load_weights` (``model`` itself or the preset file's path), and a
+        short account of the choice for logs and ``run.json``: ``"preset"``, ``"default"``
+        (DECam weights for DECam or unknown data), ``"fallback"`` (no weights of the preset:
+        the DECam ones) or ``"as given"``.
+
+    Raises
+    ------
+    ValueError
+        An unknown preset.
+    WeightsError
+        ``strict`` and no ``<model>-<instrument>.pt`` is shipped.
+    """
+    inst = str(instrument or "").lower()
+    if inst and inst not in PRESETS:
+        raise ValueError(f"unknown instrument preset {instrument!r}; known: {PRESETS}")
+    if not is_shipped_name(model):
+        return model, "as given"
+    if any(str(model).endswith(f"-{p}") for p in PRESETS if p != DEFAULT_PRESET):
+        return model, "as given"
+    if not inst or inst == DEFAULT_PRESET:
+        return model, "default"
+    path = WEIGHTS_DIR / f"{model}-{inst}.pt"
+    if path.is_file():
+        return path, "preset"
+    if strict:
+        have = sorted(p.stem for p in WEIGHTS_DIR.glob(f"*-{inst}.pt"))
+        choose = f"choose one of {have} with --model, " if have else ""
+        raise WeightsError(f"no shipped {inst} weights for model {model!r} ({path} missing; shipped {inst} "
+                           f"weights: {have or 'none'}): {choose}give a weights file, or score with the "
+                           f"DECam-trained ones: --model {WEIGHTS_DIR / f'{model}.pt'}")
+    return model, "fallback"
+
+
+def preset_model_name(model: str | Path, instrument: str = "") -> str:
+    """The name of the weights :func:`preset_weights` picks: ``"triplet-ztf"`` for ``"triplet"`` on ZTF
+    data, ``model`` itself (as a string) otherwise."""
+    weights, how = preset_weights(model, instrument)
+    return Path(weights).stem if how == "preset" else str(model)
 
 
 def torch_device(device: str | torch.device = "auto") -> torch.device:

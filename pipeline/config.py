@@ -20,6 +20,7 @@ import numpy as np
 if TYPE_CHECKING:  # the stage configs import their modules; RunConfig resolves them at run time
     from dia import PsfMatchConfig
     from pipeline.align import AlignConfig
+    from pipeline.cosmics import CosmicRayConfig
     from pipeline.detect import DetectConfig, DirectDetectConfig
     from pipeline.truth import MatchConfig
 
@@ -146,11 +147,13 @@ def _type_hints(cls: type) -> dict[str, Any]:
     except NameError:
         from dia import PsfMatchConfig
         from pipeline.align import AlignConfig
+        from pipeline.cosmics import CosmicRayConfig
         from pipeline.detect import DetectConfig, DirectDetectConfig
         from pipeline.truth import MatchConfig
 
         local = {"PsfMatchConfig": PsfMatchConfig, "AlignConfig": AlignConfig, "DetectConfig": DetectConfig,
-                 "DirectDetectConfig": DirectDetectConfig, "MatchConfig": MatchConfig}
+                 "DirectDetectConfig": DirectDetectConfig, "MatchConfig": MatchConfig,
+                 "CosmicRayConfig": CosmicRayConfig}
         return typing.get_type_hints(cls, localns=local)
 
 
@@ -267,6 +270,12 @@ class RunConfig:
         ``"cpu"`` or ``"gpu"`` (CuPy for the DIA, CUDA for the CNN).
     model_dia, model_direct : str
         Shipped model name (``classifier/weights/<name>.pt``) or a path, per mode.
+    instrument : str
+        Instrument preset whose shipped weights a shipped model name stands for (``"decam"``,
+        ``"ztf"``, ``"lsst"``; :func:`classifier.infer.preset_weights`: ``"triplet"`` becomes
+        ``triplet-ztf.pt`` for ``"ztf"``); default ``""``: from the search exposures' ``INSTRUME``
+        (``pipeline.runner.resolve_instrument``).  A weights path is used as given.  Not hashed
+        for ``--resume`` itself: its effect, the weights file, is (by its SHA-256).
     score_threshold : float
         Operating threshold on the CNN's P(real) (default 0.5).
     batch_size : int
@@ -282,13 +291,15 @@ class RunConfig:
     save_stamps : bool
         Keep the stamps each CCD's candidates were scored on (``ccds/<ccd>_stamps.fits``, read by
         ``pipeline vet``; default True).
+    cosmics : CosmicRayConfig
+        Cosmic rays found (L.A.Cosmic) and masked before alignment and subtraction, in both modes.
     align, psf_match, detect, direct, match : configs
         Parameters of each stage (see their classes).
 
     Notes
     -----
     Fields are of two kinds.  *Science* fields change a result and are hashed for
-    ``--resume``; *execution and reporting* fields (``device``, ``batch_size``,
+    ``--resume``; *execution and reporting* fields (``device``, ``instrument``, ``batch_size``,
     ``torch_threads``, ``save_diff``, ``save_stamps``, ``score_threshold``, and ``psf_match.fft_workers`` /
     ``fft_band_rows``; declared with :func:`execution_field`) are recorded in ``run.json``
     but never hashed: changing them does not redo finished CCDs (the truth summary is
@@ -299,12 +310,14 @@ class RunConfig:
     device: str = execution_field("cpu")
     model_dia: str = "triplet"
     model_direct: str = "pair-direct"
+    instrument: str = execution_field("")
     score_threshold: float = execution_field(0.5)
     batch_size: int = execution_field(1024)
     torch_threads: int = execution_field(1)
     aperture_correction: bool = True
     save_diff: bool = execution_field(False)
     save_stamps: bool = execution_field(True)
+    cosmics: "CosmicRayConfig" = None  # type: ignore[assignment]
     align: "AlignConfig" = None  # type: ignore[assignment]
     psf_match: "PsfMatchConfig" = None  # type: ignore[assignment]
     detect: "DetectConfig" = None  # type: ignore[assignment]
@@ -314,11 +327,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         from dia import PsfMatchConfig
         from pipeline.align import AlignConfig
+        from pipeline.cosmics import CosmicRayConfig
         from pipeline.detect import DetectConfig, DirectDetectConfig
         from pipeline.truth import MatchConfig
 
         defaults = {"align": AlignConfig, "psf_match": PsfMatchConfig, "detect": DetectConfig,
-                    "direct": DirectDetectConfig, "match": MatchConfig}
+                    "direct": DirectDetectConfig, "match": MatchConfig, "cosmics": CosmicRayConfig}
         for name, cls in defaults.items():
             value = getattr(self, name)
             if value is None:
@@ -333,6 +347,8 @@ class RunConfig:
             raise ValueError(f"RunConfig.device must be 'cpu' or 'gpu', got {self.device!r}"
                              + (" ('auto' is resolved by the command line: pipeline run --device auto)"
                                 if self.device == "auto" else ""))
+        if self.instrument not in ("", "decam", "ztf", "lsst"):
+            raise ValueError(f"RunConfig.instrument must be '', 'decam', 'ztf' or 'lsst', got {self.instrument!r}")
         if not 0.0 <= self.score_threshold <= 1.0:
             raise ValueError(f"RunConfig.score_threshold must be in [0, 1], got {self.score_threshold}")
         if self.torch_threads < 1 or self.batch_size < 1:

@@ -9,8 +9,12 @@ runs -- :mod:`pipeline.steps` -- and keeps the stamps of every candidate:
   (template, search) stamps, the template resampled at the same pixels.
 
 A candidate is real when it lies within 2 px of an injected transient
-(:mod:`pipeline.truth`), bogus otherwise; its metadata record the CCD, the
-position, the matched truth kind and magnitude, and the S/N.  Whole CCDs are
+(:mod:`pipeline.truth`), bogus otherwise -- candidates on a variable star are bogus by default
+and real with ``variables="real"`` (:func:`pipeline.truth.candidate_labels` explains both
+policies); its metadata record the CCD, the position, the matched truth kind and magnitude,
+and the S/N.  The CCDs are simulated with one of the simulator's instrument presets
+(:data:`pipeline.simulate.INSTRUMENTS`; DECam by default), recorded with the labelling
+policy in every stamp set's ``attrs``.  Whole CCDs are
 assigned to train / val / test (so no test CCD is seen in training) and the
 classes are balanced within each split by downsampling the majority.
 """
@@ -29,9 +33,31 @@ from pipeline.config import RunConfig, config_to_dict
 from pipeline.detect import CandidateFlags
 
 __all__ = ["DatasetConfig", "DatasetError", "build_ccd_stamps", "pair_stamp_sets", "build_datasets", "STREAMS",
-           "failed_ccds"]
+           "failed_ccds", "DECAM_DATASET_SHAPE", "dataset_shape"]
 
 STREAMS = ("dia", "direct")
+
+#: Default CCD shape of DECam data sets: half a DECam CCD (4096 x 2048), to spread the cost over more CCDs.
+DECAM_DATASET_SHAPE = (2048, 2048)
+
+
+def dataset_shape(instrument: str) -> tuple[int, int]:
+    """Default CCD shape of a data set simulated with preset ``instrument``.
+
+    DECam: :data:`DECAM_DATASET_SHAPE` (half a CCD, what the shipped DECam weights were trained
+    on); any other preset: its own CCD shape (:data:`pipeline.simulate.INSTRUMENTS`).
+
+    Raises
+    ------
+    ValueError
+        An unknown preset.
+    """
+    from pipeline.simulate import INSTRUMENTS
+
+    key = str(instrument).lower()
+    if key not in INSTRUMENTS:
+        raise ValueError(f"unknown instrument preset {instrument!r}; known: {sorted(INSTRUMENTS)}")
+    return DECAM_DATASET_SHAPE if key == "decam" else tuple(INSTRUMENTS[key].shape)
 
 
 class DatasetError(RuntimeError):
@@ -65,8 +91,10 @@ class DatasetConfig:
         Simulation seed; CCD ``k`` depends only on ``(seed, k)``.  Default 3000, held out: the
         shipped weights were trained on seed 1000 (CCDs 0-149), and a set of seed 1000 shares
         CCDs with their training data (``pipeline evaluate`` warns; see :data:`pipeline.cli.SEEDS`).
-    shape : (int, int)
-        CCD shape (default 2048 x 2048: half a DECam CCD, to spread cost over more CCDs).
+    shape : (int, int), optional
+        CCD shape (default None: :func:`dataset_shape` of the instrument, i.e. 2048 x 2048, half a
+        DECam CCD, for DECam, and the preset's CCD shape for the others); resolved when the
+        configuration is made, so the recorded configuration holds the shape used.
     transient_density_factor : float
         Multiplier of the simulator's transient density (default 8): training sets need many
         transients; the stamps of each look the same as at the natural rate.
@@ -80,17 +108,34 @@ class DatasetConfig:
         At most this many bogus candidates kept per CCD and stream, drawn at random (default 600).
     workers : int
         Processes simulating and processing CCDs in parallel (default: cores).
+    instrument : str
+        Simulator preset (a key of :data:`pipeline.simulate.INSTRUMENTS`: ``"decam"``, default,
+        ``"ztf"`` or ``"lsst"``): pixel scale, PSF, depth, gain and noise of the CCDs.
+    variables : {"bogus", "real"}
+        Label of candidates on variable stars (default ``"bogus"``, as the DES training set; ZTF's
+        real-bogus labels call them real): see :func:`pipeline.truth.candidate_labels`.
     """
 
     n_ccds: int = 40
     seed: int = 3000
-    shape: tuple[int, int] = (2048, 2048)
+    shape: tuple[int, int] | None = None
     transient_density_factor: float = 8.0
     fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
     split_seed: int = 0
     drop_edge: bool = True
     max_bogus_per_ccd: int = 600
     workers: int = 0
+    instrument: str = "decam"
+    variables: str = "bogus"
+
+    def __post_init__(self) -> None:
+        from pipeline.truth import VARIABLE_POLICIES
+
+        object.__setattr__(self, "instrument", str(self.instrument).lower())
+        shape = dataset_shape(self.instrument) if self.shape is None else tuple(int(v) for v in self.shape)
+        object.__setattr__(self, "shape", shape)
+        if self.variables not in VARIABLE_POLICIES:
+            raise ValueError(f"DatasetConfig.variables must be one of {VARIABLE_POLICIES}, got {self.variables!r}")
 
 
 def _stampset(stamps, table, labels, stream: str, channels):
@@ -110,11 +155,12 @@ def _stampset(stamps, table, labels, stream: str, channels):
 
 def pair_stamp_sets(pair, run_config: RunConfig = RunConfig(), streams: tuple[str, ...] = STREAMS, *,
                     drop_edge: bool = True, max_bogus: int | None = None,
-                    rng: np.random.Generator | None = None) -> tuple[dict, dict]:
+                    rng: np.random.Generator | None = None, variables: str = "bogus") -> tuple[dict, dict]:
     """Labelled per-stream StampSets of one already loaded CCD pair with truth.
 
-    Runs the pipeline's own candidate stages (:mod:`pipeline.steps`) on the pair and labels
-    every candidate against its truth table.
+    Runs the pipeline's own candidate stages (:mod:`pipeline.steps`) on the pair -- cosmic-ray
+    masking (``run_config.cosmics``) included, as a run's load stage does -- and labels every
+    candidate against its truth table.
 
     Parameters
     ----------
@@ -130,6 +176,8 @@ def pair_stamp_sets(pair, run_config: RunConfig = RunConfig(), streams: tuple[st
         Keep at most this many bogus candidates per stream, drawn with ``rng`` (default: all).
     rng : numpy.random.Generator, optional
         Needed when ``max_bogus`` is set.
+    variables : {"bogus", "real"}
+        Label of candidates on variable stars (:func:`pipeline.truth.candidate_labels`).
 
     Returns
     -------
@@ -137,10 +185,11 @@ def pair_stamp_sets(pair, run_config: RunConfig = RunConfig(), streams: tuple[st
         ``{stream: StampSet}`` and ``{stream: "Error: message"}`` for streams that failed.
     """
     from pipeline import steps
-    from pipeline.truth import match_truth
+    from pipeline.truth import candidate_labels, match_truth
 
     if pair.truth is None:
         raise ValueError(f"pair_stamp_sets: CCD {pair.ccd} has no truth table to label candidates")
+    pair, _ = steps.mask_cosmics(pair, run_config)  # as the run's load stage: stamps of the stream a run scores
     sets: dict = {}
     errors: dict = {}
 
@@ -149,7 +198,7 @@ def pair_stamp_sets(pair, run_config: RunConfig = RunConfig(), streams: tuple[st
         keep = np.ones(len(table), bool)
         if drop_edge:
             keep &= (np.asarray(table["flags"]) & int(CandidateFlags.EDGE)) == 0
-        labels = (np.asarray(table["truth_kind"]) == "transient").astype(np.int8)
+        labels = candidate_labels(table["truth_kind"], variables)
         bogus = np.flatnonzero(keep & (labels == 0))
         if max_bogus is not None and bogus.size > max_bogus:
             drop = rng.choice(bogus, bogus.size - max_bogus, replace=False)
@@ -189,7 +238,7 @@ def build_ccd_stamps(ccd_index: int, config: DatasetConfig, run_config: RunConfi
     name = f"s{config.seed}-{ccd_name(ccd_index)}"
     out: dict = {"ccd": name, "n_transients": 0, "sets": {}, "errors": {}}
     try:
-        sim_cfg = dataclasses.replace(base, shape=tuple(config.shape),
+        sim_cfg = dataclasses.replace(base, instrument=config.instrument, shape=tuple(config.shape),
                                       transient_density=base.transient_density * config.transient_density_factor)
         sim = simulate_pair(sim_cfg, config.seed, ccd_index)
     except Exception as exc:  # reported per CCD, like a failed stream
@@ -200,7 +249,8 @@ def build_ccd_stamps(ccd_index: int, config: DatasetConfig, run_config: RunConfi
     rng = np.random.default_rng([config.seed, ccd_index, 7])
     out["n_transients"] = int((sim.truth["kind"] == "transient").sum())
     out["sets"], out["errors"] = pair_stamp_sets(pair, run_config, streams, drop_edge=config.drop_edge,
-                                                 max_bogus=config.max_bogus_per_ccd, rng=rng)
+                                                 max_bogus=config.max_bogus_per_ccd, rng=rng,
+                                                 variables=config.variables)
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -225,7 +275,8 @@ def build_datasets(config: DatasetConfig, run_config: RunConfig = RunConfig(),
 
     Every stamp set records the simulation seed it was cut from (``attrs["simulation_seeds"]``;
     the ``ccd`` column names each CCD ``s<seed>-ccd<index>``), which ``pipeline evaluate``
-    compares with the data a model was trained on.
+    compares with the data a model was trained on, the instrument preset
+    (``attrs["instrument"]``) and the label policy of variable stars (``attrs["variables"]``).
 
     Returns
     -------
@@ -262,6 +313,7 @@ def build_datasets(config: DatasetConfig, run_config: RunConfig = RunConfig(),
     split_of = {r["ccd"]: str(assignment[i]) for i, r in enumerate(results)}
     out: dict = {}
     report = {
+        "instrument": config.instrument, "variables": config.variables, "shape": list(config.shape),
         "ccds": [{"ccd": r["ccd"], "seconds": r["seconds"], "n_transients": r["n_transients"],
                   "errors": r["errors"], **{f"n_{s}": len(r["sets"].get(s, [])) for s in streams}} for r in results],
     }
@@ -288,6 +340,7 @@ def build_datasets(config: DatasetConfig, run_config: RunConfig = RunConfig(),
         result = StampSet.concatenate(parts)
         result.attrs = {
             "stream": stream, "source": "simulated", "simulation_seeds": [int(config.seed)],
+            "instrument": config.instrument, "variables": config.variables,
             "dataset_config": config_to_dict(config),
             "run_config": config_to_dict(run_config), "split": {"method": "ccd", "fractions": fr.tolist()},
             "unbalanced_counts": {"real": int((full.labels == 1).sum()), "bogus": int((full.labels == 0).sum())},

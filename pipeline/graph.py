@@ -6,6 +6,10 @@ Each CCD becomes a chain of tasks named ``<stage>-<ccd>`` (``load-ccd07``,
 * dia:    load -> align -> subtract -> detect -> stamps -> score -> write
 * direct: load -> detect -> stamps -> score -> write
 
+``load`` reads the pair and masks its cosmic rays (:func:`pipeline.steps.mask_cosmics`: the search,
+and the template when it is a single exposure); what that found and its seconds are the CCD's
+``cosmics`` decisions.
+
 The tasks only call :mod:`pipeline.steps`; the graph holds no science.  A task
 receives the CCD's :class:`CcdState` and returns a new one; an exception in a
 stage is caught and recorded (stage, error), the CCD's remaining stages pass it
@@ -287,7 +291,14 @@ def _malloc_trim():
 def _stage_load(state: CcdState, config: RunConfig, out_dir: Path) -> None:
     state.pair = steps.load_pair(state.entry)
     state.shape = tuple(state.pair.search.shape)
+    # cosmic rays masked as soon as the pixels are read, so that every later stage of both modes sees them
+    state.pair, cosmics = steps.mask_cosmics(state.pair, config)
     _decide(state, "load", search=state.pair.search.provenance, template=state.pair.template.provenance)
+    for role, exposure in (("search", state.pair.search), ("template", state.pair.template)):
+        source = str(exposure.provenance.get("variance", ""))
+        if source.startswith("sky only"):  # no usable GAIN: sources' own Poisson noise is not in the variance
+            logger.warning("%s: %s variance is %s", state.ccd, role, source)
+    _decide(state, "cosmics", **cosmics)
 
 
 def _stage_align(state: CcdState, config: RunConfig, out_dir: Path) -> None:
@@ -315,9 +326,14 @@ def _stage_subtract(state: CcdState, config: RunConfig, out_dir: Path) -> None:
             spatial_order=stats.spatial_order if stats is not None else None,
             background_order=stats.background_order if stats is not None else None,
             kernel_fallback=(stats.fallback or None) if stats is not None else None,
-            peak_snr_cut=stats.peak_snr_cut if stats is not None else None)
+            peak_snr_cut=stats.peak_snr_cut if stats is not None else None,
+            differential_background=stats.background if stats is not None else None,
+            noise_correlation_factor=round(stats.noise_correlation_factor, 4) if stats is not None else None)
     if stats is not None and stats.fallback:
         logger.info("%s: kernel fit fallback: %s", state.ccd, stats.fallback)
+    if stats is not None and stats.noise_correlation_factor != 1.0:
+        logger.info("%s: the convolved image's noise is correlated: its variance term x%.3f "
+                    "(psf_match.noise_correlation)", state.ccd, stats.noise_correlation_factor)
     if config.save_diff:
         from pipeline.io import write_difference
 

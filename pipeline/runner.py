@@ -41,7 +41,7 @@ from pipeline.io import (
 from pipeline.outdir import OutputError, open_output_folder
 
 __all__ = ["RunResult", "RunSetupError", "run_pipeline", "format_summary", "versions", "check_model",
-           "catalog_provenance", "manifest_path",
+           "catalog_provenance", "manifest_path", "preset_of_instrume", "resolve_instrument",
            "EXIT_SOME_FAILED", "EXIT_ALL_FAILED", "EXIT_SETUP", "EXIT_OUTPUT"]
 
 logger = logging.getLogger(__name__)
@@ -126,20 +126,123 @@ def _tune_threads(config: RunConfig, scheduler: SchedulerConfig) -> RunConfig:
     return dataclasses.replace(config, psf_match=dataclasses.replace(config.psf_match, fft_workers=per_task))
 
 
-def check_model(config: RunConfig) -> tuple[str, str]:
+#: ``INSTRUME`` value prefixes (upper case) of each instrument preset's data.
+INSTRUME_PREFIXES = (("DECAM", "decam"), ("ZTF", "ztf"), ("LSST", "lsst"))
+
+
+def preset_of_instrume(value: str) -> str | None:
+    """The instrument preset of an ``INSTRUME`` header value, or None for any other instrument.
+
+    ``DECam`` -> ``"decam"``, ``ZTF`` (also ``ZTF/MOSAIC``) -> ``"ztf"``, ``LSSTCam`` /
+    ``LSSTComCam`` / ``LSST`` -> ``"lsst"``; case and surrounding blanks are ignored.
+    """
+    text = str(value or "").strip().upper()
+    for prefix, preset in INSTRUME_PREFIXES:
+        if text.startswith(prefix):
+            return preset
+    return None
+
+
+def _search_instrume(entry: PairEntry) -> str:
+    """``INSTRUME`` of a CCD's search image (its HDU, else the primary header), read from the headers only."""
+    from astropy.io import fits
+
+    from pipeline.io import _header_value, _select
+
+    hdu = entry.search_hdu
+    if hdu is not None and str(hdu).isdigit():
+        hdu = int(hdu)
+    with fits.open(entry.search, memmap=True, lazy_load_hdus=True) as hdul:
+        idx = _select(hdul, hdu, Path(entry.search), "search image")
+        return str(_header_value([hdul[idx].header, hdul[0].header], ("INSTRUME",), "") or "").strip()
+
+
+def resolve_instrument(entries: list[PairEntry], config: RunConfig) -> tuple[RunConfig, dict]:
+    """The instrument preset whose shipped weights score this run, and how it was chosen.
+
+    ``config.instrument`` set (``pipeline run --instrument``, or the configuration file) is
+    used as asked.  Otherwise, when the model is a shipped name, the preset comes from the
+    search exposures' ``INSTRUME`` (:func:`preset_of_instrume`); an instrument that names no
+    preset, or no ``INSTRUME`` at all, counts as DECam (the default weights) with a logged
+    warning.  A search file that cannot be read is skipped here (its CCD fails later with
+    the reader's message).  The weights are chosen once per run.
+
+    Returns
+    -------
+    config, choice : RunConfig, dict
+        ``config`` with ``instrument`` set to the preset (unchanged when the weights are a
+        path); ``choice``: ``instrument``, ``source`` (``"asked"``, ``"INSTRUME"`` or
+        ``"not used"``), ``explicit`` and, from the headers, ``instrume`` (value -> CCD count).
+
+    Raises
+    ------
+    RunSetupError
+        The search exposures come from instruments of different presets (split the manifest,
+        or force one preset with ``--instrument``).
+    """
+    from classifier.infer import is_shipped_name
+
+    if config.instrument:
+        return config, {"instrument": config.instrument, "source": "asked", "explicit": True}
+    if not is_shipped_name(config.model):
+        return config, {"instrument": "", "source": "not used", "explicit": False}
+    found: dict[str, int] = {}
+    by_preset: dict[str, list[str]] = {}
+    unknown: dict[str, list[str]] = {}
+    for entry in entries:
+        try:
+            value = _search_instrume(entry)
+        except Exception:  # noqa: BLE001 - the CCD's own load reports an unreadable file
+            continue
+        found[value] = found.get(value, 0) + 1
+        preset = preset_of_instrume(value)
+        if preset is None:
+            unknown.setdefault(value, []).append(entry.ccd)
+            preset = "decam"
+        by_preset.setdefault(preset, []).append(entry.ccd)
+    if unknown:
+        what = "; ".join(f"{len(c)} CCD(s) with INSTRUME {v!r} (no preset)" if v
+                         else f"{len(c)} CCD(s) without INSTRUME" for v, c in sorted(unknown.items()))
+        logger.warning("%s (e.g. CCD %s): scored with the DECam-trained weights; force a preset with --instrument "
+                       "decam|ztf|lsst", what, next(iter(unknown.values()))[0])
+    if len(by_preset) > 1:
+        parts = "; ".join(f"{p}: {len(c)} CCD(s), e.g. {c[0]}" for p, c in sorted(by_preset.items()))
+        raise RunSetupError(f"the search exposures come from several instruments ({parts}); the CNN weights are "
+                            "chosen once per run: split the manifest by instrument, or force one preset with "
+                            "--instrument")
+    preset = next(iter(by_preset), "decam")
+    return dataclasses.replace(config, instrument=preset), {
+        "instrument": preset, "source": "INSTRUME", "explicit": False, "instrume": found}
+
+
+def check_model(config: RunConfig, strict: bool | None = None) -> tuple[str, str]:
     """Load this mode's weights once in this process; return ``(path, sha256)``.
 
     Runs before any CCD so that an unknown model, a corrupt or mislabelled weights file, or
     non-finite weights stop the run at once with the loader's message instead of failing every
-    CCD after the compute.
+    CCD after the compute.  A shipped model name is read from the weights of
+    ``config.instrument`` when they exist (:func:`classifier.infer.preset_weights`), as the
+    workers will (:func:`pipeline.steps.get_scorer`).
+
+    Parameters
+    ----------
+    config : RunConfig
+    strict : bool, optional
+        Refuse a shipped name without weights of ``config.instrument`` (default: when
+        ``config.instrument`` is set, i.e. asked for) instead of using the DECam weights.
 
     Raises
     ------
     classifier.infer.WeightsError
     """
-    from classifier.infer import load_weights
+    from classifier.infer import load_weights, preset_weights
 
-    _, _, _, path = load_weights(config.model)
+    weights, how = preset_weights(config.model, config.instrument, bool(config.instrument) if strict is None
+                                  else strict)
+    if how == "fallback":
+        logger.warning("no %s weights are shipped for model %r: scoring with the DECam-trained ones",
+                       config.instrument, config.model)
+    _, _, _, path = load_weights(weights)
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return str(path), digest
 
@@ -175,10 +278,15 @@ def manifest_path(entries: list[PairEntry]) -> str:
     return ", ".join(paths)
 
 
-def catalog_provenance(config: RunConfig, chash: str, weights_sha: str, entries: list[PairEntry]) -> dict:
-    """What every catalog of the run records in its primary header (:data:`pipeline.io.PROVENANCE_CARDS`)."""
+def catalog_provenance(config: RunConfig, chash: str, weights_sha: str, entries: list[PairEntry],
+                       model: str | None = None) -> dict:
+    """What every catalog of the run records in its primary header (:data:`pipeline.io.PROVENANCE_CARDS`).
+
+    ``model``: the model as it was resolved (``triplet-ztf`` for ``triplet`` on ZTF data;
+    default ``config.model``).
+    """
     return {"software": "transient-pipeline", "version": package_version(), "mode": config.mode,
-            "model": config.model, "weights_sha256": weights_sha, "config_hash": chash,
+            "model": model or config.model, "weights_sha256": weights_sha, "config_hash": chash,
             "manifest": manifest_path(entries)}
 
 
@@ -197,8 +305,10 @@ def run_pipeline(
 ) -> RunResult:
     """Run the pipeline on CCD pairs and write ``candidates.fits``, ``candidates.parquet`` and ``run.json``.
 
-    Before any CCD is computed the CCD identifiers are checked, the model is loaded once
-    (:func:`check_model`) and the output folder is created, checked writable and locked
+    Before any CCD is computed the CCD identifiers are checked, the instrument preset of the
+    weights is chosen (:func:`resolve_instrument`: ``config.instrument``, else the search
+    exposures' ``INSTRUME``), the model is loaded once (:func:`check_model`; a shipped name
+    becomes the preset's weights file when there is one) and the output folder is created, checked writable and locked
     (:func:`pipeline.outdir.open_output_folder`); each of these raises with one clear message.
     Afterwards no CCD's failure stops the others.
 
@@ -237,11 +347,16 @@ def run_pipeline(
         The output folder cannot be used, or (after the CCDs ran) the merged outputs cannot be
         written; per-CCD outputs already written are kept for ``--resume``.
     RunSetupError
-        The workers cannot load the model.
+        The workers cannot load the model, or the exposures come from several instruments.
     """
+    from classifier.infer import preset_model_name, preset_weights
+
     out_dir = Path(out_dir)
     check_ccd_ids(e.ccd for e in entries)
-    weights_path, weights_sha = check_model(config)
+    config, choice = resolve_instrument(entries, config)
+    weights_path, weights_sha = check_model(config, strict=choice["explicit"])
+    choice["weights"] = preset_weights(config.model, config.instrument, choice["explicit"])[1]
+    resolved_model = preset_model_name(config.model, config.instrument)
     config = _tune_threads(config, scheduler)
     chash = config_hash(config, weights_sha)
     t0 = time.perf_counter()
@@ -256,12 +371,13 @@ def run_pipeline(
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             for name in LOGGERS:
                 logging.getLogger(name).addHandler(handler)
-        logger.info("run started: mode %s, %d CCD(s), model %s (sha256 %s), config hash %s",
-                    config.mode, len(entries), weights_path, weights_sha[:12], chash)
-        provenance = catalog_provenance(config, chash, weights_sha, entries)
+        logger.info("run started: mode %s, %d CCD(s), model %s (sha256 %s; instrument %s from %s), config hash %s",
+                    config.mode, len(entries), weights_path, weights_sha[:12], config.instrument or "-",
+                    choice["source"], chash)
+        provenance = catalog_provenance(config, chash, weights_sha, entries, model=resolved_model)
         return _run_locked(entries, config, out_dir, scheduler, chash, weights_path, weights_sha, started, t0,
                            folder, resume=resume, progress=progress, client=client, on_dashboard=on_dashboard,
-                           provenance=provenance)
+                           provenance=provenance, choice=choice)
     finally:
         if handler is not None:
             for name in LOGGERS:
@@ -272,7 +388,7 @@ def run_pipeline(
 
 
 def _run_locked(entries, config, out_dir, scheduler, chash, weights_path, weights_sha, started, t0, folder, *,
-                resume, progress, client, on_dashboard, provenance) -> RunResult:
+                resume, progress, client, on_dashboard, provenance, choice) -> RunResult:
     reused: dict[str, dict] = {}
     redone: dict[str, str] = {}
     todo = []
@@ -347,7 +463,10 @@ def _run_locked(entries, config, out_dir, scheduler, chash, weights_path, weight
         "dashboard": link,
         "config": config_to_dict(config),
         "config_hash": chash,
-        "weights": {"path": weights_path, "sha256": weights_sha},
+        "weights": {"path": weights_path, "sha256": weights_sha, "model": config.model,
+                    "resolved_model": provenance["model"], "instrument": config.instrument,
+                    "instrument_source": choice["source"], "choice": choice["weights"],
+                    **({"instrume": choice["instrume"]} if "instrume" in choice else {})},
         "manifest": provenance["manifest"],
         "measurement": {
             "cpu_s": {"thread": "CPU time of the thread that ran the task (threads it started, e.g. FFT "
@@ -385,10 +504,10 @@ def _run_locked(entries, config, out_dir, scheduler, chash, weights_path, weight
     return result
 
 
-def _load_model(model: str, device: str, threads: int, batch_size: int) -> bool:
+def _load_model(model: str, device: str, threads: int, batch_size: int, instrument: str = "") -> bool:
     from pipeline.steps import get_scorer
 
-    get_scorer(model, device, threads, batch_size)
+    get_scorer(model, device, threads, batch_size, instrument)
     return True
 
 
@@ -401,7 +520,7 @@ def _warm_up(client, config: RunConfig) -> float:
     (no CUDA device, say) and stops the run before any CCD is computed.
     """
     t0 = time.perf_counter()
-    args = (config.model, config.device, config.torch_threads, config.batch_size)
+    args = (config.model, config.device, config.torch_threads, config.batch_size, config.instrument)
     try:
         if client is None:
             _load_model(*args)

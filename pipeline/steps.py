@@ -49,6 +49,7 @@ from pipeline.truth import match_truth, read_truth
 __all__ = [
     "LoadedPair",
     "load_pair",
+    "mask_cosmics",
     "ensure_fwhm",
     "align",
     "difference_image",
@@ -98,6 +99,19 @@ def load_pair(entry: PairEntry) -> LoadedPair:
     search, template = entry.load()
     truth = read_truth(entry.truth) if entry.truth is not None else None
     return LoadedPair(entry.ccd, ensure_fwhm(search), ensure_fwhm(template), truth)
+
+
+def mask_cosmics(pair: LoadedPair, config: RunConfig) -> tuple[LoadedPair, dict]:
+    """Flag cosmic rays ``MaskBits.CR`` in the search (and a single-exposure template) before alignment,
+    subtraction and detection (:func:`pipeline.cosmics.mask_pair_cosmics` with ``config.cosmics``; both modes).
+
+    Returns the pair with the cleaned exposures and the stage's record (counts and seconds per image, or why
+    an image was skipped) for the CCD's decisions.
+    """
+    from pipeline.cosmics import mask_pair_cosmics
+
+    search, template, record = mask_pair_cosmics(pair.search, pair.template, config.cosmics)
+    return dataclasses.replace(pair, search=search, template=template), record
 
 
 def align(pair: LoadedPair, config: RunConfig) -> AlignedPair:
@@ -246,18 +260,24 @@ def cut_pairs(candidates: Table, pair: LoadedPair, config: RunConfig, size: int 
 
 
 @functools.lru_cache(maxsize=4)
-def get_scorer(model: str, device: str, threads: int, batch_size: int):
-    """The CNN scorer, loaded once per worker process (cached by model, device, threads, batch)."""
-    from classifier.infer import Scorer
+def get_scorer(model: str, device: str, threads: int, batch_size: int, instrument: str = ""):
+    """The CNN scorer, loaded once per worker process (cached by model, device, threads, batch, instrument).
 
-    return Scorer(model, device=device, batch_size=batch_size, threads=threads)  # "gpu" -> CUDA in torch_device
+    A shipped model name is read from the weights of the ``instrument`` preset when they exist
+    (:func:`classifier.infer.preset_weights`; ``pipeline.runner.check_model`` has already
+    refused a preset asked for explicitly that has none).
+    """
+    from classifier.infer import Scorer, preset_weights
+
+    weights, _ = preset_weights(model, instrument)
+    return Scorer(weights, device=device, batch_size=batch_size, threads=threads)  # "gpu" -> CUDA in torch_device
 
 
 def score_stamps(stamps: Stamps, config: RunConfig) -> np.ndarray:
     """P(real) of every stamp with this mode's model."""
     if len(stamps) == 0:
         return np.zeros(0, np.float32)
-    scorer = get_scorer(config.model, config.device, config.torch_threads, config.batch_size)
+    scorer = get_scorer(config.model, config.device, config.torch_threads, config.batch_size, config.instrument)
     return np.asarray(scorer.score(stamps.data, channels=stamps.channels), np.float32)
 
 
@@ -309,7 +329,10 @@ def finalize_candidates(candidates: Table, scores: np.ndarray, config: RunConfig
     n = len(out)
     out["score"] = np.asarray(scores, np.float32)
     out["mode"] = np.full(n, config.mode, dtype="U8")
-    out["model"] = np.full(n, config.model, dtype=f"U{max(32, len(config.model))}")  # never cut
+    from classifier.infer import preset_model_name
+
+    model = preset_model_name(config.model, config.instrument)  # "triplet-ztf" when the ZTF weights scored
+    out["model"] = np.full(n, model, dtype=f"U{max(32, len(model))}")  # never cut
     noise_scale = out.meta.pop("NOISESCL", 1.0)
     out["noise_scale"] = np.full(n, noise_scale, dtype=CANDIDATE_COLUMNS["noise_scale"][0])
     if search is not None:

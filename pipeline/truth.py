@@ -16,10 +16,16 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 __all__ = ["MatchConfig", "match_truth", "CompletenessSummary", "summarize_against_truth", "REAL_KIND", "read_truth",
-           "TRUTH_COLUMNS"]
+           "TRUTH_COLUMNS", "VARIABLE_KIND", "VARIABLE_POLICIES", "candidate_labels"]
 
 #: The only truth kind that counts as real.
 REAL_KIND = "transient"
+
+#: Truth kind of a catalogued star whose brightness changed between the epochs.
+VARIABLE_KIND = "variable"
+
+#: Label policies for candidates on variable stars (:func:`candidate_labels`).
+VARIABLE_POLICIES = ("bogus", "real")
 
 #: Columns a truth table must have (the simulator writes more).
 TRUTH_COLUMNS = ("id", "kind", "x", "y", "mag")
@@ -50,6 +56,35 @@ def read_truth(path) -> Table:
     if missing:
         raise InputError(f"{path}: truth table lacks column(s) {missing}; has {table.colnames}")
     return table
+
+
+def candidate_labels(truth_kind, variables: str = "bogus") -> np.ndarray:
+    """Training labels (1 real, 0 bogus) of candidates from their matched truth kind.
+
+    Parameters
+    ----------
+    truth_kind : array_like of str
+        The ``truth_kind`` column written by :func:`match_truth`.
+    variables : {"bogus", "real"}
+        Label of candidates on a variable star (kind ``"variable"``: a catalogued star that
+        brightened or faded between template and search).  ``"bogus"`` (default): only new
+        sources (kind ``"transient"``) are real, as in the DES autoScan training set the paper's
+        models follow, because a transient search wants new sources and a star's variability is
+        known from its history.  ``"real"``: any astrophysical change is real, as ZTF's
+        real-bogus scores (``rb``, ``drb``) define it, so a model meant to be compared with or
+        used on ZTF alerts should be trained that way.
+
+    Returns
+    -------
+    ndarray of int8
+    """
+    if variables not in VARIABLE_POLICIES:
+        raise ValueError(f"variables must be one of {VARIABLE_POLICIES}, got {variables!r}")
+    kind = np.asarray(truth_kind).astype(str)
+    real = kind == REAL_KIND
+    if variables == "real":
+        real |= kind == VARIABLE_KIND
+    return real.astype(np.int8)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -253,6 +253,13 @@ def test_overlap_from_recorded_training_ccds(stamps):
     assert training_overlap({}, seen, "m")["checked"] is False
     unsimulated = stamps.subset(np.arange(len(stamps)))
     assert training_overlap(meta, unsimulated, "m")["checked"] is False
+    # the instrument presets share CCD names: a ZTF CCD of seed 1000 is not the DECam one
+    ztf = _named(stamps, ["s1000-ccd00", "s1000-ccd05"])
+    ztf.attrs["instrument"] = "ztf"
+    res = training_overlap(meta, ztf, "m")
+    assert res["checked"] is False and res["warning"] is None and "ztf" in res["note"]
+    ztf_meta = {"provenance": {**meta["provenance"], "train": {"attrs": {"instrument": "ztf"}}}}
+    assert training_overlap(ztf_meta, ztf, "m")["n_overlapping"] == 20
 
 
 def test_overlap_of_the_shipped_weights_from_their_dataset_config(stamps):

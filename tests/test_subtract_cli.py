@@ -40,6 +40,7 @@ def through_run(swapped):
     """The difference exactly as ``pipeline run`` makes it, from the same files."""
     sim, folder = swapped
     entry_pair = steps.LoadedPair("t", read_exposure(folder / "search.fits"), read_exposure(folder / "template.fits"))
+    entry_pair, _ = steps.mask_cosmics(entry_pair, RunConfig())  # the run's load stage masks cosmic rays
     aligned = steps.align(entry_pair, RunConfig())
     return aligned, steps.psf_match_subtract(aligned, RunConfig())
 

@@ -24,7 +24,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"simulation seed (default {DEFAULT_SEED}, held out). {SEED_NOTE} "
                              "Evaluating a model on CCDs it was trained on gives meaningless scores; "
                              "pipeline evaluate warns when it sees that.")
-    parser.add_argument("--shape", type=parse_shape, default=(2048, 2048), help="CCD shape NYxNX (default 2048x2048)")
+    parser.add_argument("--instrument", choices=("decam", "ztf", "lsst"), default="decam",
+                        help="simulator preset of the CCDs: pixel scale, PSF, depth, noise (default decam; the "
+                             "shipped weights of each preset were trained on its own simulations)")
+    parser.add_argument("--shape", type=parse_shape, default=None,
+                        help="CCD shape NYxNX (default: 2048x2048, half a CCD, for decam; the preset's CCD shape, "
+                             "3080x3072 for ztf and 4096x4096 for lsst, otherwise)")
+    parser.add_argument("--variables", choices=("bogus", "real"), default="bogus",
+                        help="label of candidates on variable stars (default bogus, as in the DES autoScan "
+                             "training set: a transient search wants new sources, and a star's variability is "
+                             "known from its history; real: any astrophysical change is real, as ZTF's rb/drb "
+                             "scores define it, for models compared with or used on ZTF alerts)")
     parser.add_argument("--density-factor", type=float, default=8.0,
                         help="transient density multiplier (default 8; the shipped weights used 12)")
     parser.add_argument("--streams", default="dia,direct", help="comma-separated: dia, direct (default both)")
@@ -72,9 +82,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"pipeline dataset: --fractions must be three non-negative numbers, got {args.fractions!r}",
               file=sys.stderr)
         return 2
-    config = DatasetConfig(n_ccds=args.ccds, seed=args.seed, shape=tuple(args.shape),
+    config = DatasetConfig(n_ccds=args.ccds, seed=args.seed, shape=tuple(args.shape) if args.shape else None,
                            transient_density_factor=args.density_factor, workers=args.workers,
-                           fractions=fractions)
+                           fractions=fractions, instrument=args.instrument, variables=args.variables)
     out = Path(args.out)
     t0 = time.perf_counter()
     bar = tqdm(total=config.n_ccds, desc="CCDs", unit="ccd", disable=args.quiet)
@@ -104,7 +114,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"pipeline dataset: {problem}; {failed} of {config.n_ccds} CCDs failed (listed above and in "
               f"{out / 'dataset.json'})", file=sys.stderr)
         return EXIT_ALL_FAILED
-    print(f"{config.n_ccds} CCDs (seed {config.seed}) in {report['seconds']:.0f} s; "
+    print(f"{config.n_ccds} {config.instrument} CCDs {config.shape[0]}x{config.shape[1]} (seed {config.seed}, "
+          f"variable stars {config.variables}) in {report['seconds']:.0f} s; "
           + (f"{failed} with a failed stream (listed above and in {out / 'dataset.json'})" if failed
              else "none failed"))
     return 0

@@ -28,7 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workflow", default=None, help="workflow TOML (workflows/*.toml): scheduler + run settings")
     parser.add_argument("--config", default=None, help="TOML with RunConfig parameters (a [run] table or top level)")
     parser.add_argument("--model", default=None,
-                        help="model name or weights file of this mode (default: triplet in dia, pair-direct in direct)")
+                        help="model name or weights file of this mode (default: triplet in dia, pair-direct in "
+                             "direct). A shipped name is read from the weights of the data's instrument preset "
+                             "when they exist (triplet on ZTF data: classifier/weights/triplet-ztf.pt); a file is "
+                             "used as given")
     parser.add_argument("--threshold", type=float, default=None, help="score threshold (default 0.5)")
     parser.add_argument("--resume", action="store_true", help="skip CCDs whose outputs are complete")
     parser.add_argument("--save-diff", action="store_true", help="keep difference images (dia mode)")
@@ -40,7 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"embedded default field: simulation seed (default {DEFAULT_FIELD['seed']}, held out). "
                              + SEED_NOTE)
     parser.add_argument("--instrument", choices=("decam", "ztf", "lsst"), default=None,
-                        help="embedded default field: instrument (default decam)")
+                        help="instrument preset: of the embedded default field's simulation (default decam) and of "
+                             "the shipped weights a --model name stands for (an error when that preset has none). "
+                             "Default: from the search exposures' INSTRUME (DECam, ZTF, LSSTCam; any other: the "
+                             "DECam weights, with a warning)")
     parser.add_argument("--shape", type=parse_shape, default=None,
                         help="embedded default field: CCD shape NYxNX (default: the instrument's)")
     add_quiet_argument(parser, "progress bar")
@@ -77,6 +83,8 @@ def _run_config(args):
         changes["save_stamps"] = False
     if args.model:
         changes["model_dia" if (args.mode or config.mode) == "dia" else "model_direct"] = args.model
+    if args.instrument:
+        changes["instrument"] = args.instrument
     config = dataclasses.replace(config, **changes)
     sched = {}
     if args.scheduler:

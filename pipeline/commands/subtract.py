@@ -72,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="template PSF FWHM in template pixels (before resampling onto the search grid), "
                              "instead of the header's or the measured one")
     parser.add_argument("--decorrelate", action="store_true", help="decorrelate the difference noise")
+    parser.add_argument("--no-cosmics", action="store_true",
+                        help="do not mask cosmic rays (default: L.A.Cosmic flags them CR in the search, and in the "
+                             "template when its NCOMBINE card is 1 or absent, before the kernel fit)")
     parser.add_argument("--config", default=None,
                         help="TOML with PsfMatchConfig parameters ([psf_match] table or top level)")
 
@@ -166,6 +169,9 @@ def main(args: argparse.Namespace) -> int:
         search, template = _load(args)
         search = ensure_fwhm(_with_fwhm(search, args.search_fwhm, "--search-fwhm"))
         template = ensure_fwhm(_with_fwhm(template, args.template_fwhm, "--template-fwhm"))
+        from pipeline.cosmics import CosmicRayConfig, mask_pair_cosmics  # the stage of pipeline run's load
+
+        search, template, _ = mask_pair_cosmics(search, template, CosmicRayConfig(enabled=not args.no_cosmics))
         t1 = time.perf_counter()
         aligned = align_pair(search, template, AlignConfig())
         t2 = time.perf_counter()
@@ -188,4 +194,13 @@ def main(args: argparse.Namespace) -> int:
           f"match+subtract {t3 - t2:.2f} s ({device})")
     if stats.fallback:
         print(f"note: {stats.fallback}")
+    for label, exposure in (("search", search), ("template", template)):
+        noise = str(exposure.provenance.get("variance", ""))
+        if noise.startswith("sky only"):
+            print(f"note: {label} variance: {noise}")
+    if stats.background != "stamps":
+        print(f"note: differential background from the {stats.background}")
+    if diff.decorrelated and stats.variance_scale != 1.0:
+        print(f"note: decorrelated variance scaled by {stats.variance_scale:.3f} (measured on the difference; "
+              "psf_match.decorrelate_variance)")
     return 0
