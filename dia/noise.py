@@ -31,7 +31,7 @@ _BAD = int(BAD_FOR_FIT)
 
 
 def noise_covariance(be: Backend, image, variance, mask, *, max_lag: int = 3, cell: int = 32, clip: float = 5.0,
-                     smooth: float = 1.5, grow: int = 6, significance: float = 5.0, max_side: int = 1024) -> np.ndarray:
+                     smooth: float = 1.5, grow: int = 6, significance: float = 5.0, max_side: int = 512) -> np.ndarray:
     """Noise covariance ``C[dy + L, dx + L]`` (lags up to ``L = max_lag``) of an image, in units of its variance plane.
 
     Measured on a central crop of at most ``max_side`` px: ``z = (image - cell median) / sqrt(variance)``,
