@@ -25,12 +25,15 @@ import concurrent.futures as cf
 import dataclasses
 import os
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from pipeline.config import RunConfig, config_to_dict
 from pipeline.detect import CandidateFlags
+
+if TYPE_CHECKING:
+    from pipeline.simulate import SimulationConfig
 
 __all__ = ["DatasetConfig", "DatasetError", "build_ccd_stamps", "pair_stamp_sets", "build_datasets", "STREAMS",
            "failed_ccds", "DECAM_DATASET_SHAPE", "dataset_shape"]
@@ -114,6 +117,11 @@ class DatasetConfig:
     variables : {"bogus", "real"}
         Label of candidates on variable stars (default ``"bogus"``, as the DES training set; ZTF's
         real-bogus labels call them real): see :func:`pipeline.truth.candidate_labels`.
+    simulation : SimulationConfig, optional
+        Every other simulation parameter (default None: :class:`pipeline.simulate.SimulationConfig`'s
+        defaults); its ``instrument``, ``shape`` and ``transient_density`` are replaced by the fields
+        above (the density as the preset default times ``transient_density_factor``).  E.g.
+        ``star_shift_rms`` for misregistration dipoles of stars (``pipeline dataset --sim-config``).
     """
 
     n_ccds: int = 40
@@ -127,6 +135,7 @@ class DatasetConfig:
     workers: int = 0
     instrument: str = "decam"
     variables: str = "bogus"
+    simulation: SimulationConfig | None = None
 
     def __post_init__(self) -> None:
         from pipeline.truth import VARIABLE_POLICIES
@@ -233,13 +242,14 @@ def build_ccd_stamps(ccd_index: int, config: DatasetConfig, run_config: RunConfi
     from pipeline import steps
     from pipeline.simulate import SimulationConfig, ccd_name, simulate_pair
 
-    base = SimulationConfig()
+    base = config.simulation if config.simulation is not None else SimulationConfig()
+    default_density = SimulationConfig().transient_density
     t0 = time.perf_counter()
     name = f"s{config.seed}-{ccd_name(ccd_index)}"
     out: dict = {"ccd": name, "n_transients": 0, "sets": {}, "errors": {}}
     try:
         sim_cfg = dataclasses.replace(base, instrument=config.instrument, shape=tuple(config.shape),
-                                      transient_density=base.transient_density * config.transient_density_factor)
+                                      transient_density=default_density * config.transient_density_factor)
         sim = simulate_pair(sim_cfg, config.seed, ccd_index)
     except Exception as exc:  # reported per CCD, like a failed stream
         out["errors"] = {s: f"simulation failed: {type(exc).__name__}: {exc}" for s in streams}
@@ -314,6 +324,7 @@ def build_datasets(config: DatasetConfig, run_config: RunConfig = RunConfig(),
     out: dict = {}
     report = {
         "instrument": config.instrument, "variables": config.variables, "shape": list(config.shape),
+        "dataset_config": config_to_dict(config), "run_config": config_to_dict(run_config),
         "ccds": [{"ccd": r["ccd"], "seconds": r["seconds"], "n_transients": r["n_transients"],
                   "errors": r["errors"], **{f"n_{s}": len(r["sets"].get(s, [])) for s in streams}} for r in results],
     }

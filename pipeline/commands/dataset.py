@@ -42,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fractions", default="0.7,0.1,0.2",
                         help="train,val,test fractions of the CCDs (default 0.7,0.1,0.2; 0,0,1 for a test-only set)")
     parser.add_argument("--config", default=None, help="TOML with RunConfig parameters used for the candidate stages")
+    parser.add_argument("--sim-config", default=None,
+                        help="TOML with SimulationConfig parameters (as pipeline simulate --config), e.g. "
+                             "star_shift_rms = 0.03 for misregistration dipoles of stars; --instrument, --shape and "
+                             "--density-factor still apply")
     add_quiet_argument(parser, "progress bar")
 
 
@@ -74,6 +78,12 @@ def main(args: argparse.Namespace) -> int:
     if args.config:
         data = load_toml(args.config)
         run_config = config_from_dict(RunConfig, data.get("run", data), where=args.config)
+    simulation = None
+    if args.sim_config:
+        from pipeline.simulate import SimulationConfig
+
+        data = load_toml(args.sim_config)
+        simulation = config_from_dict(SimulationConfig, data.get("simulation", data), where=args.sim_config)
     try:
         fractions = tuple(float(v) for v in args.fractions.split(","))
         if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
@@ -84,7 +94,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     config = DatasetConfig(n_ccds=args.ccds, seed=args.seed, shape=tuple(args.shape) if args.shape else None,
                            transient_density_factor=args.density_factor, workers=args.workers,
-                           fractions=fractions, instrument=args.instrument, variables=args.variables)
+                           fractions=fractions, instrument=args.instrument, variables=args.variables,
+                           simulation=simulation)
     out = Path(args.out)
     t0 = time.perf_counter()
     bar = tqdm(total=config.n_ccds, desc="CCDs", unit="ccd", disable=args.quiet)

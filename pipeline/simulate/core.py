@@ -15,6 +15,9 @@ Model (all magnitudes AB in the preset's band):
   rendered through each image's WCS, PSF and zero point.  Point sources are
   pixel-integrated Moffat stamps with the local PSF; galaxies are intrinsic
   Sersic images convolved with the PSF at a grid of nodes, blended bilinearly.
+* Optionally (``star_shift_rms``, ``high_pm_fraction``), each star's template position is shifted
+  from its search position (chromatic refraction, proper motion, astrometric noise), so that
+  bright stars leave misregistration dipoles in the difference (:func:`star_shifts`).
 * Transients (search only) and variable stars; artifacts (cosmic rays, hot
   pixels, bad columns in the search; satellites in either; saturation with
   bleed trails in both).
@@ -51,7 +54,7 @@ from . import artifacts
 from .config import INSTRUMENTS, InstrumentPreset, SimulationConfig
 from .render import PsfField, convolve_varying, point_stamps, render_points, render_sersic
 
-__all__ = ["SimulatedPair", "simulate_pair", "write_simulation", "TRUTH_COLUMNS", "ccd_name", "epochs"]
+__all__ = ["SimulatedPair", "simulate_pair", "write_simulation", "TRUTH_COLUMNS", "ccd_name", "epochs", "star_shifts"]
 
 #: Truth table columns and their meaning (units in the column meta).
 TRUTH_COLUMNS = {
@@ -121,6 +124,30 @@ def epochs(config: SimulationConfig, seed: int, ccd_index: int) -> dict[str, flo
     search = float(rng.uniform(*config.search_mjd_range))
     template = search - float(rng.uniform(*config.template_lead_days))
     return {label: round(mjd * 86400.0) / 86400.0 for label, mjd in (("search", search), ("template", template))}
+
+
+def star_shifts(config: SimulationConfig, seed: int, ccd_index: int, n: int) -> np.ndarray:
+    """Template-minus-search position shifts (arcsec, shape ``(n, 2)``) of the ``n`` stars of a CCD.
+
+    Gaussian per axis with ``config.star_shift_rms``, plus, for a fraction
+    ``config.high_pm_fraction`` of the stars, a shift uniform in ``config.high_pm_shift_range``
+    in a random direction.  Drawn from a stream of its own (``(seed, ccd_index, 2)``), so that
+    turning the shifts on changes no other draw of the simulation; all zeros by default.
+    """
+    out = np.zeros((n, 2))
+    if n == 0 or (config.star_shift_rms <= 0 and config.high_pm_fraction <= 0):
+        return out
+    if config.star_shift_rms < 0 or not 0 <= config.high_pm_fraction <= 1:
+        raise ValueError("SimulationConfig.star_shift_rms must be >= 0 and high_pm_fraction in [0, 1], got "
+                         f"{config.star_shift_rms}, {config.high_pm_fraction}")
+    rng = np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(ccd_index, 2)))
+    out += rng.normal(0.0, config.star_shift_rms, (n, 2))
+    fast = rng.random(n) < config.high_pm_fraction
+    size = rng.uniform(*config.high_pm_shift_range, n)
+    angle = rng.uniform(0.0, 2 * np.pi, n)
+    out[fast, 0] += (size * np.cos(angle))[fast]
+    out[fast, 1] += (size * np.sin(angle))[fast]
+    return out
 
 
 def _date_obs(mjd: float) -> str:
@@ -350,6 +377,8 @@ def simulate_pair(config: SimulationConfig | None = None, seed: int = 0, ccd_ind
 
     # ---- render both images
     stx, sty = s2t(star_x, star_y)
+    shift = star_shifts(cfg, seed, ccd_index, len(star_x)) / scale  # arcsec -> template px
+    stx, sty = stx + shift[:, 0], sty + shift[:, 1]
     gtx, gty = s2t(gal_x, gal_y)
     flux_s = lambda m: 10 ** (-0.4 * (m - cs.zp))  # noqa: E731
     flux_t = lambda m: 10 ** (-0.4 * (m - ct.zp))  # noqa: E731
