@@ -101,8 +101,9 @@ def test_psf_model_photometry_on_moffat_stars(sim_pair):
 
 
 def test_direct_detection_finds_transients_and_rejects_static_stars(sim_pair):
+    """The brightening cut (``selection="flux"``, the default); every-peak selection: test_detect_direct_selection."""
     s, t, truth = sim_pair.search, sim_pair.template, sim_pair.truth
-    cands = detect_direct(s, t, DirectDetectConfig(), ccd="ccd00")
+    cands = detect_direct(s, t, DirectDetectConfig(selection="flux"), ccd="ccd00")
     matched = match_truth(cands, truth)
     tr = truth[(truth["kind"] == "transient") & (truth["snr"] > 20)]
     found = set(np.asarray(matched["truth_id"])[np.asarray(matched["truth_kind"]) == "transient"])

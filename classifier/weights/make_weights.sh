@@ -34,7 +34,17 @@ max_train="${MAX_TRAIN:-16000}" # training stamps per model (class-balanced rand
 mkdir -p "$work"
 if want decam; then
 if [ ! -f "$work/data/dia.npz" ]; then
-    pipeline dataset --out "$work/data" --ccds "$ccds" --seed 1000 --shape 2048x2048 --density-factor 12
+    pipeline dataset --out "$work/data" --ccds "$ccds" --seed 1000 --shape 2048x2048 --density-factor 12 \
+        --streams dia
+fi
+# pair-direct: a direct-stream set of its own, cut with every search peak as a candidate
+# (DirectDetectConfig.selection = "cnn"; the run's default "flux" scores a subset of such peaks, the
+# ones that brightened, so the model sees static stars and galaxies too): the first 96 CCDs of the same survey,
+# ~190 transients and 600 random bogus peaks kept per CCD, classes balanced (~6 min on 2 cores)
+ccds_direct="${CCDS_DIRECT:-96}"
+if [ ! -f "$work/data-direct/direct.npz" ]; then
+    pipeline dataset --out "$work/data-direct" --ccds "$ccds_direct" --seed 1000 --shape 2048x2048 \
+        --density-factor 12 --streams direct --config <(printf '[run.direct]\nselection = "cnn"\n')
 fi
 
 train() {  # model stream epochs name [max_train]
@@ -51,7 +61,7 @@ q1=$!
 ( train pair-paper dia "$epochs_pair_paper" pair-paper 24000
   train triplet dia "$epochs_ours" triplet
   train pair dia "$epochs_ours" pair
-  train pair direct "$epochs_ours" pair-direct ) &
+  train pair ../data-direct/direct "$epochs_ours" pair-direct ) &  # $work/data-direct/direct.npz
 q2=$!
 wait "$q1" "$q2"
 

@@ -17,7 +17,7 @@ functions), ``"fast"`` being the default: see :data:`METHODS`.
 
 from pipeline.detect.background import estimate_background
 from pipeline.detect.difference import DetectConfig, detect_difference
-from pipeline.detect.direct import DirectDetectConfig, detect_direct
+from pipeline.detect.direct import SELECTIONS, DirectDetectConfig, detect_direct
 from pipeline.detect.filter import (
     METHODS,
     FilterMaps,
@@ -64,6 +64,7 @@ __all__ = [
     "estimate_background",
     "DirectDetectConfig",
     "detect_direct",
+    "SELECTIONS",
     "METHODS",
     "FilterMaps",
     "matched_filter",

@@ -1,9 +1,12 @@
 """Candidate detection without a difference image (direct mode).
 
 :class:`DirectDetectConfig` and :func:`detect_direct`: peaks of the search image's PSF matched
-filter (after its own sky background) whose aperture-corrected PSF flux rose significantly against
-the template's, read at the same sky positions through the two WCSs -- no resampling, no PSF
-matching, a catalogue-level comparison; flags from both masks.
+filter (after its own sky background) are the candidates.  With ``selection="flux"`` (default)
+only peaks whose aperture-corrected PSF flux rose significantly against the template's are kept
+(a catalogue-level cut); with ``selection="cnn"`` every peak is one and the two-image CNN that
+scores the stamps is the detector (measured worse so far: see :class:`DirectDetectConfig`).  Either way the change is
+measured by forced photometry of both images at the same sky position (the template read through
+the two WCSs): no resampling, no PSF matching, no difference image; flags from both masks.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from pipeline.detect.flags import edge_distance_ok_at, near_mask_at
 from pipeline.detect.psf import fit_psf_model
 from pipeline.detect.schema import CANDIDATE_COLUMNS, CandidateFlags, CandidateTable
 
-__all__ = ["DirectDetectConfig", "detect_direct"]
+__all__ = ["DirectDetectConfig", "detect_direct", "SELECTIONS"]
+
+#: Candidate selections of :class:`DirectDetectConfig`: ``"cnn"`` (every search peak, the CNN decides)
+#: and ``"flux"`` (peaks that brightened by ``brightening_sigma`` in forced photometry).
+SELECTIONS = ("cnn", "flux")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,13 +35,26 @@ class DirectDetectConfig:
     """Parameters of candidate detection without a difference image (direct mode).
 
     Candidates are local maxima of the search image's PSF-matched-filter S/N
-    (peaks on galaxies resolved separately) whose calibrated point-source flux
-    rose significantly with respect to the template at the same sky position.
-    Each image is photometered on its own with its own PSF (a Gaussian core
-    at the image's FWHM, aperture-corrected to total flux on its stars) and
-    its own zero point; the template is read at the positions mapped through
-    the two WCSs.  No resampling, no PSF matching, no difference image: a
-    catalogue-level comparison.  What survives is scored by the two-image CNN.
+    (peaks on galaxies resolved separately).  With ``selection="flux"`` (default)
+    only peaks whose calibrated point-source flux rose by ``brightening_sigma``
+    are kept.  With ``selection="cnn"`` every such peak is a candidate and the
+    two-image CNN that scores the stamps decides, with no flux-difference cut in
+    front of it.  Measured on the benchmark field (4 DECam CCDs, 159 transients,
+    the shipped ``pair-direct``): ``"cnn"`` gives ~11x the candidates, 28.75
+    false positives per CCD against 12.8 and no more transients (78.0% both):
+    the bright-host transients that ``"flux"`` misses have no search-image peak
+    of their own (a brighter host pixel lies within ``min_separation_fwhm``), so
+    removing the cut does not bring them in.
+
+    Either way the change is measured without a difference image, by forced
+    photometry: each image is photometered on its own at the same sky position
+    (the template read through the two WCSs) with its own PSF (a Gaussian core
+    at the image's FWHM, aperture-corrected to total flux on its own stars) and
+    put on the search's scale with the two zero points; the change is search
+    minus template, its error the two statistical errors and a ``systematic``
+    fraction of the larger flux in quadrature.  For an isolated point source
+    this is the flux of the change; on a resolved host it includes the seeing
+    dependence of the host's PSF flux, which the systematic term accounts for.
 
     Attributes
     ----------
@@ -44,18 +64,23 @@ class DirectDetectConfig:
         Minimum connected pixels above threshold (default 3).
     min_separation_fwhm : float
         Local maxima closer than this many search FWHM are merged (default 1.0).
+    selection : str
+        ``"flux"`` (default): only peaks that brightened by ``brightening_sigma``, capped by the
+        significance of the brightening; ``"cnn"``: every search peak is a candidate, capped at
+        ``max_candidates`` by search S/N.  See :data:`SELECTIONS`.
     brightening_sigma : float
-        Keep a peak when its search flux exceeds the scaled template flux by this many
-        sigma (default 3; the CNN does the rest).
+        ``selection="flux"`` only: keep a peak when its search flux exceeds the scaled
+        template flux by this many sigma (default 3; the CNN does the rest).
     systematic : float
-        Fractional flux error added in quadrature to the comparison, for the seeing
+        Fractional flux error added in quadrature to the change's error, for the seeing
         dependence of PSF fluxes of resolved sources and calibration errors (default 0.05).
     background_cell : int
         Box size of the sky background estimate in pixels (default 128).
     edge : int
         Edge distance below which candidates are flagged EDGE (default 25).
     max_candidates : int
-        At most this many candidates, the most significant brightenings kept (default 5000).
+        At most this many candidates (default 5000): the highest search-image S/N with
+        ``selection="cnn"``, the most significant brightenings with ``selection="flux"``.
     method : str
         Implementation: ``"fast"`` (default: the search's matched filter cache-blocked, the
         template's computed at the candidates' pixels only, flags read around the candidates) or
@@ -66,6 +91,7 @@ class DirectDetectConfig:
     threshold: float = 5.0
     n_pixels: int = 3
     min_separation_fwhm: float = 1.0
+    selection: str = "flux"
     brightening_sigma: float = 3.0
     systematic: float = 0.05
     background_cell: int = 128
@@ -75,6 +101,10 @@ class DirectDetectConfig:
 
     def __post_init__(self) -> None:
         check_method(self.method, "DirectDetectConfig.method")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"DirectDetectConfig.selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if not self.max_candidates >= 1:
+            raise ValueError(f"DirectDetectConfig.max_candidates must be >= 1, got {self.max_candidates}")
 
 
 def _sky_subtracted(exposure, cell: int) -> np.ndarray:
@@ -103,9 +133,11 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
     Returns
     -------
     CandidateTable
-        Columns as for the dia mode; ``flux`` is the brightening (search minus
-        template, search ADU), ``snr`` the search-image peak S/N, plus
-        ``search_flux``, ``template_flux`` and ``delta_snr``.
+        Columns as for the dia mode; ``flux`` and ``flux_err`` are the forced measurement of
+        the change (search minus zero-point-scaled template PSF flux at the same sky position,
+        search ADU; see :class:`DirectDetectConfig`), ``snr`` the search-image peak S/N, plus
+        ``search_flux``, ``template_flux`` and ``delta_snr`` (``flux / flux_err``).  Rows are
+        ordered by search S/N (``selection="cnn"``) or by ``delta_snr`` (``"flux"``).
     """
     fs, ft = float(search.fwhm), float(template.fwhm)
     for label, value in (("search", fs), ("template", ft)):
@@ -152,9 +184,15 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
     delta = f_s - f_t
     err = np.sqrt(e_s**2 + e_t**2 + (config.systematic * np.maximum(np.abs(f_s), np.abs(f_t))) ** 2)
     delta_snr = delta / err
-    keep = delta_snr >= config.brightening_sigma
+    if config.selection == "flux":
+        keep = delta_snr >= config.brightening_sigma
+        rank = delta_snr
+    else:  # every search peak: the CNN is the detector
+        keep = np.ones(x.size, bool)
+        rank = peak
     if keep.sum() > config.max_candidates:
-        keep &= delta_snr >= np.sort(delta_snr[keep])[-config.max_candidates]
+        keep &= rank >= np.sort(rank[keep])[-config.max_candidates]
+    rank = rank[keep]
     x, y, peak, delta, err, delta_snr = x[keep], y[keep], peak[keep], delta[keep], err[keep], delta_snr[keep]
     f_s, f_t, in_t, ix, iy = f_s[keep], f_t[keep], in_t[keep], ix[keep], iy[keep]
     flags = np.zeros(x.size, np.int32)
@@ -168,7 +206,7 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
         ra, dec = search.wcs.pixel_to_world_values(x, y)
     else:
         ra = dec = np.zeros(0)
-    order = np.argsort(-delta_snr, kind="stable")
+    order = np.argsort(-rank, kind="stable")
     return CandidateTable.from_columns(
         ccd=np.full(x.size, str(ccd), dtype=CANDIDATE_COLUMNS["ccd"][0])[order], id=np.arange(x.size),
         x=x[order], y=y[order], ra=np.asarray(ra)[order], dec=np.asarray(dec)[order],

@@ -1,0 +1,174 @@
+"""Direct-mode candidate selection: every search peak ("cnn") against the brightening cut ("flux", the default).
+
+Known truth made in the test: Gaussian stars, a bright resolved host with a transient on its nucleus and an
+isolated transient, rendered through two WCSs at two seeings (search sharper than the template, so the host's
+PSF flux falls by more than the transient adds); and the simulated pair of the test session (``sim_pair``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from astropy.wcs import WCS
+from conftest import render_gaussians
+
+from dia.masks import MaskBits
+from pipeline.config import RunConfig
+from pipeline.detect import SELECTIONS, DirectDetectConfig, detect_direct
+from pipeline.io import Exposure
+from pipeline.truth import match_truth
+
+SHAPE = (320, 320)
+S_FWHM, T_FWHM = 3.5, 5.0  # better seeing in the search: a resolved host's PSF flux drops
+HOST = (160.3, 150.6, 1.2e5, 2.5)  # x, y, total flux, intrinsic Gaussian sigma (px)
+NUCLEAR = 3000.0  # transient flux on the host's nucleus
+LONE = (240.4, 70.7, 3000.0)  # an isolated transient
+
+
+def _tan_wcs(offset=(0.0, 0.0), rotation_deg=0.0):
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0, 2.0]
+    w.wcs.crpix = [SHAPE[1] / 2 + offset[0], SHAPE[0] / 2 + offset[1]]
+    c, s = np.cos(np.radians(rotation_deg)), np.sin(np.radians(rotation_deg))
+    scale = 0.263 / 3600
+    w.wcs.cd = scale * np.array([[-c, s], [s, c]])
+    w.wcs.set()
+    return w
+
+
+def _gaussians(shape, xs, ys, fluxes, fwhm):
+    """Noiseless Gaussian sources (``render_gaussians`` without its noise)."""
+    return render_gaussians(shape, xs, ys, fluxes, fwhm, 0.0)[0]
+
+
+@pytest.fixture(scope="module")
+def host_pair():
+    rng = np.random.default_rng(21)
+    n = 30
+    grid = np.array([(x, y) for x in np.arange(40, 300, 44) for y in np.arange(40, 300, 44)], float)
+    far = np.hypot(grid[:, 0] - HOST[0], grid[:, 1] - HOST[1]) > 40
+    far &= np.hypot(grid[:, 0] - LONE[0], grid[:, 1] - LONE[1]) > 30
+    pos = grid[far][:n] + rng.uniform(-3, 3, (min(n, far.sum()), 2))
+    star_flux = rng.uniform(5e3, 6e4, len(pos))
+    s_wcs, t_wcs = _tan_wcs(), _tan_wcs((3.3, -2.1), 0.4)
+
+    def render(wcs, fwhm, sky_sigma, seed, search):
+        x, y = (np.asarray(v) for v in wcs.world_to_pixel_values(*s_wcs.pixel_to_world_values(pos[:, 0], pos[:, 1])))
+        hx, hy = (float(v) for v in wcs.world_to_pixel_values(*s_wcs.pixel_to_world_values(HOST[0], HOST[1])))
+        img, var = render_gaussians(SHAPE, x, y, star_flux, fwhm, sky_sigma, seed=seed)
+        sigma = fwhm / 2.3548
+        host_fwhm = 2.3548 * np.hypot(sigma, HOST[3])  # the host convolved with this image's PSF
+        img = img + _gaussians(SHAPE, [hx], [hy], [HOST[2]], host_fwhm)
+        if search:
+            img = img + _gaussians(SHAPE, [HOST[0], LONE[0]], [HOST[1], LONE[1]], [NUCLEAR, LONE[2]], fwhm)
+        return Exposure(img.astype(np.float32), var, np.zeros(SHAPE, np.int32), wcs, fwhm=fwhm, zero_point=30.0,
+                        name="search" if search else "template")
+
+    return render(s_wcs, S_FWHM, 8.0, 1, True), render(t_wcs, T_FWHM, 6.0, 2, False), pos
+
+
+def _nearest(cands, x, y):
+    d = np.hypot(np.asarray(cands["x"]) - x, np.asarray(cands["y"]) - y)
+    return (int(np.argmin(d)), float(d.min())) if d.size else (-1, np.inf)
+
+
+def test_cnn_selection_keeps_transient_on_bright_host_that_flux_cut_drops(host_pair):
+    search, template, _ = host_pair
+    flux = detect_direct(search, template, DirectDetectConfig(selection="flux"))
+    cnn = detect_direct(search, template, DirectDetectConfig(selection="cnn"))
+    i, d = _nearest(cnn, HOST[0], HOST[1])
+    assert d <= 1.0
+    # the seeing change took more of the host's PSF flux than the transient added: a fall, not a rise
+    assert cnn["flux"][i] < 0 and cnn["delta_snr"][i] < DirectDetectConfig().brightening_sigma
+    assert _nearest(flux, HOST[0], HOST[1])[1] > 3.0
+    # the isolated transient is in both
+    assert _nearest(flux, LONE[0], LONE[1])[1] <= 1.0 and _nearest(cnn, LONE[0], LONE[1])[1] <= 1.0
+
+
+def test_cnn_selection_makes_every_search_peak_a_candidate(host_pair):
+    search, template, stars = host_pair
+    cnn = detect_direct(search, template, DirectDetectConfig(selection="cnn"))
+    flux = detect_direct(search, template, DirectDetectConfig(selection="flux"))
+    on_star = [_nearest(cnn, x, y)[1] <= 1.0 for x, y in stars]
+    assert all(on_star)
+    # static stars do not brighten: the flux cut drops (nearly) all of them
+    assert np.mean([_nearest(flux, x, y)[1] <= 1.0 for x, y in stars]) <= 0.1
+    assert len(cnn) == len(stars) + 2  # the stars, the nuclear transient (one peak with its host), the lone one
+    # the flux cut's candidates are a subset of the peaks, with the same measurements
+    for row in flux:
+        j, d = _nearest(cnn, row["x"], row["y"])
+        assert d < 1e-6
+        for col in ("flux", "flux_err", "search_flux", "template_flux", "snr"):
+            assert cnn[col][j] == pytest.approx(row[col], rel=1e-6)
+    # ordered by search S/N, and the cap keeps the highest
+    snr = np.asarray(cnn["snr"])
+    assert np.all(np.diff(snr) <= 0)
+    capped = detect_direct(search, template, DirectDetectConfig(selection="cnn", max_candidates=5))
+    np.testing.assert_allclose(np.asarray(capped["snr"]), snr[:5])
+
+
+def test_forced_change_flux_of_an_isolated_transient(host_pair):
+    search, template, _ = host_pair
+    cnn = detect_direct(search, template, DirectDetectConfig(selection="cnn"))
+    i, _ = _nearest(cnn, LONE[0], LONE[1])
+    assert abs(cnn["flux"][i] - LONE[2]) <= 3 * cnn["flux_err"][i]
+    assert cnn["template_flux"][i] == pytest.approx(0.0, abs=3 * cnn["flux_err"][i])
+    assert cnn["delta_snr"][i] == pytest.approx(cnn["flux"][i] / cnn["flux_err"][i], rel=1e-6)
+
+
+def test_forced_change_flux_matches_injected_on_simulated_pair(sim_pair):
+    """Hostless simulated transients (Moffat PSFs, the simulator's noise): the change flux agrees with the
+    injected search-minus-template flux within the stated errors."""
+    s, t, truth = sim_pair.search, sim_pair.template, sim_pair.truth
+    cands = detect_direct(s, t, DirectDetectConfig(selection="cnn"), ccd="ccd00")
+    m = match_truth(cands, truth)
+    by_id = {int(r["id"]): r for r in truth}
+    kind = np.asarray(m["truth_kind"])
+    rows = [k for k in np.flatnonzero(kind == "transient") if by_id[int(m["truth_id"][k])]["host_id"] < 0
+            and int(m["flags"][k]) == 0]
+    assert len(rows) >= 3
+    dflux = np.array([by_id[int(m["truth_id"][k])]["dflux"] for k in rows])
+    pull = (np.asarray(m["flux"])[rows] - dflux) / np.asarray(m["flux_err"])[rows]
+    assert np.all(np.abs(pull) <= 3)
+    # every detected static star is a candidate too (the CNN decides), not only the brightenings
+    stars = truth[(truth["kind"] == "star") & (truth["snr"] > 20)]
+    found = set(np.asarray(m["truth_id"])[kind == "star"])
+    assert np.mean([int(i) in found for i in stars["id"]]) >= 0.9
+
+
+def test_selection_validated_and_recorded():
+    with pytest.raises(ValueError, match="DirectDetectConfig.selection"):
+        DirectDetectConfig(selection="peaks")
+    with pytest.raises(ValueError, match="DirectDetectConfig.max_candidates"):
+        DirectDetectConfig(max_candidates=0)
+    assert set(SELECTIONS) == {"cnn", "flux"}
+    assert RunConfig().direct.selection == "flux"  # "cnn" measured worse on the benchmark field
+
+
+def test_cut_pairs_full_frame_and_cutout_paths_agree(host_pair):
+    """Many candidates: the template is resampled over the whole frame; few: at the stamps only.  Same stamps."""
+    from pipeline import steps
+
+    search, template, _ = host_pair
+    t_mask = template.mask.copy()
+    t_mask[100:104, 200:203] |= int(MaskBits.BAD)
+    template = dataclasses.replace(template, mask=t_mask)
+    pair = steps.LoadedPair("c", search, template)
+    cands = detect_direct(search, template, DirectDetectConfig(selection="cnn"))
+    config = RunConfig()
+    size = 51
+    full = steps.cut_pairs(cands, pair, config, size=size)
+    assert len(cands) * size * size > steps.FULL_FRAME_STAMP_FRACTION * search.image.size
+    one = [steps.cut_pairs(cands[k:k + 1], pair, config, size=size) for k in range(len(cands))]
+    assert 1 * size * size <= steps.FULL_FRAME_STAMP_FRACTION * search.image.size
+    cut = np.concatenate([o.data for o in one])
+    ok = np.isfinite(full.data) & np.isfinite(cut)
+    assert ok.mean() > 0.9 and full.channels == one[0].channels == ("template", "search")
+    scale = np.nanmax(np.abs(cut[:, 0]))
+    assert np.max(np.abs(full.data - cut)[ok]) <= 0.02 * scale
+    np.testing.assert_array_equal(full.data[:, 1][ok[:, 1]], cut[:, 1][ok[:, 1]])
+    bad = (np.concatenate([o.mask for o in one])[:, 0] & int(MaskBits.BAD)) != 0
+    assert bad.any() and np.all((full.mask[:, 0][bad] & int(MaskBits.BAD)) != 0)
