@@ -29,7 +29,7 @@ from .config import PsfMatchConfig
 from .convolve import kernel_sum_image
 from .fit import KernelSolution
 from .masks import BAD_FOR_FIT, MaskBits
-from .stars import _block_median
+from .stars import _block_median, cell_stack
 
 __all__ = ["SkyBackground", "background_cells", "refit_background"]
 
@@ -128,11 +128,8 @@ def refit_background(be: Backend, image, variance, mask, solution: KernelSolutio
     if ksum is not None:
         sub = sub * ksum[::step, ::step]
     b = -(-cell // step)  # samples per cell side
-    sy, sx = sub.shape
-    by, bx = -(-sy // b), -(-sx // b)
-    padded = xp.full((by * b, bx * b), xp.nan, dtype=xp.float32)
-    padded[:sy, :sx] = xp.where(good, sub, xp.float32(xp.nan))
-    med, count = _block_median(xp, padded.reshape(by, b, bx, b).transpose(0, 2, 1, 3).reshape(by * bx, b * b))
+    cells, (by, bx) = cell_stack(xp, sub, good, b)
+    med, count = _block_median(xp, cells)
     med, count = be.asnumpy(med).astype(np.float64), be.asnumpy(count).astype(np.float64)
     # cell centres [px]: the middle of the sampled pixels of each cell
     cy = np.minimum((np.arange(by) * b + (b - 1) / 2) * step, ny - 1)
@@ -147,14 +144,14 @@ def refit_background(be: Backend, image, variance, mask, solution: KernelSolutio
     design = spatial_vector(cx, cy, (ny, nx), order)
     keep = ok.copy()
     coef = np.zeros(design.shape[1])
+    typical_var = float(np.median(be.asnumpy(vsub[good]))) if bool(good.any()) else 0.0
     for _ in range(3):
         w = np.sqrt(count[keep])
         coef = np.linalg.lstsq(design[keep] * w[:, None], med[keep] * w, rcond=None)[0]
         resid = med - design @ coef
         spread = 1.4826 * np.median(np.abs(resid[keep]))
         # a cell's median has a noise of ~1.25 sigma / sqrt(n): do not reject cells on that scale alone
-        floor = 1.25 * math.sqrt(float(np.median(be.asnumpy(vsub[good])) if bool(good.any()) else 0.0)) \
-            / math.sqrt(max(float(np.median(count[keep])), 1.0))
+        floor = 1.25 * math.sqrt(typical_var) / math.sqrt(max(float(np.median(count[keep])), 1.0))
         new = ok & (np.abs(resid) <= config.background_clip * max(spread, floor))
         if new.sum() < len(coef) or np.array_equal(new, keep):
             break

@@ -23,7 +23,7 @@ import numpy as np
 from .backend import Backend
 from .fused import grow_mask_box
 from .masks import BAD_FOR_FIT
-from .stars import _block_median
+from .stars import _block_median, cell_stack
 
 __all__ = ["noise_covariance", "correlation_factor"]
 
@@ -53,10 +53,8 @@ def noise_covariance(be: Backend, image, variance, mask, *, max_lag: int = 3, ce
     var = variance[y0 : y0 + cy, x0 : x0 + cx].astype(xp.float64)
     good = ((mask[y0 : y0 + cy, x0 : x0 + cx] & _BAD) == 0) & xp.isfinite(img) & xp.isfinite(var) & (var > 0)
     # local sky: the median of each cell (a smooth background would bias the products)
-    by, bx = -(-cy // cell), -(-cx // cell)
-    padded = xp.full((by * cell, bx * cell), xp.nan)
-    padded[:cy, :cx] = xp.where(good, img, xp.nan)
-    med, _ = _block_median(xp, padded.reshape(by, cell, bx, cell).transpose(0, 2, 1, 3).reshape(by * bx, -1))
+    cells, (by, bx) = cell_stack(xp, img, good, cell)
+    med, _ = _block_median(xp, cells)
     fill = float(be.asnumpy(_block_median(xp, med[None])[0])[0]) if bool(xp.isfinite(med).any()) else 0.0
     med = xp.where(xp.isfinite(med), med, fill).reshape(by, bx)
     sky = xp.repeat(xp.repeat(med, cell, axis=0), cell, axis=1)[:cy, :cx]

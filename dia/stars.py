@@ -128,6 +128,16 @@ def describe_rejections(found: int, usable: int, rejected: dict[str, int], neede
     )
 
 
+def cell_stack(xp, values, good, cell: int):
+    """``values`` cut into ``cell`` x ``cell`` cells, one row of samples per cell (NaN where not ``good``
+    and past the edge): ``(stack (by * bx, cell * cell), (by, bx))``, in ``values``' dtype."""
+    sy, sx = values.shape
+    by, bx = -(-sy // cell), -(-sx // cell)
+    padded = xp.full((by * cell, bx * cell), xp.nan, dtype=values.dtype)
+    padded[:sy, :sx] = xp.where(good, values, values.dtype.type(xp.nan))
+    return padded.reshape(by, cell, bx, cell).transpose(0, 2, 1, 3).reshape(by * bx, cell * cell), (by, bx)
+
+
 def _block_median(xp, cells):
     """Median along the last axis ignoring NaN (sort with NaN last, pick the middle finite values).
 
@@ -157,12 +167,9 @@ def _levels(be: Backend, images, block: int = 128):
         sub = img[::step, ::step].astype(xp.float32)
         vsub = var[::step, ::step].astype(xp.float32)
         good = ((mask[::step, ::step] & _BAD) == 0) & xp.isfinite(sub) & xp.isfinite(vsub) & (vsub > 0)
-        sy, sx = sub.shape
-        by, bx = -(-sy // b), -(-sx // b)
         for a in (sub, vsub):
-            padded = xp.full((by * b, bx * b), xp.nan, dtype=xp.float32)
-            padded[:sy, :sx] = xp.where(good, a, xp.float32(xp.nan))
-            stacks.append(padded.reshape(by, b, bx, b).transpose(0, 2, 1, 3).reshape(by * bx, b * b))
+            cells, (by, bx) = cell_stack(xp, a, good, b)
+            stacks.append(cells)
     med, _ = _block_median(xp, xp.stack(stacks))  # (2 * n_images, cells)
     fill, _ = _block_median(xp, med)  # per plane: the median over cells
     noise = be.asnumpy(xp.sqrt(fill[1::2]))

@@ -740,7 +740,7 @@ def _celestial_wcs(header: fits.Header, path: Path, hdu_label: str) -> WCS:
     return wcs.celestial
 
 
-#: BUNIT values (lower case, spaces removed) of pixels in counts, to which a GAIN applies
+#: BUNIT values (compared in lower case) of pixels in counts, to which a GAIN applies
 COUNT_UNITS = ("", "adu", "adus", "count", "counts", "ct", "cts", "dn", "data number", "electron", "electrons", "e-",
                "e", "photon", "photons")
 
