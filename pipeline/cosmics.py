@@ -440,8 +440,10 @@ def clean_exposure(exposure, config: CosmicRayConfig = CosmicRayConfig()):
     """
     result = mask_cosmic_rays(exposure.image, exposure.mask, exposure.variance, config, gain=exposure.gain,
                               read_noise=exposure.read_noise, saturation=exposure.saturation, fwhm=exposure.fwhm)
-    mask = exposure.mask.copy()
-    mask[result.mask] |= np.asarray(int(MaskBits.CR), dtype=mask.dtype)
+    mask = exposure.mask
+    if result.n_pixels:  # a new plane, the input's left as it was
+        mask = mask.copy()
+        mask[result.mask] |= np.asarray(int(MaskBits.CR), dtype=mask.dtype)
     image = exposure.image
     if result.cleaned is not None and result.n_pixels:  # a new plane: the image with the flagged pixels replaced
         image = result.cleaned.astype(exposure.image.dtype, copy=False)
