@@ -109,16 +109,18 @@ def test_a_variance_plane_too_small_is_scaled_up_not_trusted():
     assert _find(image, var * 4).noise_scale == 1.0  # never scaled down (correlated noise of stacks)
 
 
-def test_masked_pixels_kept_out_and_tiles_equal_the_full_frame():
-    image, var, tracks, _ = _scene(seed=8, n_tracks=9)
+@pytest.mark.parametrize("sepmed", [True, False])
+def test_masked_pixels_kept_out_and_tiles_equal_the_full_frame(sepmed):
+    stars = [(40.3, 40.7, 2e5), (150.2, 60.6, 2e4), (60.5, 150.1, 3e3)]  # seeds of the first test, not cosmic rays
+    image, var, tracks, _ = _scene(seed=8, n_tracks=9, stars=stars)
     ys, xs = np.nonzero(tracks)
     image[0, 50] += 800.0  # a hit on the border row
     image[120, 199] += 800.0  # and on the border column
     mask = np.zeros(image.shape, np.int32)
     mask[ys[:5], xs[:5]] = MaskBits.BAD  # already flagged: neither re-flagged nor read
     mask[:4, :] |= MaskBits.EDGE  # EDGE says where a pixel is: a hit there is still found
-    tiled = _find(image, var, mask, CosmicRayConfig(replace=True))
-    full = _find(image, var, mask, CosmicRayConfig(replace=True, method="full"))
+    tiled = _find(image, var, mask, CosmicRayConfig(replace=True, sepmed=sepmed))
+    full = _find(image, var, mask, CosmicRayConfig(replace=True, method="full", sepmed=sepmed))
     assert np.array_equal(tiled.mask, full.mask) and np.array_equal(tiled.cleaned, full.cleaned)
     assert tiled.n_tiles > 1 and full.n_tiles == 1
     assert not tiled.mask[ys[:5], xs[:5]].any()
@@ -249,3 +251,27 @@ def test_run_records_counts_and_masks_simulated_cosmic_rays(sim_field, tmp_path)
     off = RunConfig(mode="direct", cosmics=CosmicRayConfig(enabled=False))
     state = graph.run_stage("load", graph.CcdState.start(entry, chash), off, str(tmp_path), chash)
     assert state.decisions["cosmics"] == {"enabled": False} and not (state.pair.search.mask & MaskBits.CR).any()
+
+
+def test_fine_structure_pass_drops_star_cores_and_keeps_every_track():
+    """The second test on the seeds (pipeline.cosmics._fine_structure_pass) is a necessary condition: it keeps
+    a seed on every track the full-frame L.A.Cosmic flags and drops the seeds on bright stars."""
+    from pipeline.cosmics import _candidate_pixels, _fine_structure_pass
+
+    stars = [(40.3, 40.7, 2e5), (150.2, 60.6, 2e4), (160.4, 160.2, 5e5)]
+    image, var, tracks, _ = _scene(seed=4, stars=stars, fwhm=4.0)  # a DECam-like PSF (~1" at 0.263"/px)
+    for sepmed in (True, False):
+        config = CosmicRayConfig(sepmed=sepmed)
+        seeds = _candidate_pixels(image, var, np.zeros(image.shape, bool), config.sigclip)
+        kept = _fine_structure_pass(image, seeds, config)
+        assert not (kept & ~seeds).any()
+        full = _find(image, var, config=dataclasses.replace(config, method="full"))
+        labels, n = ndimage.label(full.mask, np.ones((3, 3), bool))
+        for k in range(1, n + 1):  # each flagged group holds a kept seed
+            assert kept[labels == k].any(), k
+        for x, y, flux in stars:  # the stars' cores are seeds of the first test, and few survive the second
+            core = (slice(int(y) - 3, int(y) + 4), slice(int(x) - 3, int(x) + 4))
+            assert seeds[core].sum() >= 20, (x, y)
+            # the square medians follow a star's peak: none; the separable ones (default) leave the peaks of the
+            # brightest (~1e4 ADU) stars
+            assert kept[core].sum() <= (0 if not sepmed or flux < 1e5 else 0.25 * seeds[core].sum()), (x, y, sepmed)
