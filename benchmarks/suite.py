@@ -158,14 +158,12 @@ def gpu_available() -> tuple[bool, str]:
 
 
 def _warm_worker(models: tuple[str, ...], device: str, threads: int, batch: int) -> float:
-    """Import the pipeline and load the given CNNs into this worker's scorer cache; seconds taken."""
-    t0 = time.perf_counter()
-    import dia  # noqa: F401
-    import pipeline.detect  # noqa: F401
-    from pipeline import steps
+    """Import the stages' libraries and load the given CNNs into this worker's scorer cache; seconds taken."""
+    from pipeline.runner import prepare_worker
 
+    t0 = time.perf_counter()
     for model in models:
-        steps.get_scorer(model, device, threads, batch)
+        prepare_worker(model, device, threads, batch)
     return time.perf_counter() - t0
 
 

@@ -44,6 +44,11 @@ logger = logging.getLogger(__name__)
 _METHODS = ("fast", "grid", "reproject")
 _ORDERS = {"nearest-neighbor": 0, "bilinear": 1, "biquadratic": 2, "bicubic": 3}
 
+#: Template pixels beyond a cut-out's footprint that :func:`resample_cutouts` prefilters with it (spline orders
+#: 2 and 3): the B-spline prefilter's reach decays as |pole|^distance (0.27 for cubic, 0.17 for quadratic), so
+#: 12 pixels leave coefficients within ~1e-7 of the whole frame's.
+SPLINE_MARGIN = 12
+
 
 @dataclasses.dataclass(frozen=True)
 class AlignConfig:
@@ -219,6 +224,18 @@ class PixelMap:
         """Template coordinates of every pixel of the (ny, nx) search grid starting at (0, 0)."""
         y, x = np.arange(ny, dtype=float), np.arange(nx, dtype=float)
         return self.spline_x(y, x, grid=True), self.spline_y(y, x, grid=True)
+
+    def boxes(self, x0: np.ndarray, y0: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Template coordinates of ``size`` x ``size`` boxes of search pixels starting at ``(x0[i], y0[i])``:
+        arrays (n, size, size), the same values as :meth:`points` at those pixels, each box evaluated on its own
+        grid (two 1-D spline bases per box instead of one scattered evaluation per pixel: ~20x cheaper)."""
+        n = np.size(x0)
+        tx, ty = np.empty((n, size, size)), np.empty((n, size, size))
+        offs = np.arange(size, dtype=float)
+        for i, (bx, by) in enumerate(zip(np.ravel(x0).astype(float), np.ravel(y0).astype(float))):
+            tx[i] = self.spline_x(by + offs, bx + offs, grid=True)
+            ty[i] = self.spline_y(by + offs, bx + offs, grid=True)
+        return tx, ty
 
     def points(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Template coordinates of arbitrary search positions (any shape)."""
@@ -1060,22 +1077,38 @@ def resample_cutouts(
     xs, ys = np.broadcast_arrays(xs, ys)
     if config.method in ("grid", "fast"):  # the mapping is only needed over the cut-outs' bounding box
         pmap = PixelMap.build(search_wcs, template.wcs, (xs.min(), xs.max()), (ys.min(), ys.max()))
-        tx, ty = pmap.points(xs, ys)
+        tx, ty = pmap.boxes(xs[:, 0, 0], ys[:, 0, 0], size)
     else:
         tx, ty = _template_pixels(search_wcs, template.wcs, xs, ys)
     order = _ORDERS[config.order]
     tny, tnx = template.shape
-    # Only the bounding box of all cut-outs is needed from the template.
     finite = np.isfinite(tx) & np.isfinite(ty)
+    image = np.full(tx.shape, np.nan, np.float32)
+    # Each cut-out is interpolated from its own box of template pixels, with SPLINE_MARGIN pixels beyond its
+    # footprint: the spline coefficients there equal those of the whole frame to ~1e-7 (the prefilter's
+    # influence decays as 0.27^distance for cubic splines), for ~60 x 60 pixels per cut-out instead of a
+    # frame-sized bounding box.  Boxes that meet the frame's edge end there, as the frame's own would.
+    pad = 4 + (SPLINE_MARGIN if order > 1 else 0)
+    for i in range(n):
+        ok = finite[i]
+        if not ok.any():
+            continue
+        bx, by = tx[i][ok], ty[i][ok]
+        x0 = int(np.clip(np.floor(bx.min()) - pad, 0, tnx - 1))
+        x1 = int(np.clip(np.ceil(bx.max()) + pad + 1, x0 + 1, tnx))
+        y0 = int(np.clip(np.floor(by.min()) - pad, 0, tny - 1))
+        y1 = int(np.clip(np.ceil(by.max()) + pad + 1, y0 + 1, tny))
+        bad_in = (template.mask[y0:y1, x0:x1] & int(MaskBits.NO_DATA)) != 0
+        sub = np.where(bad_in, np.float32(0), template.image[y0:y1, x0:x1]).astype(np.float32)
+        image[i] = ndimage.map_coordinates(sub, np.array([ty[i] - y0, tx[i] - x0]), order=order, mode="constant",
+                                           cval=np.nan)
+    # the mask bits: bilinear weights need no prefilter, one call over the cut-outs' bounding box
     pad = 4
     x0 = int(np.clip(np.floor(np.nanmin(np.where(finite, tx, np.inf))) - pad, 0, tnx - 1)) if finite.any() else 0
     x1 = int(np.clip(np.ceil(np.nanmax(np.where(finite, tx, -np.inf))) + pad + 1, 1, tnx)) if finite.any() else 1
     y0 = int(np.clip(np.floor(np.nanmin(np.where(finite, ty, np.inf))) - pad, 0, tny - 1)) if finite.any() else 0
     y1 = int(np.clip(np.ceil(np.nanmax(np.where(finite, ty, -np.inf))) + pad + 1, 1, tny)) if finite.any() else 1
     coords = np.array([ty - y0, tx - x0])
-    bad_in = (template.mask[y0:y1, x0:x1] & int(MaskBits.NO_DATA)) != 0
-    sub = np.where(bad_in, 0.0, template.image[y0:y1, x0:x1]).astype(np.float32)
-    image = ndimage.map_coordinates(sub, coords, order=order, mode="constant", cval=np.nan).astype(np.float32)
     inside = (tx >= -0.5) & (tx <= tnx - 0.5) & (ty >= -0.5) & (ty <= tny - 0.5) & finite
     sub_mask = template.mask[y0:y1, x0:x1]
     mask = np.zeros(tx.shape, dtype=np.int32)

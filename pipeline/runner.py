@@ -42,7 +42,7 @@ from pipeline.outdir import OutputError, open_output_folder
 
 __all__ = ["RunResult", "RunSetupError", "run_pipeline", "format_summary", "versions", "check_model",
            "catalog_provenance", "manifest_path", "preset_of_instrume", "resolve_instrument",
-           "EXIT_SOME_FAILED", "EXIT_ALL_FAILED", "EXIT_SETUP", "EXIT_OUTPUT"]
+           "EXIT_SOME_FAILED", "EXIT_ALL_FAILED", "EXIT_SETUP", "EXIT_OUTPUT", "STAGE_MODULES", "prepare_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -504,18 +504,33 @@ def _run_locked(entries, config, out_dir, scheduler, chash, weights_path, weight
     return result
 
 
-def _load_model(model: str, device: str, threads: int, batch_size: int, instrument: str = "") -> bool:
+#: Modules the stages import lazily, imported by :func:`prepare_worker` when a worker starts: importing photutils alone
+#: takes ~0.7 s (its optional-dependency scan), which would otherwise land in the first CCD's detect stage.
+STAGE_MODULES = ("astroscrappy", "photutils.aperture", "photutils.geometry", "photutils.segmentation",
+                 "pipeline.cosmics", "pipeline.align", "pipeline.detect", "pipeline.stamps", "dia")
+
+
+def prepare_worker(model: str, device: str, threads: int, batch_size: int, instrument: str = "") -> bool:
+    """Import the stages' libraries and load ``model``'s scorer into this process's cache (a worker's start-up)."""
+    import importlib
+
     from pipeline.steps import get_scorer
 
+    for name in STAGE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional library: the stage that needs it says so when it runs
+            pass
     get_scorer(model, device, threads, batch_size, instrument)
     return True
 
 
 def _warm_up(client, config: RunConfig) -> float:
-    """Load the CNN once in every worker (or in this process) before the CCDs are timed.
+    """Load the CNN and import the stages' libraries (:data:`STAGE_MODULES`) once in every worker (or in this
+    process) before the CCDs are timed.
 
-    Model loading (torch import, weights) is a once-per-worker cost; doing it up front keeps it
-    out of the per-CCD stage times, and it is reported on its own in run.json.  The weights were
+    Model loading (torch import, weights) and imports are a once-per-worker cost; doing them up front keeps
+    them out of the per-CCD stage times, and they are reported on their own in run.json.  The weights were
     already checked in this process (:func:`check_model`), so a failure here is a worker's
     (no CUDA device, say) and stops the run before any CCD is computed.
     """
@@ -523,9 +538,9 @@ def _warm_up(client, config: RunConfig) -> float:
     args = (config.model, config.device, config.torch_threads, config.batch_size, config.instrument)
     try:
         if client is None:
-            _load_model(*args)
+            prepare_worker(*args)
         else:
-            client.run(_load_model, *args)
+            client.run(prepare_worker, *args)
     except Exception as exc:
         raise RunSetupError(f"the workers cannot load model {config.model!r} on {config.device}: "
                             f"{type(exc).__name__}: {exc}") from None

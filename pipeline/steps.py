@@ -94,10 +94,10 @@ def ensure_fwhm(exposure: Exposure) -> Exposure:
     return dataclasses.replace(exposure, fwhm=fwhm, provenance=provenance)
 
 
-def load_pair(entry: PairEntry) -> LoadedPair:
-    """Read a manifest entry: both exposures (FWHM measured if absent) and the truth table."""
+def load_pair(entry: PairEntry, truth: bool = True) -> LoadedPair:
+    """Read a manifest entry: both exposures (FWHM measured if absent) and, with ``truth``, the truth table."""
     search, template = entry.load()
-    truth = read_truth(entry.truth) if entry.truth is not None else None
+    truth = read_truth(entry.truth) if truth and entry.truth is not None else None
     return LoadedPair(entry.ccd, ensure_fwhm(search), ensure_fwhm(template), truth)
 
 
@@ -249,11 +249,11 @@ def detect_without_difference(pair: LoadedPair, config: RunConfig) -> CandidateT
 
 
 #: :func:`cut_pairs` resamples the whole template once (:func:`pipeline.align.align_pair`, two separable
-#: passes) rather than at each stamp's pixels (:func:`pipeline.align.resample_cutouts`, whose WCS mapping
-#: costs ~2 us per stamp pixel) when the stamps hold more than this fraction of the search image's
-#: pixels: the two give the same stamps to interpolation rounding (measured: rms 0.09 ADU on 2498 DECam
-#: stamps), the full frame is cheaper past ~10% (one DECam CCD: ~0.9 s for the frame, ~1 s per 450 stamps).
-FULL_FRAME_STAMP_FRACTION = 0.1
+#: passes) rather than each stamp from its own box of template pixels (:func:`pipeline.align.resample_cutouts`,
+#: ~0.7 ms per 51 x 51 stamp) when the stamps hold more than this fraction of the search image's pixels: the two
+#: give the same stamps to interpolation rounding (measured: rms 0.09 ADU on 2498 DECam stamps), the full frame
+#: is cheaper past ~25% (one DECam CCD: ~0.5 s for the frame, ~0.33 s for 450 stamps).
+FULL_FRAME_STAMP_FRACTION = 0.25
 
 
 def cut_pairs(candidates: Table, pair: LoadedPair, config: RunConfig, size: int = STAMP_SIZE) -> Stamps:

@@ -338,3 +338,36 @@ def test_registration_check_is_skipped_without_stars_and_validated():
     for name in ("registration_star_snr", "registration_found_snr", "registration_max_offset_px"):
         with pytest.raises(ValueError, match=name):
             AlignConfig(**{name: 0.0})
+
+
+@pytest.mark.parametrize("order", ["bicubic", "biquadratic", "bilinear"])
+def test_cutouts_equal_whole_frame_spline_interpolation_at_the_exact_mapping(sim_pair, order):
+    """Each cut-out is interpolated from its own box of template pixels (pipeline.align.SPLINE_MARGIN around it):
+    the values are those of one spline interpolation of the whole template at the pixels' exact WCS positions,
+    in the interior, at the frame's edges and on a stamp that runs off the template."""
+    from scipy import ndimage
+
+    from pipeline.align import _template_pixels
+
+    t = sim_pair.template
+    tny, tnx = t.shape
+    # search positions of the template's first and last pixels: stamps straddling the template's edges
+    cx, cy = _template_pixels(t.wcs, sim_pair.search.wcs, np.array([1.0, tnx - 2.0]), np.array([2.0, tny - 3.0]))
+    x = np.array([200.3, 512.0, cx[0], cx[1], -300.0])
+    y = np.array([300.6, 512.2, cy[0], cy[1], -300.0])
+    size = 21
+    stamps, _ = resample_cutouts(t, sim_pair.search.wcs, x, y, size=size, config=AlignConfig(order=order))
+    offs = np.arange(size) - size // 2
+    xs = np.rint(x)[:, None, None] + offs[None, None, :]
+    ys = np.rint(y)[:, None, None] + offs[None, :, None]
+    xs, ys = np.broadcast_arrays(xs, ys)
+    tx, ty = _template_pixels(sim_pair.search.wcs, t.wcs, xs, ys)
+    frame = np.where((t.mask & MaskBits.NO_DATA) != 0, 0, t.image).astype(np.float32)
+    spline_order = {"bicubic": 3, "biquadratic": 2, "bilinear": 1}[order]
+    expect = ndimage.map_coordinates(frame, [ty, tx], order=spline_order, mode="constant", cval=np.nan)
+    inside = (tx >= -0.5) & (tx <= tnx - 0.5) & (ty >= -0.5) & (ty <= tny - 0.5) & np.isfinite(expect)
+    assert inside[:2].all() and not inside[4].any()  # two stamps inside, one off the template
+    assert all(0 < inside[k].sum() < size * size for k in (2, 3))  # two on its corners
+    assert np.isnan(stamps[~inside]).all()
+    scale = np.abs(expect[inside]).max()
+    np.testing.assert_allclose(stamps[inside], expect[inside], rtol=0, atol=1e-5 * scale)

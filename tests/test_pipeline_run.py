@@ -247,3 +247,28 @@ def test_graph_tasks_are_named_by_stage_and_ccd_and_gpu_stages_carry_the_resourc
     direct = build_graph(entries, RunConfig(mode="direct"), tmp_path)["ccd01"].__dask_graph__().layers
     assert list(direct) == [f"{s}-ccd01" for s in ("load", "detect", "stamps", "score", "write")]
     assert not any(layer.annotations for layer in direct.values())
+
+
+def test_reading_the_truth_is_timed_apart_from_the_load_stage(sim_field, tmp_path, monkeypatch):
+    """A survey's pipeline reads no truth table: the simulator's is read in the load stage but its time is
+    recorded as evaluation (``evaluation_s``), not as the stage's cost, and the truth still reaches the catalog."""
+    from pipeline import graph
+
+    real_read = graph.read_truth
+
+    def slow_read(path):
+        time.sleep(0.5)
+        return real_read(path)
+
+    monkeypatch.setattr(graph, "read_truth", slow_read)
+    entry = read_manifest(sim_field)[0]
+    config = RunConfig(mode="direct")
+    state = graph.run_stage("load", graph.CcdState.start(entry, "h"), config, str(tmp_path), "h")
+    assert state.status != "failed", state.traceback
+    assert state.pair.truth is not None and len(state.pair.truth) > 0
+    spent = state.evaluation_s["load"]
+    assert spent["wall"] >= 0.5 and spent["cpu"] < spent["wall"]  # sleeping costs wall time, not CPU
+    assert 0 < state.wall["load"] < spent["wall"]  # the small frames load in far less than the sleep
+    assert state.cpu["load"] > 0
+    record = graph.status_record(state, "h")
+    assert record["evaluation_s"] == state.evaluation_s and record["wall_s"]["load"] == state.wall["load"]
