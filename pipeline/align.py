@@ -485,21 +485,41 @@ def check_registration(search: Exposure, template: Exposure, config: AlignConfig
     radius = max(2.0, config.registration_radius_fwhm * fwhm)
     # reference stars: the brightest isolated template stars (asking for more than needed, as the
     # isolation cut comes after the brightness cut), re-measured the way they are measured in the search
-    tx, ty = bright_isolated_stars(template.image - _sky(template.image), template.variance, template.mask, t_fwhm,
+    sky = _sky(template.image)
+    cx, cy = bright_isolated_stars(template.image - sky, template.variance, template.mask, t_fwhm,
                                    min_snr=config.registration_star_snr, isolation=4.0,
                                    max_stars=10 * config.registration_stars)
-    tx, ty, t_peak = _find_peaks_near(template, tx, ty, max(1.0, 0.5 * t_fwhm), t_fwhm)
-    ok = np.isfinite(tx) & (t_peak >= config.registration_found_snr)
-    tx, ty, t_peak = tx[ok], ty[ok], t_peak[ok]
-    sx, sy = _template_pixels(template.wcs, search.wcs, tx, ty)  # template -> search pixels
-    # usable: on the search's data, far enough from its border for the window, core not saturated / bad
+    # re-measured brightest first (by peak pixel S/N), in batches, until registration_stars usable ones are in
+    # hand: a crowded CCD offers ~10x more candidates than the check needs, each a window to filter
+    ix, iy = np.rint(cx).astype(int), np.rint(cy).astype(int)
+    pixel_snr = (template.image[iy, ix] - sky) / np.sqrt(np.maximum(template.variance[iy, ix], 1e-30))
+    rank = np.argsort(-np.nan_to_num(pixel_snr, nan=-np.inf), kind="stable")
+    cx, cy = cx[rank], cy[rank]
     margin = int(np.ceil(radius + 2.0 * fwhm)) + 2
-    usable = template_has_data(template.wcs, search, tx, ty, bits=int(MaskBits.NO_DATA), margin=margin)
     core = int(np.ceil(fwhm))
-    for i in np.flatnonzero(usable):
-        ix, iy = int(np.rint(sx[i])), int(np.rint(sy[i]))
-        usable[i] = not (search.mask[iy - core : iy + core + 1, ix - core : ix + core + 1] & int(BAD_FOR_FIT)).any()
-    order = np.flatnonzero(usable)[np.argsort(-t_peak[usable], kind="stable")][: config.registration_stars]
+    parts: list[tuple[np.ndarray, ...]] = []
+    n_usable, batch = 0, 2 * max(config.registration_stars, 1)
+    for start in range(0, cx.size, batch):
+        if n_usable >= config.registration_stars:
+            break
+        tx, ty, t_peak = _find_peaks_near(template, cx[start : start + batch], cy[start : start + batch],
+                                          max(1.0, 0.5 * t_fwhm), t_fwhm)
+        ok = np.isfinite(tx) & (t_peak >= config.registration_found_snr)
+        tx, ty, t_peak = tx[ok], ty[ok], t_peak[ok]
+        sx, sy = _template_pixels(template.wcs, search.wcs, tx, ty)  # template -> search pixels
+        # usable: on the search's data, far enough from its border for the window, core not saturated / bad
+        usable = template_has_data(template.wcs, search, tx, ty, bits=int(MaskBits.NO_DATA), margin=margin)
+        for i in np.flatnonzero(usable):
+            jx, jy = int(np.rint(sx[i])), int(np.rint(sy[i]))
+            usable[i] = not (search.mask[jy - core : jy + core + 1, jx - core : jx + core + 1]
+                             & int(BAD_FOR_FIT)).any()
+        parts.append((sx[usable], sy[usable], t_peak[usable]))
+        n_usable += int(usable.sum())
+    if parts:
+        sx, sy, t_peak = (np.concatenate(a) for a in zip(*parts))
+    else:
+        sx = sy = t_peak = np.zeros(0)
+    order = np.argsort(-t_peak, kind="stable")[: config.registration_stars]
     sx, sy = sx[order], sy[order]
     n = int(order.size)
     if n < config.registration_min_stars:
