@@ -72,7 +72,7 @@ from pipeline.io import (
 from pipeline.truth import read_truth
 
 __all__ = ["CcdState", "STAGES", "build_graph", "config_hash", "resume_key", "input_fingerprint",
-           "ccd_outputs_complete", "collect_catalog", "run_stage", "status_record", "ccd_paths",
+           "ccd_outputs_complete", "collect_catalog", "run_stage", "status_record", "ccd_paths", "tune_heap",
            "STAMPS_SUFFIX", "without_planes", "release_free_memory"]
 
 logger = logging.getLogger(__name__)
@@ -278,18 +278,52 @@ def release_free_memory() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def _malloc_trim():
+def _libc():
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
         return None
+
+
+def _malloc_trim():
+    try:
+        trim = _libc().malloc_trim
+    except AttributeError:  # no libc, or not glibc
+        return None
+    import ctypes
+
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     return trim
+
+
+#: glibc ``mallopt`` parameters and the values :func:`tune_heap` sets: what glibc's own dynamic thresholds reach
+#: once a process has freed a large block (arrays below 32 MiB come from the heap and are reused; the top of the
+#: heap is returned above 64 MiB free, and at every stage boundary by :func:`release_free_memory`).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+HEAP_MMAP_THRESHOLD = 32 * 1024 * 1024
+HEAP_TRIM_THRESHOLD = 64 * 1024 * 1024
+
+
+def tune_heap() -> bool:
+    """Let NumPy's temporaries below 32 MiB be reused from the C heap (glibc ``mallopt``), as glibc does by default.
+
+    Dask's nanny starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which (any such setting does) turns off
+    glibc's dynamic mmap threshold: every array above 128 KiB is then a fresh ``mmap`` whose pages are faulted in and
+    zeroed by the kernel on first touch, and returned on ``free``.  Measured on one DECam CCD: the direct mode's
+    detect stage 0.9 -> 1.6 s, L.A.Cosmic's tiles 0.92 -> 1.1 s.  Called once per worker (:func:`pipeline.runner.
+    prepare_worker`); the stages' own :func:`release_free_memory` still hands free pages back between stages.
+    Returns False where there is no glibc (nothing done).
+    """
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD,
+                                                                                    HEAP_TRIM_THRESHOLD))
 
 
 def _stage_load(state: CcdState, config: RunConfig, out_dir: Path) -> None:

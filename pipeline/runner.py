@@ -511,10 +511,14 @@ STAGE_MODULES = ("astroscrappy", "photutils.aperture", "photutils.geometry", "ph
 
 
 def prepare_worker(model: str, device: str, threads: int, batch_size: int, instrument: str = "") -> bool:
-    """Import the stages' libraries and load ``model``'s scorer into this process's cache (a worker's start-up)."""
+    """A worker's start-up: the C heap tuned (:func:`pipeline.graph.tune_heap`), the stages' libraries imported and
+    ``model``'s scorer loaded into this process's cache."""
     import importlib
 
+    from pipeline.graph import tune_heap
     from pipeline.steps import get_scorer
+
+    tune_heap()
 
     for name in STAGE_MODULES:
         try:
