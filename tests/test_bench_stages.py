@@ -248,3 +248,55 @@ def test_quality_measures_on_known_noise():
     # a star whose aperture touches masked pixels is not counted
     res2 = hp.star_residuals(diff, sigma, bad, np.array([[12.0, 100.0]]), np.array([100.0]), radius=6.0)
     assert res2["n"] == 0 and res2["median_abs_frac"] is None
+
+
+def test_sep_comparison_scores_detections_against_truth():
+    """benchmarks.bench_sep's scoring: transients found within 1.5 px, the border left out, detections on variables
+    counted apart, the rest unmatched."""
+    from astropy.table import Table
+
+    from benchmarks import bench_sep
+
+    truth = Table({"kind": ["transient", "transient", "transient", "variable", "star"],
+                   "x": [100.0, 200.0, 5.0, 300.0, 400.0], "y": [100.0, 220.0, 50.0, 300.0, 400.0],
+                   "snr": [50.0, 6.0, 80.0, 20.0, 100.0]})
+    x = np.array([100.8, 203.0, 5.0, 300.2, 400.1, 250.0])
+    y = np.array([100.9, 220.0, 50.0, 300.0, 400.0, 250.0])
+    s = bench_sep.score_detections(x, y, truth, (500, 500), edge=25)
+    assert s["n_transients"] == 2 and s["found"] == 1 and s["completeness"] == 0.5  # (5, 50) is in the border
+    assert s["n_transients_snr10"] == 1 and s["found_snr10"] == 1
+    # matched: the first transient, the one in the border and the variable; the star's and the blank one are not
+    assert s["n_detections"] == 6 and s["on_variables"] == 1 and s["unmatched"] == 3
+    empty = bench_sep.score_detections(np.zeros(0), np.zeros(0), truth, (500, 500), edge=25)
+    assert empty["found"] == 0 and empty["unmatched"] == 0 and empty["n_detections"] == 0
+
+
+def test_sep_comparison_finds_injected_point_sources_both_ways():
+    """Both detections on a difference made here (noise plus Gaussian point sources of known S/N) find the
+    bright ones and nothing much else; skipped without SEP."""
+    pytest.importorskip("sep")
+    from types import SimpleNamespace
+
+    from benchmarks import bench_sep
+    from pipeline.detect import DetectConfig
+
+    rng = np.random.default_rng(5)
+    shape, fwhm, sigma_pix = (400, 400), 3.0, 10.0
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    xs = rng.uniform(40, 360, 12)
+    ys = rng.uniform(40, 360, 12)
+    s = fwhm / 2.3548
+    image = rng.normal(0, sigma_pix, shape).astype(np.float32)
+    for x0, y0 in zip(xs, ys):  # S/N ~ 40 each: flux / (sigma sqrt(4 pi s^2))
+        image += (40 * sigma_pix * np.sqrt(4 * np.pi * s**2) * np.exp(-0.5 * ((xx - x0) ** 2 + (yy - y0) ** 2) / s**2)
+                  / (2 * np.pi * s**2)).astype(np.float32)
+    diff = SimpleNamespace(image=image, variance=np.full(shape, sigma_pix**2, np.float32),
+                           mask=np.zeros(shape, np.int32))
+    from astropy.table import Table
+
+    truth = Table({"kind": ["transient"] * 12, "x": xs, "y": ys, "snr": np.full(12, 40.0)})
+    ox, oy, scale = bench_sep.ours_difference_detection(diff, fwhm, DetectConfig())
+    sx, sy = bench_sep.sep_difference_detection(diff, fwhm, DetectConfig(), scale)
+    for x, y in ((ox, oy), (sx, sy)):
+        score = bench_sep.score_detections(x, y, truth, shape, edge=25)
+        assert score["found"] == 12 and score["unmatched"] <= 2
