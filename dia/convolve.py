@@ -116,15 +116,13 @@ def kernel_power_coeffs(solution: KernelSolution, noise_cov: np.ndarray | None =
     if noise_cov is None:
         gram = np.einsum("suv,tuv->st", ks, ks)
     else:
-        from scipy.signal import correlate2d
+        from .noise import kernel_correlation
 
         lag = noise_cov.shape[0] // 2
-        c = ks.shape[-1] - 1
         gram = np.empty((len(ks), len(ks)))
         for a in range(len(ks)):
             for b in range(len(ks)):
-                corr = correlate2d(ks[a], ks[b], mode="full")[c - lag : c + lag + 1, c - lag : c + lag + 1]
-                gram[a, b] = float((noise_cov * corr).sum())
+                gram[a, b] = float((noise_cov * kernel_correlation(ks[a], ks[b], lag)).sum())
     terms = solution.spatial_terms
     out: dict[tuple[int, int], float] = {}
     for s, (i1, j1) in enumerate(terms):

@@ -25,7 +25,7 @@ from .fused import grow_mask_box
 from .masks import BAD_FOR_FIT
 from .stars import _block_median, cell_stack
 
-__all__ = ["noise_covariance", "correlation_factor"]
+__all__ = ["noise_covariance", "correlation_factor", "kernel_correlation"]
 
 _BAD = int(BAD_FOR_FIT)
 
@@ -116,13 +116,22 @@ def noise_covariance(be: Backend, image, variance, mask, *, max_lag: int = 3, ce
     return cov * c0_robust
 
 
+def kernel_correlation(a: np.ndarray, b: np.ndarray, lag: int) -> np.ndarray:
+    """``out[L + dy, L + dx] = sum_u b(u) a(u + d)`` for ``|dy|, |dx| <= lag``: the central ``2 lag + 1`` square of
+    ``scipy.signal.correlate2d(a, b, "full")`` (two kernels of one shape), without importing scipy.signal (~0.5 s)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    ny, nx = b.shape
+    padded = np.pad(a, lag)
+    out = np.empty((2 * lag + 1, 2 * lag + 1))
+    for i in range(2 * lag + 1):
+        for j in range(2 * lag + 1):
+            out[i, j] = float(np.sum(padded[i : i + ny, j : j + nx] * b))
+    return out
+
+
 def correlation_factor(cov: np.ndarray, kernel: np.ndarray) -> float:
     """``sum_d C(d) A_K(d) / A_K(0)``: the variance of ``K * X`` over the white-noise propagation ``sum K^2 V_X``."""
-    from scipy.signal import correlate2d
-
     lag = cov.shape[0] // 2
-    k = np.asarray(kernel, np.float64)
-    auto = correlate2d(k, k, mode="full")  # A_K, centred at (size - 1, size - 1)
-    c = k.shape[0] - 1
-    a = auto[c - lag : c + lag + 1, c - lag : c + lag + 1]
-    return float((cov * a).sum() / auto[c, c])
+    auto = kernel_correlation(kernel, kernel, lag)  # A_K around lag 0
+    return float((cov * auto).sum() / auto[lag, lag])

@@ -181,37 +181,55 @@ def _noise_variance(image: np.ndarray, variance: np.ndarray | None, gain: float,
     return (np.clip(image, 0, None) / np.float32(gain) + np.float32((read_noise / gain) ** 2)).astype(np.float32)
 
 
-def _candidate_pixels(image: np.ndarray, variance: np.ndarray, skip: np.ndarray, sigclip: float) -> np.ndarray:
+def _candidate_pixels(image: np.ndarray, variance: np.ndarray, skip: np.ndarray, sigclip: float,
+                      block: int = 256) -> np.ndarray:
     """Pixels that could pass L.A.Cosmic's first test: sub-sampled Laplacian / (2 noise) > ``sigclip``.
 
     The Laplacian of the 2x sub-sampled image, clipped at zero and binned back, is at each pixel the mean
     over its four sub-pixels of ``max(0, 2 I - I_h - I_v)`` (``h``: the left or right neighbour, ``v``:
     the one above or below).  The noise is the square root of the smallest variance among the pixel and
     its four neighbours (a variance estimated from the image itself is raised at a cosmic ray; the
-    algorithm uses a 7x7 median of it).
+    algorithm uses a 7x7 median of it).  Computed in bands of ``block`` rows (temporaries in cache, none
+    of frame size); beyond the border the image is reflected, as the tiles are (see :func:`_reflect`).
     """
-    # beyond the border the image is reflected, as the tiles are (see _reflect)
-    image = np.pad(image, 1, mode="reflect") if min(image.shape) > 1 else np.pad(image, 1, mode="edge")
-    variance = np.pad(variance, 1, mode="reflect") if min(variance.shape) > 1 else np.pad(variance, 1, mode="edge")
-    centre = 2.0 * image[1:-1, 1:-1]
-    left, right, up, down = image[1:-1, :-2], image[1:-1, 2:], image[:-2, 1:-1], image[2:, 1:-1]
-    lap = np.zeros(centre.shape, np.float32)
-    part = np.empty(centre.shape, np.float32)
-    for h, v in ((left, up), (right, up), (left, down), (right, down)):
-        np.subtract(centre, h, out=part)
-        part -= v
-        np.maximum(part, 0, out=part)
-        lap += part
-    var = variance[1:-1, 1:-1].copy()
-    for neighbour in (variance[1:-1, :-2], variance[1:-1, 2:], variance[:-2, 1:-1], variance[2:, 1:-1]):
-        np.minimum(var, neighbour, out=var)
-    np.maximum(var, 0, out=var)
-    np.sqrt(var, out=var)
-    # mean of the four parts / (2 noise) > sigclip  <=>  sum > 8 sigclip noise
-    var *= np.float32(8.0 * sigclip)
-    out = lap > var
+    ny, nx = image.shape
+    out = np.zeros(image.shape, bool)
+    mode = "reflect" if min(image.shape) > 1 else "edge"
+    threshold = np.float32(8.0 * sigclip)
+    for r0 in range(0, ny, block):
+        r1 = min(r0 + block, ny)
+        lo, hi = max(r0 - 1, 0), min(r1 + 1, ny)
+        rows = ((1 if r0 == 0 else 0), (1 if r1 == ny else 0))  # rows to reflect: only at the frame's edges
+        img = np.pad(image[lo:hi], (rows, (1, 1)), mode=mode).astype(np.float32, copy=False)
+        var = np.pad(variance[lo:hi], (rows, (1, 1)), mode=mode).astype(np.float32, copy=False)
+        centre = 2.0 * img[1:-1, 1:-1]
+        left, right, up, down = img[1:-1, :-2], img[1:-1, 2:], img[:-2, 1:-1], img[2:, 1:-1]
+        lap = np.zeros(centre.shape, np.float32)
+        part = np.empty(centre.shape, np.float32)
+        for h, v in ((left, up), (right, up), (left, down), (right, down)):
+            np.subtract(centre, h, out=part)
+            part -= v
+            np.maximum(part, 0, out=part)
+            lap += part
+        noise = var[1:-1, 1:-1].copy()
+        for neighbour in (var[1:-1, :-2], var[1:-1, 2:], var[:-2, 1:-1], var[2:, 1:-1]):
+            np.minimum(noise, neighbour, out=noise)
+        np.maximum(noise, 0, out=noise)
+        np.sqrt(noise, out=noise)
+        # mean of the four parts / (2 noise) > sigclip  <=>  sum > 8 sigclip noise
+        noise *= threshold
+        np.greater(lap, noise, out=out[r0:r1])
     out &= ~skip
     return out
+
+
+def _reflected(index: np.ndarray, n: int) -> np.ndarray:
+    """Indices beyond ``[0, n)`` reflected about the end pixels (``np.pad``'s ``"reflect"``; any distance)."""
+    if n == 1:
+        return np.zeros_like(index)
+    period = 2 * (n - 1)
+    index = np.mod(index, period)
+    return np.where(index >= n, period - index, index)
 
 
 def _fine_structure_pass(image: np.ndarray, seeds: np.ndarray, config: CosmicRayConfig) -> np.ndarray:
@@ -230,14 +248,18 @@ def _fine_structure_pass(image: np.ndarray, seeds: np.ndarray, config: CosmicRay
     (equal to the full-frame call on the simulated and real CCDs).  ``fsmode = "convolve"`` keeps every seed.
     """
     ys, xs = np.nonzero(seeds)
-    if ys.size == 0 or config.fsmode != "median" or min(image.shape) < 2:
+    if ys.size == 0 or config.fsmode != "median":
         return seeds
     inner, outer = (5, 9) if config.sepmed else (3, 7)
     r = inner // 2 + outer // 2  # reach of the wide median of the narrow one
-    padded = np.pad(image.astype(np.float32, copy=False), r, mode="reflect")
-    yy, xx = ys + r, xs + r
-    centre = 2.0 * padded[yy, xx]
-    left, right, up, down = padded[yy, xx - 1], padded[yy, xx + 1], padded[yy - 1, xx], padded[yy + 1, xx]
+    ny, nx = image.shape
+    data = image.astype(np.float32, copy=False)
+
+    def at(dy: int, dx: int) -> np.ndarray:  # the image at the seeds shifted by (dy, dx), reflected at the border
+        return data[_reflected(ys + dy, ny), _reflected(xs + dx, nx)]
+
+    centre = 2.0 * at(0, 0)
+    left, right, up, down = at(0, -1), at(0, 1), at(-1, 0), at(1, 0)
     lap = np.zeros(ys.size, np.float32)
     for h, v in ((left, up), (right, up), (left, down), (right, down)):
         lap += np.maximum(centre - h - v, 0)
@@ -247,7 +269,9 @@ def _fine_structure_pass(image: np.ndarray, seeds: np.ndarray, config: CosmicRay
     chunk = 2048  # bounded memory: 2048 seeds x 13 x 13 pixels x 25 in the windows
     for start in range(0, ys.size, chunk):
         part = slice(start, start + chunk)
-        patch = padded[yy[part, None, None] + off[None, :, None], xx[part, None, None] + off[None, None, :]]
+        py = _reflected(ys[part, None] + off[None, :], ny)
+        px = _reflected(xs[part, None] + off[None, :], nx)
+        patch = data[py[:, :, None], px[:, None, :]]
         if config.sepmed:  # rows (x) first, then columns (y), as astroscrappy's separable filters
             narrow = np.median(window(patch, inner, axis=2), axis=-1)
             narrow = np.median(window(narrow, inner, axis=1), axis=-1)  # (n, outer, outer) around the seed

@@ -132,3 +132,14 @@ def test_decorrelated_variance_is_measured(results):
     _, header = _figures(results["correlated+decorrelate"])
     assert header["DECORREL"]
     assert header["DIA FIT VARIANCE_SCALE"] != 1.0
+
+
+@pytest.mark.parametrize("size, lag", [(21, 3), (7, 3), (5, 2)])
+def test_kernel_correlation_is_the_centre_of_scipy_correlate2d(size, lag):
+    from dia.noise import kernel_correlation
+
+    rng = np.random.default_rng(size)
+    a, b = rng.normal(size=(size, size)), rng.normal(size=(size, size))
+    c = size - 1
+    expect = correlate2d(a, b, "full")[c - lag : c + lag + 1, c - lag : c + lag + 1]
+    np.testing.assert_allclose(kernel_correlation(a, b, lag), expect, rtol=0, atol=1e-12)

@@ -24,7 +24,7 @@ import dataclasses
 import warnings
 
 import numpy as np
-from scipy import ndimage, signal
+from scipy import ndimage
 
 from dia.masks import BAD_FOR_FIT
 
@@ -85,6 +85,8 @@ def _correlate(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
         ky, kx = sep
         out = ndimage.correlate1d(image, ky, axis=0, mode="constant", output=np.float32)
         return ndimage.correlate1d(out, kx, axis=1, mode="constant", output=np.float32)
+    from scipy import signal  # imported here: scipy.signal alone takes ~0.5 s to import, Gaussians never need it
+
     return signal.fftconvolve(image, kernel[::-1, ::-1].astype(np.float32), mode="same").astype(np.float32)
 
 
