@@ -22,9 +22,10 @@ For each simulated CCD pair (seed 9000, held out) it
    scale --, ``-tni``/``-ini`` noise images, ``-tmi``/``-imi`` masks, thresholds from the saturation
    level) and runs it once untimed;
 4. times, alternately, ``--repeats`` times each: the whole ``pipeline subtract`` command (a
-   subprocess: start-up, reading, alignment, PSF matching, subtraction, writing) and HOTPANTS on
+   subprocess: start-up, reading, cosmic-ray masking, alignment, PSF matching, subtraction, writing),
+   the same with ``--no-cosmics`` (like for like: HOTPANTS masks no cosmic rays) and HOTPANTS on
    the pre-aligned pair (a subprocess: reading, fit, convolution, writing); the medians and the
-   ratio ours / HOTPANTS (issue #12's target: <= 1/3);
+   ratios ours / HOTPANTS (issue #12's target: <= 1/3);
 5. measures the quality of both differences on the same pixels (the union of both bad masks):
    blank-sky std and mean of D / sigma away from every truth object, and the residuals at the
    injected stars (aperture sum of D over the star's flux, and over its noise).
@@ -385,16 +386,24 @@ def compare_ccd(search: Path, template: Path, truth: Path, hotpants: str, work: 
     hp_cmd = [hotpants] + hotpants_options(choice, hp["files"], saturation=hp["saturation"], lower=hp["lower"]) + \
         ["-v", "0"]
     _timed(hp_cmd, env, cwd=work)  # warm-up
-    t_ours, t_hp = [], []
+    # like for like: HOTPANTS has no cosmic-ray stage, ours masks them by default (pipeline/cosmics.py)
+    bare_cmd = _pipeline_exe() + ["subtract", str(search), str(template), "--out", str(work / "ours_diff_no_cr.fits"),
+                                  "--config", str(cfg), "--no-cosmics"]
+    t_ours, t_hp, t_bare = [], [], []
     for r in range(repeats):
-        for side in (("ours", "hotpants") if r % 2 == 0 else ("hotpants", "ours")):
+        for side in (("ours", "bare", "hotpants") if r % 2 == 0 else ("hotpants", "bare", "ours")):
             if side == "ours":
                 t_ours.append(_timed(ours_cmd, env)[0])
+            elif side == "bare":
+                t_bare.append(_timed(bare_cmd, env)[0])
             else:
                 t_hp.append(_timed(hp_cmd, env, cwd=work)[0])
-        log(f"  repeat {r}: ours {t_ours[-1]:.2f} s, HOTPANTS {t_hp[-1]:.2f} s")
-    med_o, med_h = float(np.median(t_ours)), float(np.median(t_hp))
+        log(f"  repeat {r}: ours {t_ours[-1]:.2f} s (without cosmic-ray masking {t_bare[-1]:.2f} s), "
+            f"HOTPANTS {t_hp[-1]:.2f} s")
+    med_o, med_h, med_b = float(np.median(t_ours)), float(np.median(t_hp)), float(np.median(t_bare))
     return {"search": str(search), "ours_seconds": t_ours, "hotpants_seconds": t_hp,
+            "ours_no_cosmics_seconds": t_bare, "ours_no_cosmics_median_s": med_b,
+            "ratio_no_cosmics": med_b / med_h if med_h > 0 else None,
             "ours_median_s": med_o, "hotpants_median_s": med_h, "ratio": med_o / med_h if med_h > 0 else None,
             "align_s_for_hotpants_inputs": hp["align_s"], "kernel": dataclasses.asdict(choice),
             "ours_command": " ".join(ours_cmd), "hotpants_command": " ".join(hp_cmd), "ours_summary": ours_line.strip(),
@@ -434,6 +443,11 @@ def render_markdown(data: Mapping[str, Any]) -> str:
             f"{_f(o['stars']['chi_std'], '{:.2f}')} | {_f(h['stars']['chi_std'], '{:.2f}')} | {o['stars']['n']} |")
     lines += ["", f"Overall ratio of the medians (ours / HOTPANTS): {_f(data.get('ratio'))} "
               f"(target <= {TARGET_RATIO:.3f}: {'met' if data.get('target_met') else 'not met'}).", ""]
+    bare = [c for c in data["ccds"] if c.get("ours_no_cosmics_median_s") is not None]
+    if bare:
+        lines += ["Like for like (HOTPANTS has no cosmic-ray stage): `pipeline subtract --no-cosmics` "
+                  + ", ".join(f"{Path(c['search']).stem} {c['ours_no_cosmics_median_s']:.2f} s "
+                              f"(ratio {_f(c['ratio_no_cosmics'])})" for c in bare) + ".", ""]
     for c in data["ccds"]:
         lines.append(f"- {Path(c['search']).stem}: kernel {c['kernel']}; HOTPANTS options: `{c['hotpants_command']}`")
     lines.append("")
