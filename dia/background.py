@@ -118,7 +118,8 @@ def refit_background(be: Backend, image, variance, mask, solution: KernelSolutio
     xp = be.xp
     ny, nx = image.shape
     cell, step = background_cells((ny, nx), config)
-    ksum = kernel_sum_image(be, solution, xp.float32) if convolved == "search" else None
+    # the kernel sum where the cells are sampled (full-frame only at the end, when nothing else is being built)
+    ksum = kernel_sum_image(be, solution, xp.float32, step=step) if convolved == "search" else None
 
     # subsampled good pixels, in the units of the background term (D sum K when the search was convolved)
     sub = image[::step, ::step].astype(xp.float32)
@@ -126,7 +127,7 @@ def refit_background(be: Backend, image, variance, mask, solution: KernelSolutio
     good = ((mask[::step, ::step] & _SKIP) == 0) & xp.isfinite(sub) & xp.isfinite(vsub) & (vsub > 0)
     good &= xp.abs(sub) <= config.background_clip * xp.sqrt(xp.where(good, vsub, 1))
     if ksum is not None:
-        sub = sub * ksum[::step, ::step]
+        sub = sub * ksum
     b = -(-cell // step)  # samples per cell side
     cells, (by, bx) = cell_stack(xp, sub, good, b)
     med, count = _block_median(xp, cells)
@@ -159,10 +160,13 @@ def refit_background(be: Backend, image, variance, mask, solution: KernelSolutio
 
     terms = spatial_terms(order)
     correction = {t: float(c) for t, c in zip(terms, coef)}
+    # in place where possible: at this point the frame's planes are all alive, each temporary is a frame more
     plane = eval_poly_image(correction, (ny, nx), xp, dtype)
-    if ksum is not None:
-        plane = plane / ksum.astype(dtype)
-    out = image.astype(dtype) - plane
+    if convolved == "search":
+        plane /= kernel_sum_image(be, solution, dtype)
+    out = image.astype(dtype, copy=True)
+    out -= plane
+    del plane
 
     # the background term: B + P (template convolved: D = Y - K X - B) or B - P (search: D = (K X + B - Y) / sum K)
     new_order = max(order, solution.background_order)
@@ -170,7 +174,7 @@ def refit_background(be: Backend, image, variance, mask, solution: KernelSolutio
     bg[: solution.background_coefficients.size] = solution.background_coefficients
     bg[: coef.size] += coef if convolved == "template" else -coef
     centre = float(spatial_vector((nx - 1) / 2, (ny - 1) / 2, (ny, nx), order) @ coef)
-    if ksum is not None:
+    if convolved == "search":
         centre /= float(solution.kernel_sum_centre)
     info = SkyBackground(order=order, cells=n_cells, cells_used=int(keep.sum()), cell_size=cell,
                          offset_centre=centre)

@@ -185,21 +185,22 @@ def spatial_vector(x, y, shape: tuple[int, int], order: int) -> np.ndarray:
     return np.stack([xn**i * yn**j for i, j in spatial_terms(order)], axis=-1)
 
 
-def eval_poly_image(coeffs: dict[tuple[int, int], float], shape: tuple[int, int], xp=np, dtype=None):
-    """Evaluate ``sum c_ij xn^i yn^j`` on the full pixel grid as one small matrix product.
+def eval_poly_image(coeffs: dict[tuple[int, int], float], shape: tuple[int, int], xp=np, dtype=None, step: int = 1):
+    """Evaluate ``sum c_ij xn^i yn^j`` on the full pixel grid (or every ``step``-th pixel of it on both axes,
+    ``image[::step, ::step]``) as one small matrix product.
 
     The polynomial is written as ``Y @ C @ X^T`` with ``Y`` the powers of yn and
     ``X`` the powers of xn, so the cost is one (ny x d) @ (d x nx) product.
     """
     ny, nx = shape
     if not coeffs:
-        return xp.zeros(shape, dtype=dtype or xp.float64)
+        return xp.zeros((-(-ny // step), -(-nx // step)), dtype=dtype or xp.float64)
     deg = max(max(i, j) for i, j in coeffs) + 1
     cmat = np.zeros((deg, deg))
     for (i, j), c in coeffs.items():
         cmat[j, i] += c
-    xn = normalised_coords(nx, xp)
-    yn = normalised_coords(ny, xp)
+    xn = normalised_coords(nx, xp)[::step]
+    yn = normalised_coords(ny, xp)[::step]
     xpow = xp.stack([xn**i for i in range(deg)], axis=1)  # (nx, deg)
     ypow = xp.stack([yn**j for j in range(deg)], axis=1)  # (ny, deg)
     left = ypow @ xp.asarray(cmat)  # small products in float64, the full-frame one in the output dtype

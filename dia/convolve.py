@@ -92,11 +92,11 @@ def convolve_spatial(be: Backend, image, solution: KernelSolution, dtype, band_r
     return convolve_terms(be, image, solution.spatial_kernels(), solution.spatial_terms, dtype, band_rows, "image")
 
 
-def kernel_sum_image(be: Backend, solution: KernelSolution, dtype):
-    """Kernel sum (photometric scale) at every pixel."""
+def kernel_sum_image(be: Backend, solution: KernelSolution, dtype, step: int = 1):
+    """Kernel sum (photometric scale) at every pixel (every ``step``-th on both axes: ``[::step, ::step]``)."""
     scale = float(solution.basis.images[0].sum())
     coeffs = {t: float(c) * scale for t, c in zip(solution.spatial_terms, solution.coefficients[0])}
-    return eval_poly_image(coeffs, solution.shape, be.xp, dtype)
+    return eval_poly_image(coeffs, solution.shape, be.xp, dtype, step=step)
 
 
 def background_image(be: Backend, solution: KernelSolution, dtype):
