@@ -31,7 +31,7 @@ first test's pixels, fail it) -- with ``tile_margin`` pixels of
 context, which covers the reach of the algorithm's median filters, and the image reflected beyond
 its border (unpadded, L.A.Cosmic flagged the core of a star cut by the edge of a real DECam stack).
 On the simulated DECam CCDs the mask is the same pixel for pixel as one full-frame call
-(``method = "full"``) at about a fifteenth of the cost: a CCD is mostly empty sky.
+(``method = "full"``) at a seventh to a twelfth of the cost: a CCD is mostly empty sky.
 """
 
 from __future__ import annotations
