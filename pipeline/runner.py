@@ -42,7 +42,8 @@ from pipeline.outdir import OutputError, open_output_folder
 
 __all__ = ["RunResult", "RunSetupError", "run_pipeline", "format_summary", "versions", "check_model",
            "catalog_provenance", "manifest_path", "preset_of_instrume", "resolve_instrument",
-           "EXIT_SOME_FAILED", "EXIT_ALL_FAILED", "EXIT_SETUP", "EXIT_OUTPUT", "STAGE_MODULES", "prepare_worker"]
+           "EXIT_SOME_FAILED", "EXIT_ALL_FAILED", "EXIT_SETUP", "EXIT_OUTPUT", "STAGE_MODULES", "prepare_worker",
+           "compute_in_waves"]
 
 logger = logging.getLogger(__name__)
 
@@ -572,14 +573,10 @@ def _execute(entries, config, out_dir, client, scheduler, progress, chash, clock
             values = dask.compute(*finals.values(), scheduler="threads", num_workers=scheduler.workers)
         bar.close()
         return dict(zip(ccds, values))
-    from distributed import as_completed
-
-    futures = client.compute(list(finals.values()), retries=scheduler.retries)
-    by_future = dict(zip(futures, ccds))
     out = {}
-    with tqdm(total=len(futures), desc=f"{config.mode} CCDs", unit="ccd", disable=not progress) as bar:
-        for fut in as_completed(futures):
-            ccd = by_future[fut]
+    slots = scheduler.workers * scheduler.threads_per_worker
+    with tqdm(total=len(finals), desc=f"{config.mode} CCDs", unit="ccd", disable=not progress) as bar:
+        for ccd, fut in compute_in_waves(client, finals, slots, scheduler.retries):
             try:
                 out[ccd] = fut.result()
             except Exception as exc:  # a worker died more often than retries allow
@@ -589,6 +586,45 @@ def _execute(entries, config, out_dir, client, scheduler, progress, chash, clock
                 out[ccd] = state
             bar.update(1)
     return out
+
+
+def compute_in_waves(client, chains: dict[str, Any], slots: int, retries: int = 0):
+    """Compute one Dask chain per CCD, never more of them at once than the cluster has threads.
+
+    Yields ``(ccd, future)`` as each chain finishes; the next chain is submitted then.  All chains
+    submitted at once let a one-thread worker load its next CCD while the previous one waited for its
+    align task (the worker starts the ready load before the scheduler hands it the align), so it held
+    two CCDs' frames: ~190 MiB more at its peak on a DECam CCD.  ``slots`` is the configured number of
+    threads; the cluster's current count is used when larger (workers that joined), so a growing cluster
+    is kept busy.  Chains stay independent: a failed CCD fails no other.
+    """
+    from distributed import as_completed
+
+    pending = list(chains.items())
+    by_future: dict[Any, str] = {}
+    running = as_completed()
+
+    def capacity() -> int:
+        try:
+            current = sum(client.nthreads().values())
+        except Exception:  # noqa: BLE001 - the scheduler busy or gone: the configured count
+            current = 0
+        return max(int(slots), current, 1)
+
+    def submit() -> None:
+        ccd, chain = pending.pop(0)
+        fut = client.compute(chain, retries=retries)
+        by_future[fut] = ccd
+        running.add(fut)
+
+    for _ in range(min(capacity(), len(pending))):
+        submit()
+    for fut in running:
+        ccd = by_future.pop(fut)
+        if pending:  # top up to the cluster's threads (at least one per finished chain)
+            for _ in range(max(1, min(capacity() - len(by_future), len(pending)))):
+                submit()
+        yield ccd, fut
 
 
 def stage_table(records: list[dict], key: str) -> dict[str, dict[str, float]]:

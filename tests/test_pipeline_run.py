@@ -272,3 +272,52 @@ def test_reading_the_truth_is_timed_apart_from_the_load_stage(sim_field, tmp_pat
     assert state.cpu["load"] > 0
     record = graph.status_record(state, "h")
     assert record["evaluation_s"] == state.evaluation_s and record["wall_s"]["load"] == state.wall["load"]
+
+
+_WAVE_EVENTS: list[tuple[str, str, str]] = []  # (ccd, stage, start|end) in the order they happened
+
+
+def _wave_stage(name, ccd, previous, fail=False):
+    """A stage of the waves test (module level: the in-process cluster still pickles the task)."""
+    _WAVE_EVENTS.append((ccd, name, "start"))
+    time.sleep(0.05)
+    if fail:
+        raise RuntimeError(f"{ccd} broke")
+    _WAVE_EVENTS.append((ccd, name, "end"))
+    return (previous or 0) + 1
+
+
+def test_compute_in_waves_keeps_one_ccd_per_thread_and_isolates_failures():
+    """runner.compute_in_waves: with one thread, a CCD's chain starts only when the previous one has ended (a
+    worker never holds two CCDs' frames), every chain is computed once, and a failing chain fails no other."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from pipeline.runner import compute_in_waves
+
+    events = _WAVE_EVENTS
+    events.clear()
+    stage = _wave_stage
+    chains = {}
+    for k in range(4):
+        ccd = f"ccd{k:02d}"
+        state = None
+        for name in ("load", "align", "write"):
+            state = dask.delayed(stage, pure=False)(name, ccd, state, fail=(ccd == "ccd01" and name == "align"),
+                                                    dask_key_name=f"{name}-{ccd}")
+        chains[ccd] = state
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        results = {}
+        for ccd, fut in compute_in_waves(client, chains, slots=1):
+            results[ccd] = fut.exception() or fut.result()
+    assert sorted(results) == sorted(chains)
+    assert isinstance(results["ccd01"], RuntimeError)
+    assert all(results[c] == 3 for c in chains if c != "ccd01")
+    # chains in sequence: the CCD whose load comes next starts after every task of the previous CCD
+    order = [ccd for ccd, name, what in events if name == "load" and what == "start"]
+    assert len(order) == 4 and len(set(order)) == 4
+    for before, after in zip(order, order[1:]):
+        last_of_before = max(i for i, e in enumerate(events) if e[0] == before)
+        first_of_after = min(i for i, e in enumerate(events) if e[0] == after)
+        assert last_of_before < first_of_after, (before, after, events)
