@@ -569,8 +569,13 @@ def _execute(entries, config, out_dir, client, scheduler, progress, chash, clock
             def _posttask(self, key, result, dsk, state, worker_id):
                 bar.update(1)
 
-        with _Progress():
-            values = dask.compute(*finals.values(), scheduler="threads", num_workers=scheduler.workers)
+        # one CCD chain per thread, each run through in turn (dask's synchronous scheduler): at most
+        # ``workers`` CCDs' frames in memory at once, as compute_in_waves gives a cluster
+        from concurrent.futures import ThreadPoolExecutor
+
+        with _Progress(), ThreadPoolExecutor(max_workers=max(1, scheduler.workers)) as pool:
+            jobs = [pool.submit(dask.compute, chain, scheduler="sync") for chain in finals.values()]
+            values = [job.result()[0] for job in jobs]
         bar.close()
         return dict(zip(ccds, values))
     out = {}
