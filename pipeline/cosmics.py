@@ -181,6 +181,19 @@ def _noise_variance(image: np.ndarray, variance: np.ndarray | None, gain: float,
     return (np.clip(image, 0, None) / np.float32(gain) + np.float32((read_noise / gain) ** 2)).astype(np.float32)
 
 
+def _clipped_laplacian(centre2, left, right, up, down) -> np.ndarray:
+    """``sum`` over the four sub-pixels of ``max(0, 2 I - I_h - I_v)``: 4x L.A.Cosmic's clipped Laplacian of the
+    2x sub-sampled image binned back, from ``2 I`` and the four neighbours (arrays of any one shape)."""
+    lap = np.zeros(np.shape(centre2), np.float32)
+    part = np.empty(np.shape(centre2), np.float32)
+    for h, v in ((left, up), (right, up), (left, down), (right, down)):
+        np.subtract(centre2, h, out=part)
+        part -= v
+        np.maximum(part, 0, out=part)
+        lap += part
+    return lap
+
+
 def _candidate_pixels(image: np.ndarray, variance: np.ndarray, skip: np.ndarray, sigclip: float,
                       block: int = 256) -> np.ndarray:
     """Pixels that could pass L.A.Cosmic's first test: sub-sampled Laplacian / (2 noise) > ``sigclip``.
@@ -202,15 +215,7 @@ def _candidate_pixels(image: np.ndarray, variance: np.ndarray, skip: np.ndarray,
         rows = ((1 if r0 == 0 else 0), (1 if r1 == ny else 0))  # rows to reflect: only at the frame's edges
         img = np.pad(image[lo:hi], (rows, (1, 1)), mode=mode).astype(np.float32, copy=False)
         var = np.pad(variance[lo:hi], (rows, (1, 1)), mode=mode).astype(np.float32, copy=False)
-        centre = 2.0 * img[1:-1, 1:-1]
-        left, right, up, down = img[1:-1, :-2], img[1:-1, 2:], img[:-2, 1:-1], img[2:, 1:-1]
-        lap = np.zeros(centre.shape, np.float32)
-        part = np.empty(centre.shape, np.float32)
-        for h, v in ((left, up), (right, up), (left, down), (right, down)):
-            np.subtract(centre, h, out=part)
-            part -= v
-            np.maximum(part, 0, out=part)
-            lap += part
+        lap = _clipped_laplacian(2.0 * img[1:-1, 1:-1], img[1:-1, :-2], img[1:-1, 2:], img[:-2, 1:-1], img[2:, 1:-1])
         noise = var[1:-1, 1:-1].copy()
         for neighbour in (var[1:-1, :-2], var[1:-1, 2:], var[:-2, 1:-1], var[2:, 1:-1]):
             np.minimum(noise, neighbour, out=noise)
@@ -258,11 +263,7 @@ def _fine_structure_pass(image: np.ndarray, seeds: np.ndarray, config: CosmicRay
     def at(dy: int, dx: int) -> np.ndarray:  # the image at the seeds shifted by (dy, dx), reflected at the border
         return data[_reflected(ys + dy, ny), _reflected(xs + dx, nx)]
 
-    centre = 2.0 * at(0, 0)
-    left, right, up, down = at(0, -1), at(0, 1), at(-1, 0), at(1, 0)
-    lap = np.zeros(ys.size, np.float32)
-    for h, v in ((left, up), (right, up), (left, down), (right, down)):
-        lap += np.maximum(centre - h - v, 0)
+    lap = _clipped_laplacian(2.0 * at(0, 0), at(0, -1), at(0, 1), at(-1, 0), at(1, 0))
     out = np.zeros_like(seeds)
     off = np.arange(-r, r + 1)
     window = np.lib.stride_tricks.sliding_window_view
@@ -275,14 +276,12 @@ def _fine_structure_pass(image: np.ndarray, seeds: np.ndarray, config: CosmicRay
         if config.sepmed:  # rows (x) first, then columns (y), as astroscrappy's separable filters
             narrow = np.median(window(patch, inner, axis=2), axis=-1)
             narrow = np.median(window(narrow, inner, axis=1), axis=-1)  # (n, outer, outer) around the seed
-            c = outer // 2
             wide = np.median(np.median(narrow, axis=2), axis=1)  # the separable wide median at the seed
         else:
-            narrow = np.median(window(patch, (inner, inner), axis=(1, 2)).reshape(*patch.shape[:1], outer, outer, -1),
+            narrow = np.median(window(patch, (inner, inner), axis=(1, 2)).reshape(len(patch), outer, outer, -1),
                                axis=-1)
-            c = outer // 2
             wide = np.median(narrow.reshape(len(patch), -1), axis=-1)
-        fine = narrow[:, c, c] - wide
+        fine = narrow[:, outer // 2, outer // 2] - wide
         keep = 1.01 * lap[part] / 8.0 > config.objlim * fine
         out[ys[part][keep], xs[part][keep]] = True
     return out
@@ -465,23 +464,15 @@ def _tile(rows: slice, cols: slice, margin: int, shape: tuple[int, int]):
 
 def _reflect(plane: np.ndarray, pads) -> np.ndarray:
     """A tile extended past the image border by reflection (L.A.Cosmic's median filters are not defined on
-    the border: unpadded, the core of a star cut by the edge of a real DECam stack was flagged)."""
+    the border: unpadded, the core of a star cut by the edge of a real DECam stack was flagged); any width,
+    a tile smaller than its padding too (:func:`_reflected`)."""
     if not any(p for pair in pads for p in pair):
         return plane
-    out = plane
-    for axis, (before, after) in enumerate(pads):
-        n = out.shape[axis]
-        while before or after:  # a tile smaller than its padding: reflect in steps
-            b, a = min(before, n - 1), min(after, n - 1)
-            width = [(0, 0), (0, 0)]
-            width[axis] = (b, a)
-            out = np.pad(out, width, mode="reflect" if n > 1 else "edge")
-            before, after, n = before - b, after - a, out.shape[axis]
-            if n == 1:
-                width[axis] = (before, after)
-                out = np.pad(out, width, mode="edge")
-                break
-    return out
+    (top, bottom), (left, right) = pads
+    ny, nx = plane.shape
+    rows = _reflected(np.arange(-top, ny + bottom), ny)
+    cols = _reflected(np.arange(-left, nx + right), nx)
+    return plane[np.ix_(rows, cols)]
 
 
 def single_exposure(exposure) -> tuple[bool, str]:

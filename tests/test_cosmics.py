@@ -275,3 +275,20 @@ def test_fine_structure_pass_drops_star_cores_and_keeps_every_track():
             # the square medians follow a star's peak: none; the separable ones (default) leave the peaks of the
             # brightest (~1e4 ADU) stars
             assert kept[core].sum() <= (0 if not sepmed or flux < 1e5 else 0.25 * seeds[core].sum()), (x, y, sepmed)
+
+
+@pytest.mark.parametrize("shape", [(40, 33), (5, 9), (2, 4), (1, 7)])
+def test_tiles_are_reflected_like_numpy_pad_even_past_their_size(shape):
+    """pipeline.cosmics._reflect extends a tile by mirror reflection about its edge pixels for any width, also
+    wider than the tile on one side only (a tile of a tiny image): np.pad's "reflect" axis by axis ("edge" on a
+    1-pixel axis)."""
+    from pipeline.cosmics import _reflect
+
+    plane = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    for pads in (((0, 0), (0, 0)), ((3, 0), (0, 5)), ((12, 12), (12, 12)), ((30, 1), (2, 40))):
+        expect = plane
+        for axis in (0, 1):
+            width = [(0, 0), (0, 0)]
+            width[axis] = pads[axis]
+            expect = np.pad(expect, width, mode="reflect" if shape[axis] > 1 else "edge")
+        assert np.array_equal(_reflect(plane, pads), expect), pads
