@@ -1048,6 +1048,17 @@ def _interpolation_variance_factor(search: Exposure, template: Exposure, config:
     return float(np.var(out))
 
 
+def _source_box(tx: np.ndarray, ty: np.ndarray, pad: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)``: the source pixels around positions ``(tx, ty)`` (non-empty) with ``pad`` pixels of
+    context, clipped to ``shape``."""
+    ny, nx = shape
+    x0 = int(np.clip(np.floor(tx.min()) - pad, 0, nx - 1))
+    x1 = int(np.clip(np.ceil(tx.max()) + pad + 1, x0 + 1, nx))
+    y0 = int(np.clip(np.floor(ty.min()) - pad, 0, ny - 1))
+    y1 = int(np.clip(np.ceil(ty.max()) + pad + 1, y0 + 1, ny))
+    return y0, y1, x0, x1
+
+
 def resample_cutouts(
     template: Exposure,
     search_wcs: WCS,
@@ -1110,24 +1121,15 @@ def resample_cutouts(
     # frame-sized bounding box.  Boxes that meet the frame's edge end there, as the frame's own would.
     pad = 4 + (SPLINE_MARGIN if order > 1 else 0)
     for i in range(n):
-        ok = finite[i]
-        if not ok.any():
+        if not finite[i].any():
             continue
-        bx, by = tx[i][ok], ty[i][ok]
-        x0 = int(np.clip(np.floor(bx.min()) - pad, 0, tnx - 1))
-        x1 = int(np.clip(np.ceil(bx.max()) + pad + 1, x0 + 1, tnx))
-        y0 = int(np.clip(np.floor(by.min()) - pad, 0, tny - 1))
-        y1 = int(np.clip(np.ceil(by.max()) + pad + 1, y0 + 1, tny))
+        y0, y1, x0, x1 = _source_box(tx[i][finite[i]], ty[i][finite[i]], pad, template.shape)
         bad_in = (template.mask[y0:y1, x0:x1] & int(MaskBits.NO_DATA)) != 0
         sub = np.where(bad_in, np.float32(0), template.image[y0:y1, x0:x1]).astype(np.float32)
         image[i] = ndimage.map_coordinates(sub, np.array([ty[i] - y0, tx[i] - x0]), order=order, mode="constant",
                                            cval=np.nan)
     # the mask bits: bilinear weights need no prefilter, one call over the cut-outs' bounding box
-    pad = 4
-    x0 = int(np.clip(np.floor(np.nanmin(np.where(finite, tx, np.inf))) - pad, 0, tnx - 1)) if finite.any() else 0
-    x1 = int(np.clip(np.ceil(np.nanmax(np.where(finite, tx, -np.inf))) + pad + 1, 1, tnx)) if finite.any() else 1
-    y0 = int(np.clip(np.floor(np.nanmin(np.where(finite, ty, np.inf))) - pad, 0, tny - 1)) if finite.any() else 0
-    y1 = int(np.clip(np.ceil(np.nanmax(np.where(finite, ty, -np.inf))) + pad + 1, 1, tny)) if finite.any() else 1
+    y0, y1, x0, x1 = _source_box(tx[finite], ty[finite], 4, template.shape) if finite.any() else (0, 1, 0, 1)
     coords = np.array([ty - y0, tx - x0])
     inside = (tx >= -0.5) & (tx <= tnx - 0.5) & (ty >= -0.5) & (ty <= tny - 0.5) & finite
     sub_mask = template.mask[y0:y1, x0:x1]
