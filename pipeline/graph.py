@@ -329,7 +329,7 @@ def tune_heap() -> bool:
 def _stage_load(state: CcdState, config: RunConfig, out_dir: Path) -> None:
     state.pair = steps.load_pair(state.entry, truth=False)
     if state.entry.truth is not None:
-        clock = time.thread_time if state.cpu_clock == "thread" else time.process_time
+        clock = _cpu_clock(state.cpu_clock)
         t0, c0 = time.perf_counter(), clock()
         state.pair.truth = read_truth(state.entry.truth)
         state.evaluation_s["load"] = {"wall": time.perf_counter() - t0, "cpu": clock() - c0}
@@ -511,6 +511,11 @@ def _fail(state: CcdState, stage: str, exc: BaseException) -> None:
     state.pair = state.aligned = state.diff = state.stamps = state.candidates = None
 
 
+def _cpu_clock(name: str):
+    """The CPU clock of ``cpu_clock``: the task's own thread's (``"thread"``) or the process's."""
+    return time.thread_time if name == "thread" else time.process_time
+
+
 def run_stage(stage: str, state: CcdState, config: RunConfig, out_dir: str, chash: str,
               cpu_clock: str = "process") -> CcdState:
     """Run one stage on a copy of the state, timing it and catching its failure.
@@ -529,7 +534,7 @@ def run_stage(stage: str, state: CcdState, config: RunConfig, out_dir: str, chas
     # the frames the previous stage dropped were freed when its input state was released:
     # give the heap pages back before this stage allocates its own
     release_free_memory()
-    clock = time.thread_time if cpu_clock == "thread" else time.process_time
+    clock = _cpu_clock(cpu_clock)
     t0, c0 = time.perf_counter(), clock()
     try:
         state.worker = _worker_name()
