@@ -37,6 +37,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dia.stats import robust_std
+
 __all__ = ["SYNTHETIC_CASES", "FrameCase", "Frames", "make_frames", "write_frames", "run_subtract", "source_mask",
            "difference_figures", "main"]
 
@@ -243,7 +245,7 @@ def _z_figures(d: np.ndarray, sigma: np.ndarray, ok: np.ndarray) -> dict[str, An
     if z.size == 0:
         return {"n_pixels": 0, "median": None, "robust_std": None, "std": None}
     med = float(np.median(z))
-    return {"n_pixels": int(z.size), "median": med, "robust_std": float(1.4826 * np.median(np.abs(z - med))),
+    return {"n_pixels": int(z.size), "median": med, "robust_std": robust_std(z),
             "std": float(np.std(z))}
 
 

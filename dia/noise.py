@@ -24,6 +24,7 @@ from .backend import Backend
 from .fused import grow_mask_box
 from .masks import BAD_FOR_FIT
 from .stars import _block_median, cell_stack
+from .stats import robust_std
 
 __all__ = ["noise_covariance", "correlation_factor", "kernel_correlation"]
 
@@ -62,14 +63,14 @@ def noise_covariance(be: Backend, image, variance, mask, *, max_lag: int = 3, ce
     zg = z[good]
     if int(zg.size) < 1000:
         return delta
-    scale = float(1.4826 * xp.median(xp.abs(zg - xp.median(zg))))
+    scale = robust_std(zg, xp)
     if not scale > 0:
         return delta
     # sources: above ``clip`` sigma in z smoothed by a Gaussian of ``smooth`` px (against its own robust noise, so
     # that faint wings go too), or single pixels beyond ``clip`` sigma; grown by ``grow`` px
     zs = be.ndimage.gaussian_filter(xp.where(good, z, 0.0), smooth)
     zsg = zs[good]
-    s_scale = float(1.4826 * xp.median(xp.abs(zsg - xp.median(zsg))))
+    s_scale = robust_std(zsg, xp)
     source = (zs > clip * s_scale) | (xp.abs(z) > clip * scale)
     good &= ~grow_mask_box(xp, source | ~good, grow, border=False)
     w = good.astype(xp.float64)
@@ -78,7 +79,7 @@ def noise_covariance(be: Backend, image, variance, mask, *, max_lag: int = 3, ce
         return delta
     zg = z[good]
     z = xp.where(good, z - xp.mean(zg), 0.0)
-    c0_robust = float(1.4826 * xp.median(xp.abs(zg - xp.median(zg)))) ** 2
+    c0_robust = robust_std(zg, xp) ** 2
     outer = max_lag + 2
     products, pair_counts = {}, {}
     for dy in range(0, outer + 1):

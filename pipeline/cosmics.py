@@ -43,6 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 from dia.masks import MaskBits
+from dia.stats import robust_std
 
 __all__ = ["CosmicRayConfig", "CosmicRayResult", "mask_cosmic_rays", "noise_scale", "single_exposure",
            "clean_exposure", "mask_pair_cosmics", "SKIP_BITS"]
@@ -407,7 +408,7 @@ def noise_scale(image: np.ndarray, variance: np.ndarray, skip: np.ndarray | None
     if good.sum() < 100:
         return float("nan")
     z = diff[good] / np.sqrt(total[good])
-    return float(1.4826 * np.median(np.abs(z - np.median(z))))
+    return robust_std(z)
 
 
 def _seed_boxes(seeds: np.ndarray, reach: int) -> list[tuple[slice, slice]]:

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
+from dia.stats import robust_std
 from pipeline.io import STAMPS_SUFFIX, InputError, atomic_path, read_catalog, validate_ccd_id
 
 __all__ = [
@@ -179,7 +180,7 @@ def diverging_rgb(stamp: np.ndarray, config: VetConfig = VetConfig()) -> np.ndar
     good = data[~nan]
     limit, soft = 1.0, 1.0
     if good.size:
-        sigma = 1.4826 * float(np.median(np.abs(good - np.median(good))))
+        sigma = robust_std(good)
         limit = max(float(np.percentile(np.abs(good), config.diff_percentile)), config.diff_min_sigma * sigma)
         if not (np.isfinite(limit) and limit > 0):
             limit = 1.0

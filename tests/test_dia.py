@@ -633,3 +633,13 @@ def test_xp_generic_numpy_and_gpu_agree(pair, diff):
         assert np.max(rel) < bound, (cfg.float32, np.max(rel))
         assert np.array_equal(g.mask, ref.mask)
         assert g.stats.used == ref.stats.used
+
+
+def test_robust_std_recovers_a_gaussian_sigma_despite_outliers():
+    from dia.stats import robust_std
+
+    z = np.random.default_rng(3).normal(10.0, 2.5, 100_000)
+    assert robust_std(z) == pytest.approx(2.5, rel=0.01)
+    z[:3000] += 1e4  # 3% outliers (sources, cosmic rays): moves the sigma by ~4%, the plain std by a factor ~700
+    assert robust_std(z) == pytest.approx(2.5, rel=0.06) and np.std(z) > 100
+    assert np.isnan(robust_std(np.zeros(0)))

@@ -18,6 +18,7 @@ import numpy as np
 from astropy.wcs import WCS
 
 from dia.masks import BAD_FOR_FIT, MaskBits
+from dia.stats import robust_std
 from pipeline.detect.filter import check_method, find_peaks, gaussian_psf, matched_filter
 from pipeline.detect.flags import edge_distance_ok_at, near_mask_at
 from pipeline.detect.photometry import forced_psf_photometry
@@ -133,7 +134,7 @@ def detect_difference(
         sample = snr[::3, ::3]
         sample = sample[(sample != 0) & np.isfinite(sample)]
         if sample.size > 1000:
-            noise_scale = float(1.4826 * np.median(np.abs(sample - np.median(sample))))
+            noise_scale = robust_std(sample)
             if abs(noise_scale - 1.0) > 0.02:
                 if method == "reference":
                     snr = snr / noise_scale
