@@ -82,17 +82,13 @@ def score_detections(x: np.ndarray, y: np.ndarray, truth, shape: tuple[int, int]
         out[f"n_transients{suffix}"] = n
         out[f"found{suffix}"] = int((found & sel).sum())
         out[f"completeness{suffix}"] = float((found & sel).sum() / n) if n else float("nan")
-    real = (kind == "transient") | (kind == "variable")
-    if len(x) and real.any():
-        d, _ = cKDTree(np.column_stack([tx[real], ty[real]])).query(det, k=1)
-        matched = d <= radius
-        dv, _ = cKDTree(np.column_stack([tx[kind == "variable"], ty[kind == "variable"]])).query(det, k=1) \
-            if (kind == "variable").any() else (np.full(len(x), np.inf), None)
-        out["on_variables"] = int((dv <= radius).sum())
-        out["unmatched"] = int((~matched).sum())
-    else:
-        out["on_variables"] = 0
-        out["unmatched"] = int(len(x))
+    def near(select: np.ndarray) -> np.ndarray:  # detections within ``radius`` of a selected truth object
+        if not (len(x) and select.any()):
+            return np.zeros(len(x), bool)
+        return cKDTree(np.column_stack([tx[select], ty[select]])).query(det, k=1)[0] <= radius
+
+    out["on_variables"] = int(near(kind == "variable").sum())
+    out["unmatched"] = int((~near((kind == "transient") | (kind == "variable"))).sum())
     return out
 
 

@@ -376,9 +376,12 @@ def compare_ccd(search: Path, template: Path, truth: Path, hotpants: str, work: 
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(int(threads))
+    def subtract_cmd(out: Path, *extra: str) -> list[str]:
+        return _pipeline_exe() + ["subtract", str(search), str(template), "--out", str(out), "--config", str(cfg),
+                                  *extra]
+
     ours_out = work / "ours_diff.fits"
-    ours_cmd = _pipeline_exe() + ["subtract", str(search), str(template), "--out", str(ours_out),
-                                  "--config", str(cfg)]
+    ours_cmd = subtract_cmd(ours_out)
     _, ours_line = _timed(ours_cmd, env)  # warm-up, and the kernel it chose
     with fits.open(ours_out) as h:
         choice = kernel_choice_from_header(h["IMAGE"].header)
@@ -387,8 +390,7 @@ def compare_ccd(search: Path, template: Path, truth: Path, hotpants: str, work: 
         ["-v", "0"]
     _timed(hp_cmd, env, cwd=work)  # warm-up
     # like for like: HOTPANTS has no cosmic-ray stage, ours masks them by default (pipeline/cosmics.py)
-    bare_cmd = _pipeline_exe() + ["subtract", str(search), str(template), "--out", str(work / "ours_diff_no_cr.fits"),
-                                  "--config", str(cfg), "--no-cosmics"]
+    bare_cmd = subtract_cmd(work / "ours_diff_no_cr.fits", "--no-cosmics")
     t_ours, t_hp, t_bare = [], [], []
     for r in range(repeats):
         for side in (("ours", "bare", "hotpants") if r % 2 == 0 else ("hotpants", "bare", "ours")):
