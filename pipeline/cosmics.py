@@ -414,9 +414,10 @@ def noise_scale(image: np.ndarray, variance: np.ndarray, skip: np.ndarray | None
 def _seed_boxes(seeds: np.ndarray, reach: int) -> list[tuple[slice, slice]]:
     """Boxes that hold every pixel within ``reach`` pixels of a seed, seeds closer than about ``2 reach`` sharing one.
 
-    Built on a grid of ``reach`` x ``reach`` cells: the cells holding seeds and their 8 neighbours, in
-    8-connected groups, each group's bounding box clipped to the image -- a few thousand seeds cost far
-    less than a full-frame dilation.
+    Seeds are grouped on a grid of ``reach`` x ``reach`` cells (the cells holding seeds and their 8 neighbours,
+    in 8-connected groups: a few thousand seeds cost far less than a full-frame dilation); each group's box is
+    the bounding box of its own seeds grown by ``reach`` and clipped to the image, not the cells' (which would
+    add up to a cell on each side: ~30% more tile pixels for the 1-3 pixel seeds of most cosmic rays).
     """
     ys, xs = np.nonzero(seeds)
     if ys.size == 0:
@@ -426,9 +427,18 @@ def _seed_boxes(seeds: np.ndarray, reach: int) -> list[tuple[slice, slice]]:
     grid = np.zeros((-(-ny // cell), -(-nx // cell)), bool)
     grid[ys // cell, xs // cell] = True
     grid = ndimage.binary_dilation(grid, structure=_SQUARE)
-    labels, _ = ndimage.label(grid, structure=_SQUARE)
-    return [(slice(r.start * cell, min(r.stop * cell, ny)), slice(c.start * cell, min(c.stop * cell, nx)))
-            for r, c in ndimage.find_objects(labels)]
+    labels, n_groups = ndimage.label(grid, structure=_SQUARE)
+    group = labels[ys // cell, xs // cell] - 1  # every seed's cell is in a group
+    lo_y = np.full(n_groups, ny, np.int64)
+    lo_x = np.full(n_groups, nx, np.int64)
+    hi_y = np.full(n_groups, -1, np.int64)
+    hi_x = np.full(n_groups, -1, np.int64)
+    np.minimum.at(lo_y, group, ys)
+    np.minimum.at(lo_x, group, xs)
+    np.maximum.at(hi_y, group, ys)
+    np.maximum.at(hi_x, group, xs)
+    return [(slice(max(y0 - reach, 0), min(y1 + reach + 1, ny)), slice(max(x0 - reach, 0), min(x1 + reach + 1, nx)))
+            for y0, x0, y1, x1 in zip(lo_y.tolist(), lo_x.tolist(), hi_y.tolist(), hi_x.tolist())]
 
 
 def _masked_mean(data: np.ndarray, bad: np.ndarray, need: np.ndarray, size: int = 5) -> np.ndarray:
