@@ -291,6 +291,14 @@ class RunConfig:
     save_stamps : bool
         Keep the stamps each CCD's candidates were scored on (``ccds/<ccd>_stamps.fits``, read by
         ``pipeline vet``; default True).
+    reuse_memory : bool
+        Each worker keeps the memory its stages free in its C heap and reuses it for the next
+        stage and CCD (default True; glibc only, :func:`pipeline.graph.tune_heap`), instead of
+        handing it back to the system at every stage boundary and having the kernel zero fresh
+        pages on first touch.  Measured on 4 and 12 simulated DECam CCDs (2 one-thread workers):
+        dia 5-12% less time per CCD, every stage faster; a worker's resident memory stays at its
+        high-water mark, 0.85-0.92 GB against 0.78-0.86.  Turn it off where workers must give
+        memory back between CCDs (a shared node with a tight memory limit).
     cosmics : CosmicRayConfig
         Cosmic rays found (L.A.Cosmic) and masked before alignment and subtraction, in both modes.
     align, psf_match, detect, direct, match : configs
@@ -300,7 +308,7 @@ class RunConfig:
     -----
     Fields are of two kinds.  *Science* fields change a result and are hashed for
     ``--resume``; *execution and reporting* fields (``device``, ``instrument``, ``batch_size``,
-    ``torch_threads``, ``save_diff``, ``save_stamps``, ``score_threshold``, and ``psf_match.fft_workers`` /
+    ``torch_threads``, ``save_diff``, ``save_stamps``, ``reuse_memory``, ``score_threshold``, and ``psf_match.fft_workers`` /
     ``fft_band_rows``; declared with :func:`execution_field`) are recorded in ``run.json``
     but never hashed: changing them does not redo finished CCDs (the truth summary is
     recomputed at the new threshold).
@@ -317,6 +325,7 @@ class RunConfig:
     aperture_correction: bool = True
     save_diff: bool = execution_field(False)
     save_stamps: bool = execution_field(True)
+    reuse_memory: bool = execution_field(True)
     cosmics: "CosmicRayConfig" = None  # type: ignore[assignment]
     align: "AlignConfig" = None  # type: ignore[assignment]
     psf_match: "PsfMatchConfig" = None  # type: ignore[assignment]

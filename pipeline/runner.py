@@ -511,15 +511,17 @@ STAGE_MODULES = ("astroscrappy", "photutils.aperture", "photutils.geometry", "ph
                  "pipeline.cosmics", "pipeline.align", "pipeline.detect", "pipeline.stamps", "dia")
 
 
-def prepare_worker(model: str, device: str, threads: int, batch_size: int, instrument: str = "") -> bool:
-    """A worker's start-up: the C heap tuned (:func:`pipeline.graph.tune_heap`), the stages' libraries imported and
-    ``model``'s scorer loaded into this process's cache."""
+def prepare_worker(model: str, device: str, threads: int, batch_size: int, instrument: str = "",
+                   reuse_memory: bool = True) -> bool:
+    """A worker's start-up: the C heap tuned (:func:`pipeline.graph.tune_heap`, reusing freed memory unless
+    ``reuse_memory`` is False), the stages' libraries imported and ``model``'s scorer loaded into this process's
+    cache."""
     import importlib
 
     from pipeline.graph import tune_heap
     from pipeline.steps import get_scorer
 
-    tune_heap()
+    tune_heap(reuse=reuse_memory)
 
     for name in STAGE_MODULES:
         try:
@@ -540,7 +542,8 @@ def _warm_up(client, config: RunConfig) -> float:
     (no CUDA device, say) and stops the run before any CCD is computed.
     """
     t0 = time.perf_counter()
-    args = (config.model, config.device, config.torch_threads, config.batch_size, config.instrument)
+    args = (config.model, config.device, config.torch_threads, config.batch_size, config.instrument,
+            config.reuse_memory)
     try:
         if client is None:
             prepare_worker(*args)

@@ -247,3 +247,44 @@ def test_tune_heap_reuses_the_heap_in_a_dask_nanny_environment():
     assert ok == "True"
     assert int(untuned) > 20 * 200  # every temporary's pages fault in again (< 2048: the kernel maps some at once)
     assert int(tuned) < 0.2 * int(untuned)
+
+
+_FRAME_FAULTS_SCRIPT = """
+import resource, sys
+import numpy as np
+from pipeline.graph import release_free_memory, tune_heap
+
+ok = tune_heap(reuse=sys.argv[1] == "reuse")
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):  # a 40 MiB frame made, touched and freed, as a stage's output (over the 32 MiB mmap limit)
+        a = np.ones(5 * 1024 * 1024)
+        del a
+        release_free_memory()  # a stage boundary
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults()  # the first frame's pages fault in either way
+print(faults(), ok, release_free_memory())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_tune_heap_reuse_serves_full_frames_from_pages_already_held():
+    """A full frame is above the largest mmap threshold glibc accepts, so by default each is a fresh mapping whose
+    pages fault in, and the stage-boundary trim returns the heap's; with ``reuse=True`` (a run's default) the second
+    and later frames fault nothing and the trim is skipped: page faults counted, not times."""
+    import subprocess
+
+    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="65536")  # as Dask's nanny starts a worker
+    counts = {}
+    for policy in ("reuse", "trim"):
+        out = subprocess.run([sys.executable, "-c", _FRAME_FAULTS_SCRIPT, policy], env=env, capture_output=True,
+                             text=True, check=True)
+        faults, ok, trimmed = out.stdout.split()
+        assert ok == "True"
+        assert trimmed == ("False" if policy == "reuse" else "True")
+        counts[policy] = int(faults)
+    # 10 frames of 40 MiB: >= 20 faults each even with 2 MiB pages when fresh; a reused heap needs next to none
+    assert counts["trim"] > 10 * 15
+    assert counts["reuse"] < 0.1 * counts["trim"]

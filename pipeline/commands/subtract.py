@@ -153,10 +153,12 @@ def main(args: argparse.Namespace) -> int:
     from dia import PsfMatchConfig, StarSelectionError
     from pipeline.align import AlignConfig, align_pair
     from pipeline.config import config_from_dict, load_toml, resolve_device, run_table
+    from pipeline.graph import tune_heap
     from pipeline.io import InputError, write_difference
     from pipeline.outdir import OutputError
     from pipeline.steps import difference_image, ensure_fwhm
 
+    tune_heap(reuse=True)  # one pair, then exit: freed frames are reused, never handed back
     device, why = resolve_device(args.device, torch_too=False)
     if args.device == "auto":
         print(f"--device auto: {device} ({why})", flush=True)
