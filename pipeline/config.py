@@ -308,8 +308,8 @@ class RunConfig:
     -----
     Fields are of two kinds.  *Science* fields change a result and are hashed for
     ``--resume``; *execution and reporting* fields (``device``, ``instrument``, ``batch_size``,
-    ``torch_threads``, ``save_diff``, ``save_stamps``, ``reuse_memory``, ``score_threshold``, and ``psf_match.fft_workers`` /
-    ``fft_band_rows``; declared with :func:`execution_field`) are recorded in ``run.json``
+    ``torch_threads``, ``save_diff``, ``save_stamps``, ``reuse_memory``, ``score_threshold``, and
+    ``psf_match.fft_workers`` / ``fft_band_rows``; declared with :func:`execution_field`) are recorded in ``run.json``
     but never hashed: changing them does not redo finished CCDs (the truth summary is
     recomputed at the new threshold).
     """
