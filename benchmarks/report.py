@@ -722,7 +722,9 @@ def build_blocks(data: dict) -> list:
                        "(template, search, difference); pair models the template and search channels of the same "
                        "triplets. Same candidates as the dia run: "
                        + (", ".join(f"{c} {'yes' if v else 'NO'}" for c, v in same.items()) or "not checked")
-                       + ". The last row is the direct mode's model on its own (direct-stream) candidates."))
+                       + ". The last rows (stream direct) are the models trained on the direct stream on the direct "
+                       "mode's own candidates: pair-direct (ours, the direct mode's model) and pair-paper-direct (the "
+                       "paper's two-image CNN, the paper's recipe, the same training stamps)."))
         fprs = [f"{f:g}" for f in cfg["fpr_points"]]
         rows, missing = [], []
         for m in sl["models"]:
@@ -757,7 +759,7 @@ def build_blocks(data: dict) -> list:
         if fig.get("roc"):
             b.append(("img", "ROC curves on the same dia-stream candidates", fig["roc"]))
         if fig.get("roc_direct"):
-            b.append(("img", "ROC of the direct mode's model on the direct-stream candidates", fig["roc_direct"]))
+            b.append(("img", "ROC of the direct-stream models on the direct mode's own candidates", fig["roc_direct"]))
         for model, table in (sl.get("saliency") or {}).items():
             chans = [c for c in ("template", "search", "difference") if c in next(iter(table.values()))]
             rows = [[g, _fmt(v["n"])] + [_pct(v.get(c)) for c in chans] for g, v in table.items()]

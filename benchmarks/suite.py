@@ -37,10 +37,14 @@ import numpy as np
 
 from benchmarks import metrics
 
-__all__ = ["BenchmarkConfig", "run_benchmark", "machine_info", "gpu_available", "ALL_MODELS"]
+__all__ = ["BenchmarkConfig", "run_benchmark", "machine_info", "gpu_available", "ALL_MODELS", "DIRECT_MODELS"]
 
 #: Models compared at stamp level (the four of the paper's experiment, then the direct-stream pair).
 ALL_MODELS = ("triplet-paper", "pair-paper", "triplet", "pair", "pair-direct")
+#: Models trained on the direct stream, scored on the direct mode's own candidates: ours (the direct mode's model) and
+#: the paper's two-image CNN trained by the paper's recipe on the same stream (issue #13: the paper's comparison
+#: repeated on direct-mode candidates).
+DIRECT_MODELS = ("pair-direct", "pair-paper-direct")
 
 #: Seeds the shipped weights were trained on start here (classifier/weights/make_weights.sh).
 TRAINING_SEED = 1000
@@ -469,7 +473,7 @@ def _score_stamp_sets(stamp_results: list[dict], by_key: dict, config: Benchmark
     figures: dict[str, str] = {}
     results = {}
     scorers = {}
-    jobs = [(m, "dia") for m in config.models] + [("pair-direct", "direct")]
+    jobs = [(m, "dia") for m in config.models] + [(m, "direct") for m in DIRECT_MODELS]
     for model, stream in jobs:
         s = streams.get(stream)
         row: dict[str, Any] = {"model": model, "stream": stream}
@@ -498,10 +502,10 @@ def _score_stamp_sets(stamp_results: list[dict], by_key: dict, config: Benchmark
         figures["roc"] = str(plot_roc_curves(dia_res, plots / "roc_dia_stream.png",
                                              title="ROC on the same dia-stream candidates",
                                              fpr_points=config.fpr_points))
-    if ("pair-direct", "direct") in results:
-        r = results[("pair-direct", "direct")][0]
-        figures["roc_direct"] = str(plot_roc_curves({"pair-direct (direct stream)": r}, plots / "roc_direct_stream.png",
-                                                    title="ROC of the direct mode's model on its own stream",
+    direct_res = {f"{m} (direct stream)": r for (m, st), (r, _) in results.items() if st == "direct"}
+    if direct_res:
+        figures["roc_direct"] = str(plot_roc_curves(direct_res, plots / "roc_direct_stream.png",
+                                                    title="ROC on the direct mode's own candidates",
                                                     fpr_points=config.fpr_points))
     # saliency: the dia mode's model and a pair model on the same dia-stream stamps
     out["saliency"] = {}

@@ -175,7 +175,7 @@ def test_stamp_level_uses_the_runs_candidates(bench):
             assert res["accuracy"] == pytest.approx((c["tp"] + c["tn"]) / res["n"])
             assert c["tp"] + c["fn"] == res["n_real"]
             # the training data recorded with the shipped weights (they all carry it)
-            trained_stream = "direct" if row["model"] == "pair-direct" else "dia"
+            trained_stream = "direct" if row["model"].endswith("-direct") else "dia"
             assert f"{trained_stream}-stream stamps from" in row["trained_on"]
     assert any(r["status"] == "ok" for r in sl["models"]), "no shipped weights at all"
 
