@@ -295,9 +295,9 @@ class RunConfig:
         Each worker keeps the memory its stages free in its C heap and reuses it for the next
         stage and CCD (default True; glibc only, :func:`pipeline.graph.tune_heap`), instead of
         handing it back to the system at every stage boundary and having the kernel zero fresh
-        pages on first touch.  Measured on 4 and 12 simulated DECam CCDs (2 one-thread workers):
-        dia 5-12% less time per CCD, every stage faster; a worker's resident memory stays at its
-        high-water mark, 0.85-0.92 GB against 0.78-0.86.  Turn it off where workers must give
+        pages on first touch.  Measured on 4 simulated DECam CCDs (2 one-thread workers, 3
+        alternating runs): 16% less time per CCD through dia, 13% through direct; a worker's
+        resident memory stays at its high-water mark (peak 0.91 GB against 0.84).  Turn it off where workers must give
         memory back between CCDs (a shared node with a tight memory limit).
     cosmics : CosmicRayConfig
         Cosmic rays found (L.A.Cosmic) and masked before alignment and subtraction, in both modes.

@@ -327,9 +327,9 @@ def tune_heap(reuse: bool = False) -> bool:
     :func:`release_free_memory` trims the heap at every stage boundary).  ``reuse=True``
     (:attr:`pipeline.config.RunConfig.reuse_memory`, the default of a run) serves every array, full frames included,
     from the heap and never gives its pages back, so a worker's next stage and next CCD reuse pages already faulted
-    in: on 4 simulated DECam CCDs a CCD through dia took 5-12% less time (the kernel's page zeroing was ~11% of
-    ``pipeline subtract``'s CPU samples), and a worker stays at its high-water mark (0.85-0.92 GB against
-    0.78-0.86).  Called once per worker (:func:`pipeline.runner.prepare_worker`) and by ``pipeline subtract``.
+    in: on 4 simulated DECam CCDs (2 workers, 3 alternating runs) a CCD took 16% less time through dia and 13%
+    through direct, every stage but the write faster (the kernel's page zeroing was ~11% of ``pipeline subtract``'s
+    CPU samples), and a worker stays at its high-water mark (peak 0.91 GB against 0.84).  Called once per worker (:func:`pipeline.runner.prepare_worker`) and by ``pipeline subtract``.
     Returns False where there is no glibc (nothing done).
     """
     libc = _libc()
