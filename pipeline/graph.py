@@ -329,7 +329,8 @@ def tune_heap(reuse: bool = False) -> bool:
     from the heap and never gives its pages back, so a worker's next stage and next CCD reuse pages already faulted
     in: on 4 simulated DECam CCDs (2 workers, 3 alternating runs) a CCD took 16% less time through dia and 13%
     through direct, every stage but the write faster (the kernel's page zeroing was ~11% of ``pipeline subtract``'s
-    CPU samples), and a worker stays at its high-water mark (peak 0.91 GB against 0.84).  Called once per worker (:func:`pipeline.runner.prepare_worker`) and by ``pipeline subtract``.
+    CPU samples), and a worker stays at its high-water mark (peak 0.91 GB against 0.84).  Called once per worker
+    (:func:`pipeline.runner.prepare_worker`) and by ``pipeline subtract``.
     Returns False where there is no glibc (nothing done).
     """
     libc = _libc()
