@@ -288,3 +288,23 @@ def test_tune_heap_reuse_serves_full_frames_from_pages_already_held():
     # 10 frames of 40 MiB: >= 20 faults each even with 2 MiB pages when fresh; a reused heap needs next to none
     assert counts["trim"] > 10 * 15
     assert counts["reuse"] < 0.1 * counts["trim"]
+
+
+def test_reuse_memory_is_an_execution_setting_that_reaches_the_workers():
+    """``RunConfig.reuse_memory`` changes no result (not in what ``--resume`` keys on) and a worker's start-up sets
+    its heap policy from it: the stage-boundary trim is skipped when memory is reused and done when it is not."""
+    import subprocess
+
+    from pipeline.config import RunConfig, science_dict
+
+    assert science_dict(RunConfig(reuse_memory=False)) == science_dict(RunConfig())
+    script = ("import sys\nfrom pipeline.graph import release_free_memory\nfrom pipeline.runner import prepare_worker\n"
+              "prepare_worker('triplet', 'cpu', 1, 64, '', sys.argv[1] == 'reuse')\nprint(release_free_memory())\n")
+    trimmed = {}
+    for policy in ("reuse", "trim"):
+        out = subprocess.run([sys.executable, "-c", script, policy], capture_output=True, text=True, check=True)
+        trimmed[policy] = out.stdout.split()[-1]
+    if sys.platform.startswith("linux"):
+        assert trimmed == {"reuse": "False", "trim": "True"}
+    else:  # no glibc: nothing to tune, nothing trimmed
+        assert set(trimmed.values()) == {"False"}
