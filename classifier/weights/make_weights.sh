@@ -63,7 +63,7 @@ q1=$!
   train pair dia "$epochs_ours" pair
   train pair ../data-direct/direct "$epochs_ours" pair-direct  # $work/data-direct/direct.npz
   # the paper's two-image CNN by the paper's recipe on the same direct stream: the paper's comparison repeated
-  # on direct-mode candidates (stopped early at epoch EPOCH_PPD_TODO, ~14 s per epoch on one core)
+  # on direct-mode candidates (stopped early after epoch 81, best 76, ~15 s per epoch on one core)
   train pair-paper ../data-direct/direct "$epochs_pair_paper" pair-paper-direct 24000 ) &
 q2=$!
 wait "$q1" "$q2"
