@@ -331,57 +331,91 @@ def _sky(image: np.ndarray) -> float:
     return float(np.median(image[:: max(1, image.shape[0] // 256), :: max(1, image.shape[1] // 256)]))
 
 
-def _matched_filter_snr(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, fwhm: float) -> np.ndarray:
-    """PSF-matched-filter S/N of a point source at every pixel of a small window (Gaussian PSF).
+def _masked_median(values: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """Median of the ``good`` values of each window of a ``(n, h, w)`` stack (0 where a window has none), as
+    ``np.median(window[good])``: the middle one, or the mean of the two middle ones."""
+    n = len(values)
+    flat = np.where(good, values, np.inf).reshape(n, -1)
+    flat = np.sort(flat, axis=1)
+    count = good.reshape(n, -1).sum(axis=1)
+    lo = np.maximum((count - 1) // 2, 0)
+    hi = np.maximum(count // 2, 0)
+    rows = np.arange(n)
+    a, b = flat[rows, lo], flat[rows, hi]
+    med = np.where(lo == hi, a, (a + b) / 2).astype(values.dtype, copy=False)
+    return np.where(count > 0, med, 0).astype(values.dtype, copy=False)
 
+
+def _matched_filter_snr(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, fwhm: float) -> np.ndarray:
+    """PSF-matched-filter S/N of a point source at every pixel of small windows (Gaussian PSF).
+
+    ``image``, ``variance`` and ``mask`` are stacks of windows, ``(n, h, w)``, each filtered on its own.
     ``F = corr(D / V, P)``, ``W = corr(1 / V, P**2)``, ``snr = F / sqrt(W)`` with ``D`` the window
     minus its median (a local sky) and pixels flagged in :data:`~dia.masks.BAD_FOR_FIT` given zero
-    weight.  Smoothing by the PSF makes a single hot pixel or cosmic ray far less significant than
-    a star of the same peak, and the S/N is that of a PSF flux, whatever the seeing.
+    weight; a window with no usable pixel gets 0.  Smoothing by the PSF makes a single hot pixel or
+    cosmic ray far less significant than a star of the same peak, and the S/N is that of a PSF flux,
+    whatever the seeing.
     """
     good = ((mask & int(BAD_FOR_FIT)) == 0) & (variance > 0) & np.isfinite(image) & np.isfinite(variance)
-    if not good.any():
-        return np.zeros(image.shape, np.float32)
     sigma = max(float(fwhm), 1.0) / 2.3548
     weight = np.where(good, 1.0 / np.where(good, variance, 1.0), 0.0)
-    data = np.where(good, image - np.median(image[good]), 0.0)
+    data = np.where(good, image - _masked_median(image, good)[:, None, None], 0.0)
     # corr(x, P) with P a unit-sum Gaussian is gaussian_filter(x, sigma); P**2 is a Gaussian of
-    # sigma / sqrt(2) with sum 1 / (4 pi sigma**2)
-    flux = ndimage.gaussian_filter(data * weight, sigma, mode="constant", truncate=3.0)
-    info = ndimage.gaussian_filter(weight, sigma / np.sqrt(2.0), mode="constant", truncate=3.0)
+    # sigma / sqrt(2) with sum 1 / (4 pi sigma**2); sigma 0 along the stack: each window on its own
+    flux = ndimage.gaussian_filter(data * weight, (0.0, sigma, sigma), mode="constant", truncate=3.0)
+    info = ndimage.gaussian_filter(weight, (0.0, sigma / np.sqrt(2.0), sigma / np.sqrt(2.0)), mode="constant",
+                                   truncate=3.0)
     info /= 4.0 * np.pi * sigma**2
     with np.errstate(invalid="ignore", divide="ignore"):
         snr = np.where(info > 0, flux / np.sqrt(info), 0.0)
     return np.nan_to_num(snr).astype(np.float32)
 
 
-def _windowed_centroid(image: np.ndarray, mask: np.ndarray, xx: np.ndarray, yy: np.ndarray, x0: float, y0: float,
-                       fwhm: float, iterations: int = 20) -> tuple[float, float]:
-    """Gaussian-windowed centroid of a source near ``(x0, y0)`` in a window (coordinates ``xx``, ``yy``).
+def _windowed_centroid(image: np.ndarray, mask: np.ndarray, xx: np.ndarray, yy: np.ndarray, x0: np.ndarray,
+                       y0: np.ndarray, fwhm: float, iterations: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian-windowed centroids of sources near ``(x0, y0)``, one per window of a stack.
 
-    Iterates ``x += 2 sum(w I (x_i - x)) / sum(w I)`` with ``w`` a Gaussian of the PSF's width: the
-    fixed point is the centre of any symmetric profile, unbiased by the pixel phase even for an
-    undersampled (binned) image, and a neighbour a few FWHM away barely weighs.  ``I`` is the window
-    minus its median; flagged pixels are left out.  Falls back to ``(x0, y0)`` when the windowed
-    flux is not positive.
+    ``image`` and ``mask`` are ``(n, h, w)`` windows, ``xx`` and ``yy`` their pixel coordinates (broadcast
+    to the same shape), ``x0`` and ``y0`` the ``n`` starting points.  Iterates ``x += 2 sum(w I (x_i - x))
+    / sum(w I)`` with ``w`` a Gaussian of the PSF's width: the fixed point is the centre of any symmetric
+    profile, unbiased by the pixel phase even for an undersampled (binned) image, and a neighbour a few
+    FWHM away barely weighs.  ``I`` is the window minus its median; flagged pixels are left out.  A
+    window falls back to its ``(x0, y0)`` when its windowed flux is not positive or the centroid wanders
+    more than 2 FWHM; each stops when it moves less than 1e-3 px.
     """
     good = ((mask & int(BAD_FOR_FIT)) == 0) & np.isfinite(image)
-    data = np.where(good, image - np.median(image[good]) if good.any() else 0.0, 0.0)
+    data = np.where(good, image - _masked_median(image, good)[:, None, None], 0.0)
     sigma = max(float(fwhm), 1.0) / 2.3548
-    x, y = float(x0), float(y0)
+    x0, y0 = np.asarray(x0, float), np.asarray(y0, float)
+    x, y = x0.copy(), y0.copy()
+    xx = np.broadcast_to(xx, data.shape)
+    yy = np.broadcast_to(yy, data.shape)
+    running = np.ones(len(data), bool)
+    fallback = np.zeros(len(data), bool)
     for _ in range(iterations):
-        wi = data * np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / sigma**2)
-        total = float(wi.sum())
-        if not total > 0:
-            return float(x0), float(y0)
-        dx = float(np.clip(2.0 * (wi * (xx - x)).sum() / total, -1.0, 1.0))
-        dy = float(np.clip(2.0 * (wi * (yy - y)).sum() / total, -1.0, 1.0))
-        x, y = x + dx, y + dy
-        if np.hypot(x - x0, y - y0) > 2.0 * fwhm:  # wandered off to something else
-            return float(x0), float(y0)
-        if abs(dx) < 1e-3 and abs(dy) < 1e-3:
+        act = np.flatnonzero(running)
+        if act.size == 0:
             break
-    return x, y
+        ux = xx[act] - x[act, None, None]
+        uy = yy[act] - y[act, None, None]
+        wi = data[act] * np.exp(-0.5 * (ux**2 + uy**2) / sigma**2)
+        total = wi.sum(axis=(1, 2))
+        positive = total > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dx = np.clip(2.0 * (wi * ux).sum(axis=(1, 2)) / total, -1.0, 1.0)
+            dy = np.clip(2.0 * (wi * uy).sum(axis=(1, 2)) / total, -1.0, 1.0)
+        moved = act[positive]
+        x[moved] += dx[positive]
+        y[moved] += dy[positive]
+        lost = act[~positive]
+        fallback[lost] = True
+        running[lost] = False
+        wandered = moved[np.hypot(x[moved] - x0[moved], y[moved] - y0[moved]) > 2.0 * fwhm]
+        fallback[wandered] = True
+        running[wandered] = False
+        settled = moved[(np.abs(dx[positive]) < 1e-3) & (np.abs(dy[positive]) < 1e-3)]
+        running[settled] = False
+    return np.where(fallback, x0, x), np.where(fallback, y0, y)
 
 
 def _systematic_offset(x: np.ndarray, y: np.ndarray, dx: np.ndarray, dy: np.ndarray, size: float) -> float:
@@ -416,27 +450,31 @@ def _find_peaks_near(exposure: Exposure, x: np.ndarray, y: np.ndarray, radius: f
 
     Returns the sub-pixel positions (:func:`_windowed_centroid` started at the highest pixel) and
     the S/N of the peaks.  The caller keeps the positions at least ``radius + 2 fwhm + 2`` pixels
-    from the border; a window that still leaves the image gets S/N 0.
+    from the border; a window that still leaves the image gets S/N 0 and a NaN position.  All the
+    windows are cut, filtered and centroided as one stack.
     """
     r = int(np.ceil(radius))
     pad = int(np.ceil(2.0 * fwhm)) + 2  # the filter needs the light around the search disc
     h = r + pad
     ny, nx = exposure.shape
+    x, y = np.asarray(x, float), np.asarray(y, float)
     px, py = np.full(len(x), np.nan), np.full(len(x), np.nan)
     peak = np.zeros(len(x))
-    for i, (cx, cy) in enumerate(zip(x, y)):
-        ix, iy = int(np.rint(cx)), int(np.rint(cy))
-        if not (h <= ix <= nx - 1 - h and h <= iy <= ny - 1 - h):
-            continue
-        cut = (slice(iy - h, iy + h + 1), slice(ix - h, ix + h + 1))
-        snr = _matched_filter_snr(exposure.image[cut], exposure.variance[cut], exposure.mask[cut], fwhm)
-        yy, xx = np.mgrid[iy - h : iy + h + 1, ix - h : ix + h + 1]
-        snr = np.where(np.hypot(xx - cx, yy - cy) <= radius, snr, -np.inf)
-        k = int(np.argmax(snr))
-        ky, kx = divmod(k, snr.shape[1])
-        peak[i] = float(snr[ky, kx])
-        px[i], py[i] = _windowed_centroid(exposure.image[cut], exposure.mask[cut], xx, yy, xx[ky, kx], yy[ky, kx],
-                                          fwhm)
+    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
+    inside = np.flatnonzero((h <= ix) & (ix <= nx - 1 - h) & (h <= iy) & (iy <= ny - 1 - h))
+    if inside.size == 0:
+        return px, py, peak
+    off = np.arange(-h, h + 1)
+    yy = (iy[inside, None] + off)[:, :, None]  # (n, w, 1) pixel rows of each window
+    xx = (ix[inside, None] + off)[:, None, :]  # (n, 1, w) pixel columns
+    image, mask = exposure.image[yy, xx], exposure.mask[yy, xx]
+    snr = _matched_filter_snr(image, exposure.variance[yy, xx], mask, fwhm)
+    near = np.hypot(xx - x[inside, None, None], yy - y[inside, None, None]) <= radius
+    snr = np.where(near, snr, -np.inf).reshape(len(inside), -1)
+    k = np.argmax(snr, axis=1)
+    ky, kx = np.divmod(k, 2 * h + 1)
+    peak[inside] = snr[np.arange(len(inside)), k]
+    px[inside], py[inside] = _windowed_centroid(image, mask, xx, yy, ix[inside] + kx - h, iy[inside] + ky - h, fwhm)
     return px, py, peak
 
 

@@ -371,3 +371,34 @@ def test_cutouts_equal_whole_frame_spline_interpolation_at_the_exact_mapping(sim
     assert np.isnan(stamps[~inside]).all()
     scale = np.abs(expect[inside]).max()
     np.testing.assert_allclose(stamps[inside], expect[inside], rtol=0, atol=1e-5 * scale)
+
+
+def test_peaks_near_find_injected_stars_as_one_stack_and_window_by_window():
+    """The registration check's stacked peak finder: each injected Gaussian star is found at its true sub-pixel
+    position (one with a flagged pixel 2 px from its core to within 0.1 px), positions too close to the border
+    get NaN and S/N 0, and each window's result is the same alone as in the stack."""
+    from conftest import render_gaussians
+
+    from pipeline.align import _find_peaks_near
+    from pipeline.io import Exposure
+
+    shape = (200, 240)
+    xs = np.array([40.3, 120.71, 180.45, 60.0, 150.2])
+    ys = np.array([50.6, 100.18, 60.92, 150.5, 160.33])
+    fluxes = np.array([5e4, 2e4, 8e4, 3e4, 1e5])
+    img, var = render_gaussians(shape, xs, ys, fluxes, 3.2, 10.0, seed=3)
+    mask = np.zeros(shape, np.int32)
+    mask[150, 58] |= MaskBits.BAD  # a flagged pixel beside the fourth star's core
+    exposure = Exposure(img + 50.0, var, mask, None, fwhm=3.2, name="stars")
+    # start 1-2 px off each star, plus two positions whose windows leave the image
+    qx = np.r_[xs + np.array([1.2, -0.8, 0.5, -1.5, 0.9]), 3.0, 238.0]
+    qy = np.r_[ys + np.array([-0.7, 1.1, -1.4, 0.6, 1.3]), 100.0, 5.0]
+    px, py, peak = _find_peaks_near(exposure, qx, qy, radius=5.0, fwhm=3.2)
+    err = np.hypot(px[:5] - xs, py[:5] - ys)
+    assert np.all(err[[0, 1, 2, 4]] < 0.01)
+    assert err[3] < 0.1  # one pixel 2 px from its core left out: a small bias, not a lost star
+    assert np.all(peak[:5] > 50)
+    assert np.isnan(px[5:]).all() and np.isnan(py[5:]).all() and np.all(peak[5:] == 0)
+    for i in range(len(qx)):
+        one = _find_peaks_near(exposure, qx[i:i + 1], qy[i:i + 1], radius=5.0, fwhm=3.2)
+        np.testing.assert_allclose([one[0][0], one[1][0], one[2][0]], [px[i], py[i], peak[i]], rtol=0, atol=1e-9)
