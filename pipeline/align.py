@@ -335,15 +335,11 @@ def _masked_median(values: np.ndarray, good: np.ndarray) -> np.ndarray:
     """Median of the ``good`` values of each window of a ``(n, h, w)`` stack (0 where a window has none), as
     ``np.median(window[good])``: the middle one, or the mean of the two middle ones."""
     n = len(values)
-    flat = np.where(good, values, np.inf).reshape(n, -1)
-    flat = np.sort(flat, axis=1)
+    flat = np.sort(np.where(good, values, np.inf).reshape(n, -1), axis=1)  # the good values first, in order
     count = good.reshape(n, -1).sum(axis=1)
-    lo = np.maximum((count - 1) // 2, 0)
-    hi = np.maximum(count // 2, 0)
     rows = np.arange(n)
-    a, b = flat[rows, lo], flat[rows, hi]
-    med = np.where(lo == hi, a, (a + b) / 2).astype(values.dtype, copy=False)
-    return np.where(count > 0, med, 0).astype(values.dtype, copy=False)
+    a, b = flat[rows, np.maximum((count - 1) // 2, 0)], flat[rows, count // 2]
+    return np.where(count > 0, (a + b) / 2, 0).astype(values.dtype, copy=False)
 
 
 def _matched_filter_snr(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, fwhm: float) -> np.ndarray:

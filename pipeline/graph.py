@@ -311,6 +311,7 @@ def _malloc_trim():
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 HEAP_MMAP_THRESHOLD = 32 * 1024 * 1024
 HEAP_TRIM_THRESHOLD = 64 * 1024 * 1024
+_GLIBC_MMAP_MAX = 65536  # glibc's default M_MMAP_MAX: what reuse=False restores
 _NEVER_TRIM = 2**31 - 1  # mallopt takes a C int: the largest, 2 GiB, is never reached by one worker's free pages
 #: This process's heap policy, as :func:`tune_heap` last set it (the C heap is per process).
 _HEAP_POLICY = {"reuse": False}
@@ -340,7 +341,7 @@ def tune_heap(reuse: bool = False) -> bool:
     if reuse:
         ok = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
     else:
-        ok = (bool(mallopt(_M_MMAP_MAX, 65536)) and bool(mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD))
+        ok = (bool(mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)) and bool(mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD))
               and bool(mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD)))
     _HEAP_POLICY["reuse"] = bool(reuse and ok)
     return ok
