@@ -108,7 +108,14 @@ class DatasetConfig:
     drop_edge : bool
         Leave out candidates flagged EDGE (incomplete stamps; default True).
     max_bogus_per_ccd : int
-        At most this many bogus candidates kept per CCD and stream, drawn at random (default 600).
+        At most this many bogus candidates kept per CCD and stream (default 600).
+    hard_bogus_fraction : float
+        Of the ``max_bogus_per_ccd`` kept when a CCD has more, this fraction are the hardest: the
+        largest brightenings in the candidates' forced measurement (``flux / flux_err``: variable
+        stars, seeing changes of stars and galaxies, peaks beside a transient); the rest are drawn
+        at random (default 0: all at random).  A detector that scores every search peak
+        (direct mode, ``selection = "cnn"``) meets ~2,000 bogus peaks per DECam CCD and must
+        reject the few that changed, which random sampling shows it too rarely.
     workers : int
         Processes simulating and processing CCDs in parallel (default: cores).
     instrument : str
@@ -132,6 +139,7 @@ class DatasetConfig:
     split_seed: int = 0
     drop_edge: bool = True
     max_bogus_per_ccd: int = 600
+    hard_bogus_fraction: float = 0.0
     workers: int = 0
     instrument: str = "decam"
     variables: str = "bogus"
@@ -143,6 +151,8 @@ class DatasetConfig:
         object.__setattr__(self, "instrument", str(self.instrument).lower())
         shape = dataset_shape(self.instrument) if self.shape is None else tuple(int(v) for v in self.shape)
         object.__setattr__(self, "shape", shape)
+        if not 0.0 <= self.hard_bogus_fraction <= 1.0:
+            raise ValueError(f"DatasetConfig.hard_bogus_fraction must be in [0, 1], got {self.hard_bogus_fraction}")
         if self.variables not in VARIABLE_POLICIES:
             raise ValueError(f"DatasetConfig.variables must be one of {VARIABLE_POLICIES}, got {self.variables!r}")
 
@@ -162,9 +172,24 @@ def _stampset(stamps, table, labels, stream: str, channels):
     return StampSet(stamps.astype(np.float32), labels, meta, channels, {"stream": stream})
 
 
+def _sample_bogus(bogus: np.ndarray, table, n: int, hard_fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """``n`` of the bogus rows ``bogus``: the ``hard_fraction`` with the largest forced brightening
+    ``flux / flux_err`` (non-finite ranks last), the others at random."""
+    n_hard = int(round(hard_fraction * n))
+    hard = np.zeros(0, np.intp)
+    if n_hard:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            change = np.asarray(table["flux"], float)[bogus] / np.asarray(table["flux_err"], float)[bogus]
+        change = np.where(np.isfinite(change), change, -np.inf)
+        hard = bogus[np.argsort(-change, kind="stable")[:n_hard]]
+    rest = np.setdiff1d(bogus, hard)
+    return np.concatenate([hard, rng.choice(rest, n - hard.size, replace=False)])
+
+
 def pair_stamp_sets(pair, run_config: RunConfig = RunConfig(), streams: tuple[str, ...] = STREAMS, *,
                     drop_edge: bool = True, max_bogus: int | None = None,
-                    rng: np.random.Generator | None = None, variables: str = "bogus") -> tuple[dict, dict]:
+                    rng: np.random.Generator | None = None, variables: str = "bogus",
+                    hard_bogus_fraction: float = 0.0) -> tuple[dict, dict]:
     """Labelled per-stream StampSets of one already loaded CCD pair with truth.
 
     Runs the pipeline's own candidate stages (:mod:`pipeline.steps`) on the pair -- cosmic-ray
@@ -182,11 +207,15 @@ def pair_stamp_sets(pair, run_config: RunConfig = RunConfig(), streams: tuple[st
     drop_edge : bool
         Leave out candidates flagged EDGE (incomplete stamps).
     max_bogus : int, optional
-        Keep at most this many bogus candidates per stream, drawn with ``rng`` (default: all).
+        Keep at most this many bogus candidates per stream (default: all): the
+        ``hard_bogus_fraction`` of them with the largest ``flux / flux_err``, the rest drawn
+        with ``rng``.
     rng : numpy.random.Generator, optional
         Needed when ``max_bogus`` is set.
     variables : {"bogus", "real"}
         Label of candidates on variable stars (:func:`pipeline.truth.candidate_labels`).
+    hard_bogus_fraction : float
+        See :class:`DatasetConfig`.
 
     Returns
     -------
@@ -210,8 +239,8 @@ def pair_stamp_sets(pair, run_config: RunConfig = RunConfig(), streams: tuple[st
         labels = candidate_labels(table["truth_kind"], variables)
         bogus = np.flatnonzero(keep & (labels == 0))
         if max_bogus is not None and bogus.size > max_bogus:
-            drop = rng.choice(bogus, bogus.size - max_bogus, replace=False)
-            keep[drop] = False
+            keep[bogus] = False
+            keep[_sample_bogus(bogus, table, max_bogus, hard_bogus_fraction, rng)] = True
         idx = np.flatnonzero(keep)
         sets[stream] = _stampset(stamps.data[idx], table[idx], labels[idx], stream, stamps.channels)
 
@@ -260,7 +289,8 @@ def build_ccd_stamps(ccd_index: int, config: DatasetConfig, run_config: RunConfi
     out["n_transients"] = int((sim.truth["kind"] == "transient").sum())
     out["sets"], out["errors"] = pair_stamp_sets(pair, run_config, streams, drop_edge=config.drop_edge,
                                                  max_bogus=config.max_bogus_per_ccd, rng=rng,
-                                                 variables=config.variables)
+                                                 variables=config.variables,
+                                                 hard_bogus_fraction=config.hard_bogus_fraction)
     out["seconds"] = time.perf_counter() - t0
     return out
 

@@ -172,3 +172,33 @@ def test_cut_pairs_full_frame_and_cutout_paths_agree(host_pair):
     np.testing.assert_array_equal(full.data[:, 1][ok[:, 1]], cut[:, 1][ok[:, 1]])
     bad = (np.concatenate([o.mask for o in one])[:, 0] & int(MaskBits.BAD)) != 0
     assert bad.any() and np.all((full.mask[:, 0][bad] & int(MaskBits.BAD)) != 0)
+
+
+def test_hard_bogus_sampling_keeps_the_largest_brightenings():
+    """``hard_bogus_fraction`` keeps the bogus with the largest forced ``flux / flux_err`` and fills the rest at
+    random; 0 draws all at random; non-finite changes rank last; the config refuses a fraction outside [0, 1]."""
+    from astropy.table import Table
+
+    from pipeline.datasets import DatasetConfig, _sample_bogus
+
+    rng = np.random.default_rng(3)
+    n = 200
+    change = rng.normal(0.0, 1.0, n)
+    change[:5] = [50.0, 40.0, 30.0, 20.0, 10.0]  # the five hardest, known
+    err = np.full(n, 2.0)
+    err[5] = 0.0  # flux / 0 = inf: not a brightening we can rank
+    table = Table({"flux": change * err, "flux_err": err})
+    bogus = np.arange(n)
+    picked = _sample_bogus(bogus, table, 20, 0.25, np.random.default_rng(0))
+    assert picked.size == 20 and np.unique(picked).size == 20
+    assert set(picked[:5]) == {0, 1, 2, 3, 4}  # the 25% hard part is exactly the top five
+    assert set(picked) <= set(bogus)
+    again = _sample_bogus(bogus, table, 20, 0.25, np.random.default_rng(0))
+    assert np.array_equal(picked, again)  # deterministic with the seed
+    random_only = _sample_bogus(bogus, table, 20, 0.0, np.random.default_rng(1))
+    assert random_only.size == 20 and not {0, 1, 2, 3, 4} <= set(random_only)
+    every = _sample_bogus(bogus[:10], table, 10, 1.0, np.random.default_rng(0))
+    assert sorted(every) == list(range(10)) and every[-1] == 5  # the non-finite change comes last
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="hard_bogus_fraction"):
+            DatasetConfig(hard_bogus_fraction=bad)

@@ -239,3 +239,29 @@ def test_method_is_validated():
         DirectDetectConfig(method="quick")
     with pytest.raises(ValueError, match="find_peaks method"):
         find_peaks(np.zeros((5, 5)), 1.0, 1, method="quick")
+
+
+@pytest.mark.parametrize("radius", [1, 2, 4])
+def test_sparse_local_maxima_equals_maximum_filter_at_the_borders(radius):
+    """The padded-frame neighbour test gives the maxima of a full-frame maximum filter with -inf outside the
+    segment pixels, also for pixels on the image's first and last rows and columns and on ties."""
+    from scipy import ndimage
+
+    from pipeline.detect.filter import _sparse_local_maxima
+
+    rng = np.random.default_rng(radius)
+    snr = ndimage.gaussian_filter(rng.normal(0, 1, (37, 53)), 1.2).astype(np.float32) * 6
+    snr[0, 0], snr[-1, -1], snr[0, 30], snr[20, -1] = 9.0, 8.5, 7.5, 7.0  # maxima on the border
+    snr[10, 10] = snr[10, 11] = 12.0  # a tie: both are maxima of the filter, and both kept
+    for sign in (1.0, -1.0):
+        flat = np.flatnonzero((sign * snr).ravel() > 0.5)
+        inside = np.zeros(snr.size, bool)
+        inside[flat] = True
+        inside = inside.reshape(snr.shape)
+        masked = np.where(inside, sign * snr, -np.inf).astype(np.float32)
+        local = ndimage.maximum_filter(masked, size=2 * radius + 1, mode="nearest")
+        expected = np.flatnonzero((inside & (masked == local)).ravel())
+        got = _sparse_local_maxima(snr, flat, sign, radius)
+        np.testing.assert_array_equal(got, expected)
+        if sign > 0 and radius == 1:  # the planted border maxima and both tied pixels are found
+            assert {0, snr.size - 1, 30, 20 * 53 + 52, 10 * 53 + 10, 10 * 53 + 11} <= set(got.tolist())

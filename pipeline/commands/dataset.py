@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "scores define it, for models compared with or used on ZTF alerts)")
     parser.add_argument("--density-factor", type=float, default=8.0,
                         help="transient density multiplier (default 8; the shipped weights used 12)")
+    parser.add_argument("--hard-bogus", type=float, default=0.0, metavar="FRACTION",
+                        help="fraction of the bogus kept per CCD that are the largest brightenings in forced "
+                             "photometry, the rest at random (default 0; the shipped pair-direct used 0.5: "
+                             "DatasetConfig.hard_bogus_fraction)")
     parser.add_argument("--streams", default="dia,direct", help="comma-separated: dia, direct (default both)")
     parser.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     parser.add_argument("--fractions", default="0.7,0.1,0.2",
@@ -95,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
     config = DatasetConfig(n_ccds=args.ccds, seed=args.seed, shape=tuple(args.shape) if args.shape else None,
                            transient_density_factor=args.density_factor, workers=args.workers,
                            fractions=fractions, instrument=args.instrument, variables=args.variables,
-                           simulation=simulation)
+                           hard_bogus_fraction=args.hard_bogus, simulation=simulation)
     out = Path(args.out)
     t0 = time.perf_counter()
     bar = tqdm(total=config.n_ccds, desc="CCDs", unit="ccd", disable=args.quiet)

@@ -301,28 +301,27 @@ def _sparse_local_maxima(snr: np.ndarray, flat: np.ndarray, sign: float, radius:
     ``radius`` (a square window clipped to the image), in the order of ``flat``.
 
     The same answer as a full-frame maximum filter of the map with -inf outside ``flat``, computed at
-    those pixels only: first against the 8 neighbours, then the whole window of what survives.
+    those pixels only: first against the 8 neighbours, then the whole window of what survives.  The
+    map is copied once into a frame padded by ``radius`` with -inf outside ``flat`` (and outside the
+    image), so each neighbour is a 1-D gather at a fixed offset from the pixel's padded index.
     """
     ny, nx = snr.shape
-    inside = np.zeros(snr.size, bool)
-    inside[flat] = True
-    inside = inside.reshape(snr.shape)
+    r = max(1, int(radius))
+    wide = nx + 2 * r
+    padded = np.full((ny + 2 * r) * wide, -np.inf, np.float32 if snr.dtype == np.float32 else float)
     iy, ix = np.divmod(flat, nx)
+    at = (iy + r) * wide + (ix + r)
+    value = (sign * snr.ravel()[flat]).astype(padded.dtype, copy=False)
+    padded[at] = value
     cand = np.ones(flat.size, bool)
-    value = sign * snr.ravel()[flat]
-    for steps in ((1,), (radius,)) if radius > 1 else ((1,),):
-        r = steps[0]
+    for reach in ((1, r) if r > 1 else (1,)):
         idx = np.flatnonzero(cand)
-        y, x, v = iy[idx], ix[idx], value[idx]
-        best = np.full(idx.size, -np.inf, np.float32 if snr.dtype == np.float32 else float)
-        for dy in range(-r, r + 1):
-            yy = np.clip(y + dy, 0, ny - 1)
-            for dx in range(-r, r + 1):
-                if dy == 0 and dx == 0:
-                    continue
-                xx = np.clip(x + dx, 0, nx - 1)
-                nb = np.where(inside[yy, xx], sign * snr[yy, xx], -np.inf)
-                np.maximum(best, nb, out=best)
+        here, v = at[idx], value[idx]
+        best = np.full(idx.size, -np.inf, padded.dtype)
+        for dy in range(-reach, reach + 1):
+            for dx in range(-reach, reach + 1):
+                if dy or dx:
+                    np.maximum(best, padded.take(here + (dy * wide + dx)), out=best)
         cand[idx[v < best]] = False
     return flat[cand]
 
