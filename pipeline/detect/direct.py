@@ -44,19 +44,20 @@ class DirectDetectConfig:
     (a transient is found when a candidate within 2 px scores >= the threshold; found / false
     positives per CCD at thresholds 0.5 and 0.95):
 
-    - benchmark field (4 DECam CCDs, 160 transients): ``"flux"`` 125 / 12.75 and 116 / 2.75,
-      ``"cnn"`` 125 / 28.75 and 116 / 4.0;
-    - seed 4242 (4 DECam CCDs, 484 transients at 3x the density): ``"flux"`` 401 / 13.0 and
-      378 / 5.0, ``"cnn"`` 406 / 24.25 and 378 / 5.75.
+    - benchmark field (4 DECam CCDs, 160 transients): ``"flux"`` 126 / 11.0 and 118 / 2.75,
+      ``"cnn"`` 126 / 23.0 and 118 / 4.25;
+    - seed 4242 (4 DECam CCDs, 484 transients at 3x the density): ``"flux"`` 403 / 13.75 and
+      390 / 3.0, ``"cnn"`` 408 / 27.5 and 391 / 4.25.
 
     The cut costs 0-5 transients (0-1 point) and halves the false positives at 0.5.  Scoring every
     peak (~2,150 per DECam CCD instead of ~190) adds ~1.8 s per CCD of stamps and CNN on 2 CPU
     cores, more than dia's whole subtraction, so ``"flux"`` stays the default.  What the direct mode
     loses against dia lies before both selections: on the benchmark field dia has a candidate
     within 2 px of 141 transients, the direct mode of 132 (133 with ``"cnn"``, 136 with a
-    ``min_separation_fwhm`` of 0.5).  The others sit on the flank of a brighter star or galaxy
-    1-12 px away and make no local maximum of their own in the search image's matched-filter
-    S/N; of the 132, the CNN passes 125 and dia's CNN passes all 141.
+    ``min_separation_fwhm`` of 0.5, which on the seed-4242 field adds 1 of 484, within noise, so
+    the default stays 1).  The others sit on the flank of a brighter star or galaxy 1-12 px away
+    and make no local maximum of their own in the search image's matched-filter S/N; of the 132,
+    the CNN passes 126 and dia's CNN passes all 141.
 
     Either way the change is measured without a difference image, by forced
     photometry: each image is photometered on its own at the same sky position
