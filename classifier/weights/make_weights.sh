@@ -30,7 +30,7 @@ epochs_triplet_paper="${EPOCHS_TRIPLET_PAPER:-91}"
 epochs_pair_paper="${EPOCHS_PAIR_PAPER:-300}"
 epochs_ours="${EPOCHS_OURS:-8}"
 max_train="${MAX_TRAIN:-16000}" # training stamps per model (class-balanced random subset)
-epochs_direct="${EPOCHS_DIRECT:-16}"          # pair-direct, the direct mode's detector
+epochs_direct="${EPOCHS_DIRECT:-32}"          # pair-direct, the direct mode's detector
 max_train_direct="${MAX_TRAIN_DIRECT:-30000}" # more than its set holds: all of it
 
 mkdir -p "$work"
@@ -63,7 +63,7 @@ q1=$!
 ( train pair-paper dia "$epochs_pair_paper" pair-paper 24000
   train triplet dia "$epochs_ours" triplet
   train pair dia "$epochs_ours" pair
-  # pair-direct: every training stamp of its set (25,282) for 16 epochs (~30 s per epoch on one core)
+  # pair-direct: every training stamp of its set (25,282) for 32 epochs (~50 s per epoch on one core, 26 min)
   train pair ../data-direct/direct "$epochs_direct" pair-direct "$max_train_direct"  # $work/data-direct/direct.npz
   # the paper's two-image CNN by the paper's recipe on the same direct stream: the paper's comparison repeated
   # on direct-mode candidates (stopped early after epoch 81, best 76, ~15 s per epoch on one core)

@@ -44,12 +44,13 @@ class DirectDetectConfig:
     (a transient is found when a candidate within 2 px scores >= the threshold; found / false
     positives per CCD at thresholds 0.5 and 0.95):
 
-    - benchmark field (4 DECam CCDs, 160 transients): ``"flux"`` 126 / 11.0 and 118 / 2.75,
-      ``"cnn"`` 126 / 23.0 and 118 / 4.25;
-    - seed 4242 (4 DECam CCDs, 484 transients at 3x the density): ``"flux"`` 403 / 13.75 and
-      390 / 3.0, ``"cnn"`` 408 / 27.5 and 391 / 4.25.
+    - benchmark field (4 DECam CCDs, 160 transients): ``"flux"`` 127 / 12.0 and 120 / 2.5,
+      ``"cnn"`` 127 / 22.5 and 120 / 3.5;
+    - seed 4242 (4 DECam CCDs, 484 transients at 3x the density): ``"flux"`` 403 / 11.25 and
+      390 / 1.5, ``"cnn"`` 411 / 24.5 and 391 / 2.75.
 
-    The cut costs 0-5 transients (0-1 point) and halves the false positives at 0.5.  Scoring every
+    At 0.5 the cut costs 0-8 transients (0-2 points) and halves the false positives; at 0.95 it
+    costs 0-1.  Scoring every
     peak (~2,150 per DECam CCD instead of ~190) adds ~1.8 s per CCD of stamps and CNN on 2 CPU
     cores, more than dia's whole subtraction, so ``"flux"`` stays the default.  What the direct mode
     loses against dia lies before both selections: on the benchmark field dia has a candidate
@@ -57,7 +58,7 @@ class DirectDetectConfig:
     ``min_separation_fwhm`` of 0.5, which on the seed-4242 field adds 1 of 484, within noise, so
     the default stays 1).  The others sit on the flank of a brighter star or galaxy 1-12 px away
     and make no local maximum of their own in the search image's matched-filter S/N; of the 132,
-    the CNN passes 126 and dia's CNN passes all 141.
+    the CNN passes 127 and dia's CNN passes all 141.
 
     Either way the change is measured without a difference image, by forced
     photometry: each image is photometered on its own at the same sky position
