@@ -173,8 +173,12 @@ def _stampset(stamps, table, labels, stream: str, channels):
 
 
 def _sample_bogus(bogus: np.ndarray, table, n: int, hard_fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """``n`` of the bogus rows ``bogus``: the ``hard_fraction`` with the largest forced brightening
-    ``flux / flux_err`` (non-finite ranks last), the others at random."""
+    """``n`` of the (sorted) bogus rows ``bogus``: the ``hard_fraction`` with the largest forced brightening
+    ``flux / flux_err`` (non-finite ranks last), the others at random.
+
+    The random part draws the rows to leave out, as the sampling did before hard negatives existed, so
+    that ``hard_fraction = 0`` keeps exactly the rows it kept (and the shipped weights' sets rebuild equal).
+    """
     n_hard = int(round(hard_fraction * n))
     hard = np.zeros(0, np.intp)
     if n_hard:
@@ -183,7 +187,8 @@ def _sample_bogus(bogus: np.ndarray, table, n: int, hard_fraction: float, rng: n
         change = np.where(np.isfinite(change), change, -np.inf)
         hard = bogus[np.argsort(-change, kind="stable")[:n_hard]]
     rest = np.setdiff1d(bogus, hard)
-    return np.concatenate([hard, rng.choice(rest, n - hard.size, replace=False)])
+    drop = rng.choice(rest, rest.size - (n - hard.size), replace=False)
+    return np.concatenate([hard, np.setdiff1d(rest, drop)])
 
 
 def pair_stamp_sets(pair, run_config: RunConfig = RunConfig(), streams: tuple[str, ...] = STREAMS, *,

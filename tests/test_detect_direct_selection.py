@@ -197,6 +197,10 @@ def test_hard_bogus_sampling_keeps_the_largest_brightenings():
     assert np.array_equal(picked, again)  # deterministic with the seed
     random_only = _sample_bogus(bogus, table, 20, 0.0, np.random.default_rng(1))
     assert random_only.size == 20 and not {0, 1, 2, 3, 4} <= set(random_only)
+    # with no hard part, the rows kept before hard negatives existed (the rest of a random drop), so
+    # the shipped weights' data sets rebuild unchanged
+    drop = np.random.default_rng(1).choice(bogus, n - 20, replace=False)
+    assert np.array_equal(np.sort(random_only), np.setdiff1d(bogus, drop))
     every = _sample_bogus(bogus[:10], table, 10, 1.0, np.random.default_rng(0))
     assert sorted(every) == list(range(10)) and every[-1] == 5  # the non-finite change comes last
     for bad in (-0.1, 1.5):

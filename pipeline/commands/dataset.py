@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="transient density multiplier (default 8; the shipped weights used 12)")
     parser.add_argument("--hard-bogus", type=float, default=0.0, metavar="FRACTION",
                         help="fraction of the bogus kept per CCD that are the largest brightenings in forced "
-                             "photometry, the rest at random (default 0; the shipped pair-direct used 0.5: "
+                             "photometry, the rest at random (default 0, as for every shipped weight: "
                              "DatasetConfig.hard_bogus_fraction)")
     parser.add_argument("--streams", default="dia,direct", help="comma-separated: dia, direct (default both)")
     parser.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
