@@ -50,9 +50,9 @@ class DirectDetectConfig:
       390 / 1.5, ``"cnn"`` 411 / 24.5 and 391 / 2.75.
 
     At 0.5 the cut costs 0-8 transients (0-2 points) and halves the false positives; at 0.95 it
-    costs 0-1.  Scoring every
-    peak (~2,150 per DECam CCD instead of ~190) adds ~1.8 s per CCD of stamps and CNN on 2 CPU
-    cores, more than dia's whole subtraction, so ``"flux"`` stays the default.  What the direct mode
+    costs 0-1.  Scoring every peak (~2,150 per DECam CCD instead of ~190) adds ~1.8 s per CCD of
+    stamps and CNN on 2 CPU cores, more than dia's whole subtraction, so ``"flux"`` stays the
+    default.  What the direct mode
     loses against dia lies before both selections: on the benchmark field dia has a candidate
     within 2 px of 141 transients, the direct mode of 132 (133 with ``"cnn"``, 136 with a
     ``min_separation_fwhm`` of 0.5, which on the seed-4242 field adds 1 of 484, within noise, so
