@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,22 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.metrics import median_seconds  # noqa: E402
 from classifier.infer import Scorer, torch_threads  # noqa: E402
 from classifier.models import MODELS, get_spec, prepare_input  # noqa: E402
 from classifier.synthetic import make_synthetic_set  # noqa: E402
 from classifier.train import save_weights  # noqa: E402
 
 TARGETS = {"triplet-paper": 5000, "pair-paper": 20000}
-
-
-def _median_time(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -79,8 +68,8 @@ def _measure(args) -> list[dict]:
                 logits = scorer.net(x.contiguous(memory_format=torch.channels_last))
                 return torch.softmax(logits.float(), dim=1)[:, 1].numpy()
 
-            fast = _median_time(lambda scorer=scorer: scorer.score(stamps), args.repeat)
-            base = _median_time(baseline, args.repeat)
+            fast = median_seconds(lambda scorer=scorer: scorer.score(stamps), args.repeat)
+            base = median_seconds(baseline, args.repeat)
             rate, base_rate = args.batch / fast, args.batch / base
             row = {"model": name, "precision": prec, "median_s": fast, "stamps_per_s": rate,
                    "baseline_median_s": base, "baseline_stamps_per_s": base_rate, "speed_up": base / fast,

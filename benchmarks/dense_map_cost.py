@@ -15,7 +15,7 @@ logits (tested); inside a larger frame each window also sees the pixels around i
 saw zero padding, so the values are close to, not equal to, the stamp scores.
 
 The script times, alternately and ``--repeats`` times each, the dense map over a ``--shape``
-two-channel frame (in tiles of ``--tile`` pixels with a 24-pixel halo, the network's half window)
+two-channel frame (in tiles of ``--tile`` pixels with a 24-pixel halo, about the network's half window)
 and the network's inference form (:class:`classifier.infer.Scorer`, normalisation included) on
 ``--stamps`` stamps: ~190 per DECam CCD are the direct mode's candidates after its flux cut, ~2,150
 are all the search image's peaks (``DirectDetectConfig.selection = "cnn"``).  The dense timing is
@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.metrics import median_seconds  # noqa: E402
 from classifier.infer import Scorer, preset_weights, torch_threads  # noqa: E402
 from classifier.models import StampNet  # noqa: E402
 from pipeline.io import atomic_path  # noqa: E402
@@ -48,7 +47,8 @@ __all__ = ["dense_network", "dense_map", "main"]
 
 #: Output stride of the dense map: three 2 x 2 poolings.
 STRIDE = 8
-#: Half the network's window (a 51 x 51 stamp), rounded up to the stride: the halo of each tile.
+#: The halo of each tile: half the network's 51-pixel window (25) rounded down to a multiple of the stride, so that
+#: tiles start on the output grid (the outermost column of context is cut at tile edges: a cost measurement).
 HALO = 24
 
 
@@ -82,18 +82,6 @@ def dense_map(net: nn.Sequential, frame: torch.Tensor, tile: int = 512) -> list[
     return maps
 
 
-def _median_time(fn, repeats: int, sync) -> float:
-    fn()  # warm-up (first-call allocations, cuDNN's algorithm choice)
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="pair-direct", help="a shipped StampNet model (default pair-direct)")
@@ -111,7 +99,7 @@ def main(argv=None) -> int:
     ny, nx = (int(v) for v in args.shape.lower().split("x"))
     weights, _ = preset_weights(args.model, "")
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if args.device == "cuda" else None
     with torch_threads(args.threads):
         scorer = Scorer(weights, device=args.device, threads=args.threads)
         if not isinstance(scorer.net, StampNet):
@@ -122,12 +110,12 @@ def main(argv=None) -> int:
         rng = np.random.default_rng(0)
         frame = torch.from_numpy(rng.normal(0, 1, (1, channels, ny, nx)).astype(np.float32)).to(device)
         frame = frame.to(memory_format=torch.channels_last)  # the layout the scorer's network runs in
-        dense_s = _median_time(lambda: dense_map(net, frame, args.tile), args.repeats, sync)
+        dense_s = median_seconds(lambda: dense_map(net, frame, args.tile), args.repeats, sync)
         rows = [{"what": f"dense map {ny} x {nx}, stride {STRIDE}, tiles {args.tile}",
                  "seconds": dense_s, "per_s": ny * nx / dense_s, "unit": "pixels"}]
         for n in (int(v) for v in args.stamps.split(",") if v):
             stamps = rng.normal(0, 10, (n, channels, 51, 51)).astype(np.float32)
-            s = _median_time(lambda st=stamps: scorer.score(st), args.repeats, sync)
+            s = median_seconds(lambda st=stamps: scorer.score(st), args.repeats, sync)
             rows.append({"what": f"{n} stamps (Scorer.score, normalisation included)",
                          "seconds": s, "per_s": n / s, "unit": "stamps"})
     info = {"model": args.model, "device": args.device, "threads": args.threads, "shape": [ny, nx],

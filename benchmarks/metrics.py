@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
+import time
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -54,6 +56,7 @@ __all__ = [
     "extrapolate",
     "completeness_curves",
     "magnitude_at_completeness",
+    "median_seconds",
 ]
 
 #: Confidence level of every interval in the report (two-sided).
@@ -87,6 +90,22 @@ FOCAL_PLANES = (
     FocalPlane("DECam exposure", 62, (4096, 2048)),
     FocalPlane("LSST visit", 189, (4096, 4096)),
 )
+
+
+def median_seconds(fn, repeats: int, sync=None) -> float:
+    """Median wall seconds of ``repeats`` calls of ``fn`` after one untimed warm-up call (first-call
+    allocations, a GPU library's algorithm choice); ``sync`` (e.g. ``torch.cuda.synchronize``), when
+    given, is called before each clock read so that asynchronous device work is counted."""
+    wait = sync if sync is not None else (lambda: None)
+    fn()
+    wait()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        wait()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _split_subtract(rec: Mapping[str, Any]) -> tuple[float, float, float, float]:

@@ -43,3 +43,15 @@ def test_dense_map_tiles_cover_the_frame_at_the_stride():
 def test_dense_network_refuses_other_models():
     with pytest.raises(TypeError, match="StampNet"):
         dense_network(build_model("pair-paper"))
+
+
+def test_median_seconds_warms_up_once_and_waits_for_the_device_each_time():
+    from benchmarks.metrics import median_seconds
+
+    calls, syncs = [], []
+    seconds = median_seconds(lambda: calls.append(1), 4, sync=lambda: syncs.append(1))
+    assert len(calls) == 5 and len(syncs) == 5  # one untimed warm-up, then the 4 timed calls
+    assert 0.0 <= seconds < 1.0
+    calls.clear()
+    median_seconds(lambda: calls.append(1), 3)  # no device: nothing to wait for
+    assert len(calls) == 4
