@@ -42,6 +42,7 @@ import time
 import numpy as np
 from scipy import ndimage
 
+from dia.fused import grow_mask_box
 from dia.masks import MaskBits
 from dia.stats import robust_std
 
@@ -229,6 +230,18 @@ def _candidate_pixels(image: np.ndarray, variance: np.ndarray, skip: np.ndarray,
     return out
 
 
+def _median5(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """Element-wise median of five arrays by a min/max network (equal to ``np.median`` of the five, no NaN).
+
+    The smallest and the largest of ``a..d`` are ``min(min(a, b), min(c, d))`` and ``max(max(a, b), max(c, d))``,
+    so the middle two are ``max(min(a, b), min(c, d))`` and ``min(max(a, b), max(c, d))``; the median of five is
+    the median of those two and ``e``.  About ten times faster than ``np.median`` over windows of five.
+    """
+    lo = np.maximum(np.minimum(a, b), np.minimum(c, d))
+    hi = np.minimum(np.maximum(a, b), np.maximum(c, d))
+    return np.maximum(np.minimum(lo, hi), np.minimum(np.maximum(lo, hi), e))
+
+
 def _reflected(index: np.ndarray, n: int) -> np.ndarray:
     """Indices beyond ``[0, n)`` reflected about the end pixels (``np.pad``'s ``"reflect"``; any distance)."""
     if n == 1:
@@ -275,9 +288,10 @@ def _fine_structure_pass(image: np.ndarray, seeds: np.ndarray, config: CosmicRay
         px = _reflected(xs[part, None] + off[None, :], nx)
         patch = data[py[:, :, None], px[:, None, :]]
         if config.sepmed:  # rows (x) first, then columns (y), as astroscrappy's separable filters
-            narrow = np.median(window(patch, inner, axis=2), axis=-1)
-            narrow = np.median(window(narrow, inner, axis=1), axis=-1)  # (n, outer, outer) around the seed
-            wide = np.median(np.median(narrow, axis=2), axis=1)  # the separable wide median at the seed
+            narrow = _median5(*(patch[:, :, i:i + outer] for i in range(inner)))
+            narrow = _median5(*(narrow[:, i:i + outer, :] for i in range(inner)))  # (n, outer, outer) around the seed
+            mid = outer // 2
+            wide = np.sort(np.sort(narrow, axis=2)[:, :, mid], axis=1)[:, mid]  # the separable wide median at the seed
         else:
             narrow = np.median(window(patch, (inner, inner), axis=(1, 2)).reshape(len(patch), outer, outer, -1),
                                axis=-1)
@@ -381,8 +395,8 @@ def mask_cosmic_rays(image: np.ndarray, mask: np.ndarray | None = None, variance
             tile_data, tile_skip = _reflect(data[tile], pads), _reflect(skip[tile], pads)
             crmask, _ = astroscrappy.detect_cosmics(tile_data, inmask=tile_skip, invar=_reflect(var[tile], pads),
                                                     **kwargs)
-            if config.grow:
-                crmask = ndimage.binary_dilation(crmask, structure=_SQUARE, iterations=int(config.grow))
+            if config.grow:  # ``grow`` 3 x 3 dilations are one (2 grow + 1)-pixel box
+                crmask = grow_mask_box(np, crmask, int(config.grow), border=False)
             crmask &= ~tile_skip
             flagged[rows, cols] |= crmask[inner]
             if cleaned is not None and crmask[inner].any():

@@ -292,3 +292,16 @@ def test_tiles_are_reflected_like_numpy_pad_even_past_their_size(shape):
             width[axis] = pads[axis]
             expect = np.pad(expect, width, mode="reflect" if shape[axis] > 1 else "edge")
         assert np.array_equal(_reflect(plane, pads), expect), pads
+
+
+def test_median_of_five_network_equals_numpy_median_with_ties():
+    """pipeline.cosmics._median5 (the min/max network of the fine-structure pass) is np.median of five arrays,
+    on continuous values and on small integers full of ties, whatever the order of the arguments."""
+    from pipeline.cosmics import _median5
+
+    rng = np.random.default_rng(7)
+    continuous = rng.normal(size=(5, 4000)).astype(np.float32)
+    for values in (continuous, rng.integers(0, 3, size=(5, 4000)).astype(np.float32)):
+        expect = np.median(values, axis=0)
+        for order in ((0, 1, 2, 3, 4), (4, 3, 2, 1, 0), (2, 0, 4, 1, 3)):
+            assert np.array_equal(_median5(*values[list(order)]), expect), order
