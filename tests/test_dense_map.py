@@ -3,6 +3,7 @@ score per 8 x 8 pixels on a frame."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,3 +56,49 @@ def test_median_seconds_warms_up_once_and_waits_for_the_device_each_time():
     calls.clear()
     median_seconds(lambda: calls.append(1), 3)  # no device: nothing to wait for
     assert len(calls) == 4
+
+
+class _CentrePixel(torch.nn.Module):
+    """A stand-in with the dense network's geometry (a 51-pixel window every 8 pixels, (H - 51) // 8 + 1 outputs)
+    whose logit difference is the first channel at the window's centre pixel."""
+
+    def forward(self, x):
+        k, m = (x.shape[2] - 51) // 8 + 1, (x.shape[3] - 51) // 8 + 1
+        centre = x[:, 0, 25::8, 25::8][:, :k, :m]
+        return torch.stack([torch.zeros_like(centre), centre], dim=1)
+
+
+def test_dense_logit_map_puts_each_window_at_its_centre_pixel():
+    """benchmarks.dense_detector.dense_logit_map: the value at (i, j) belongs to the window centred at pixel
+    (4 i, 4 j), over all four phases of the 8-pixel stride and across tiles (exact, with a stand-in network of
+    the same geometry)."""
+    from benchmarks.dense_detector import GRID, dense_logit_map
+
+    frame = np.random.default_rng(3).normal(0, 1, (2, 70, 93)).astype(np.float32)
+    got = dense_logit_map(_CentrePixel(), frame, tile=16)
+    assert got.shape == (-(-70 // GRID), -(-93 // GRID))
+    np.testing.assert_array_equal(got, frame[0, ::GRID, ::GRID])
+    np.testing.assert_array_equal(dense_logit_map(_CentrePixel(), frame, tile=4096), got)
+
+
+def test_map_peaks_and_normalized_planes():
+    """Local maxima above a probability threshold on the map's grid; the shared normalisation with maps."""
+    from benchmarks.dense_detector import GRID, map_peaks, normalized_planes
+
+    logits = np.full((10, 12), -5.0, np.float32)
+    logits[2, 3] = 3.0  # p = 0.953
+    logits[2, 4] = 2.0  # a neighbour, not a peak
+    logits[7, 9] = 0.5  # p = 0.62
+    logits[0, 0] = np.nan
+    x, y, p = map_peaks(logits, 0.9)
+    assert (x.tolist(), y.tolist()) == ([3 * GRID], [2 * GRID])
+    assert p[0] == pytest.approx(1 / (1 + np.exp(-3.0)))
+    x, y, _ = map_peaks(logits, 0.6)
+    assert sorted(zip(y.tolist(), x.tolist())) == [(2 * GRID, 3 * GRID), (7 * GRID, 9 * GRID)]
+    with pytest.raises(ValueError, match="threshold"):
+        map_peaks(logits, 1.0)
+    sky = np.full((4, 4), 100.0, np.float32)
+    planes = normalized_planes(sky + 20, sky + 10, sky, sky, np.full((4, 4), 10.0, np.float32))
+    assert np.allclose(planes["search"], np.arcsinh(2.0)) and np.allclose(planes["template"], np.arcsinh(1.0))
+    bad = normalized_planes(np.full((4, 4), np.nan, np.float32), sky, sky, sky, np.ones((4, 4), np.float32))
+    assert np.all(bad["search"] == 0)
