@@ -2,32 +2,42 @@
 
 Usage (from the repository root)::
 
+    # measure: map peaks, end to end, and (with --run) added to a direct run's candidates
     python -m benchmarks.dense_detector --input MANIFEST [--run DIRECT_RUN_DIR] [--model pair-direct]
-                                        [--map-threshold 0.99] [--threads 2] [--out DIR]
+                                        [--map-threshold 0.85] [--threads 2] [--out DIR]
+    # off-peak training stamps, mined with --model, prepended with an existing set
+    python -m benchmarks.dense_detector --mine OUT.npz [--merge direct.npz] [--ccds 40] [--seed 1500]
 
-For every CCD pair of ``--input`` (a manifest with truth, e.g. the benchmark field written by
-``pipeline simulate``) the script
+Measuring, for every CCD pair of ``--input`` (a manifest with truth, e.g. the benchmark field written
+by ``pipeline simulate``), the script
 
 1. reads both exposures, masks cosmic rays and resamples the template onto the search pixels (the
    steps of the pipeline; no PSF matching, no difference image);
 2. normalises the two images as the ``shared`` scheme normalises a stamp -- each minus its smooth
    sky, both divided by the search image's sky noise, then ``asinh`` -- with per-CCD maps
-   (:func:`normalized_planes`; a stamp uses its own clipped statistics instead, so map values are
+   (:func:`classifier.dense.normalized_planes`; a stamp uses its own clipped statistics instead, so map values are
    close to, not equal to, stamp scores);
 3. slides the network over the frame in its fully convolutional form
-   (:func:`benchmarks.dense_map_cost.dense_network`) at a stride of 4 pixels: four passes at the
-   network's stride of 8, offset by 0 and 4 pixels on each axis (:func:`dense_logit_map`);
-4. takes the map's local maxima above each threshold as candidates and matches them to the truth
-   (a transient is found when a peak lies within ``--radius`` pixels: the 4-pixel grid puts a
-   peak up to 2.8 pixels from the source).
+   (:func:`classifier.dense.dense_network`) at a stride of 4 pixels: four passes at the
+   network's stride of 8, offset by 0 and 4 pixels on each axis (:func:`classifier.dense.dense_logit_map`);
+4. takes the map's local maxima, refined to a fraction of the grid (:func:`classifier.dense.map_peaks`), as
+   candidates: scored by the map itself ("map peaks"), and, for the peaks at or above
+   ``--map-threshold``, by the network on stamps cut there as the pipeline cuts them ("end to
+   end": the candidates a dense direct mode would write).
 
-It also scores a stamp centred on every transient's true position (the pipeline's stamps and
-scorer): what the network says when it is shown the right place, an upper bound on any detector
-that uses it.  With ``--run`` (a ``pipeline run --mode direct`` of the same manifest) it adds the
-map's peaks above ``--map-threshold`` that are more than 3 pixels from every candidate of that run,
-each moved to the best-scoring of the 5 x 5 stamp positions around it, and reports found
-transients and false positives per CCD of the run alone and of the union, with the pipeline's truth
-matching.  Writes ``report.json`` and ``report.md`` in ``--out`` (atomically) and prints the tables.
+Every count uses the pipeline's truth matching (:func:`pipeline.truth.match_truth`).  It also
+scores a stamp centred on every transient's true position: what the network says when it is shown
+the right place, an upper bound on any detector that uses it.  With ``--run`` (a ``pipeline run
+--mode direct`` of the same manifest) it adds the end-to-end candidates more than 3 pixels from
+every candidate of that run and counts the union.  Writes ``report.json`` and ``report.md`` in
+``--out`` (atomically) and prints the tables.
+
+``--mine`` makes the training stamps such a detector needs and the direct stream lacks (its stamps
+are all centred on search-image peaks), from ``--ccds`` simulated CCDs: every transient moved by up
+to 2 px (real); the ``--model``'s own map peaks >= 0.5 more than 5 px from any transient (the 100
+best and 50 of the rest per CCD) and random points 3-12 px from stars, galaxies and variables
+brighter than mag 22 (bogus).  The last ``--val-ccds`` CCDs go to the ``val`` split, the others to
+``train``.  Train on it with ``pipeline train --model pair --data OUT.npz``.
 """
 
 from __future__ import annotations
@@ -41,129 +51,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.dense_map_cost import STRIDE, dense_network  # noqa: E402
+from classifier.dense import GRID, WINDOW, dense_logit_map, dense_network, map_peaks, normalized_planes  # noqa: E402
 
-__all__ = ["GRID", "normalized_planes", "dense_logit_map", "map_peaks", "main"]
+__all__ = ["main"]
 
-#: Spacing in pixels of the map :func:`dense_logit_map` returns (two phases per axis of the network's stride).
-GRID = STRIDE // 2
-#: Side of the network's window: a stamp.
-_WINDOW = 51
-
-
-def normalized_planes(search: np.ndarray, template: np.ndarray, search_background: np.ndarray,
-                      template_background: np.ndarray, search_noise: np.ndarray) -> dict[str, np.ndarray]:
-    """The ``shared`` normalisation of :mod:`classifier.normalize` with per-pixel maps instead of per-stamp values.
-
-    Parameters
-    ----------
-    search, template : ndarray (ny, nx)
-        The search image and the template resampled onto its pixels and scaled to its zero point.
-    search_background, template_background : ndarray (ny, nx)
-        Smooth sky of each.
-    search_noise : ndarray (ny, nx)
-        Sky noise of the search image (standard deviation, > 0).
-
-    Returns
-    -------
-    dict
-        ``{"template": ..., "search": ...}``: ``asinh((image - sky) / noise)``, float32, non-finite pixels 0.
-    """
-    out = {}
-    for name, image, sky in (("template", template, template_background), ("search", search, search_background)):
-        plane = np.arcsinh((np.asarray(image, np.float32) - sky) / search_noise).astype(np.float32)
-        out[name] = np.where(np.isfinite(plane), plane, np.float32(0))
-    return out
-
-
-def dense_logit_map(net: torch.nn.Module, frame: np.ndarray, tile: int = 512) -> np.ndarray:
-    """Logit of "real" of a stamp centred on every :data:`GRID`-th pixel of ``frame``.
-
-    Parameters
-    ----------
-    net : torch.nn.Module
-        :func:`benchmarks.dense_map_cost.dense_network` of a stamp network (output stride 8).
-    frame : ndarray (C, ny, nx)
-        Normalised planes in the network's channel order; zero beyond the frame (as a stamp's padding).
-    tile : int
-        Output pixels per tile side (a multiple of 8); bounds the memory of one pass.  A window on a tile's
-        edge sees zeros where its neighbours in the frame hold data (its layers pad with zeros, as on a stamp),
-        so tiles change those windows' values slightly (by ~0.01 in logit with random weights).
-
-    Returns
-    -------
-    ndarray (ceil(ny / GRID), ceil(nx / GRID)) float32
-        ``out[i, j]`` is the logit difference (real minus bogus) of the window centred at pixel
-        ``(GRID * i, GRID * j)``.
-    """
-    c, ny, nx = frame.shape
-    half = _WINDOW // 2
-    padded = np.pad(np.asarray(frame, np.float32), ((0, 0), (half, half + STRIDE), (half, half + STRIDE)))
-    out = np.full((-(-ny // GRID), -(-nx // GRID)), np.nan, np.float32)
-    step = max(1, tile // STRIDE)
-    with torch.inference_mode():
-        for py in range(0, STRIDE, GRID):
-            for px in range(0, STRIDE, GRID):
-                phase = torch.from_numpy(np.ascontiguousarray(padded[:, py:, px:]))[None]
-                phase = phase.to(memory_format=torch.channels_last)
-                n_y, n_x = -(-(ny - py) // STRIDE), -(-(nx - px) // STRIDE)
-                cells = np.empty((n_y, n_x), np.float32)
-                for y0 in range(0, n_y, step):
-                    for x0 in range(0, n_x, step):
-                        y1, x1 = min(y0 + step, n_y), min(x0 + step, n_x)
-                        # window of output cell i starts at 8 i in this phase and spans 51 pixels
-                        rows = slice(STRIDE * y0, STRIDE * (y1 - 1) + _WINDOW)
-                        win = phase[:, :, rows, STRIDE * x0:STRIDE * (x1 - 1) + _WINDOW]
-                        logits = net(win)[0]
-                        cells[y0:y1, x0:x1] = (logits[1] - logits[0]).numpy()[: y1 - y0, : x1 - x0]
-                out[py // GRID::STRIDE // GRID, px // GRID::STRIDE // GRID] = cells
-    return out
-
-
-def map_peaks(logits: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Local maxima (3 x 3 on the map's grid) of a :func:`dense_logit_map` whose score is >= ``threshold``.
-
-    Returns pixel ``x``, ``y`` (multiples of :data:`GRID`) and the score (probability of "real").
-    """
-    if not 0 < threshold < 1:
-        raise ValueError(f"map_peaks: threshold must lie in (0, 1), got {threshold}")
-    cut = np.log(threshold / (1 - threshold))
-    finite = np.where(np.isfinite(logits), logits, -np.inf)
-    peak = (finite == ndimage.maximum_filter(finite, 3, mode="constant", cval=-np.inf)) & (finite >= cut)
-    iy, ix = np.nonzero(peak)
-    return (ix * GRID).astype(float), (iy * GRID).astype(float), 1.0 / (1.0 + np.exp(-finite[iy, ix].astype(float)))
-
-
-def _found_and_fp(x, y, truth, radius: float) -> tuple[set, collections.Counter]:
-    """Transient ids with a point within ``radius`` and the kinds of the nearest object of the other points."""
-    tt = truth[(truth["kind"] == "transient") & ~truth["flagged"]]
-    found, fp = set(), collections.Counter()
-    if len(x) == 0:
-        return found, fp
-    tx, ty = np.asarray(tt["x"], float), np.asarray(tt["y"], float)
-    d = np.hypot(x[None] - tx[:, None], y[None] - ty[:, None]) if len(tt) else np.full((0, len(x)), np.inf)
-    found = {int(i) for i, row in zip(tt["id"], d) if row.min() <= radius}
-    matched = d.min(axis=0) <= radius if len(tt) else np.zeros(len(x), bool)
-    others = truth[truth["kind"] != "transient"]
-    ox, oy = np.asarray(others["x"], float), np.asarray(others["y"], float)
-    for k in np.nonzero(~matched)[0]:
-        dist = np.hypot(ox - x[k], oy - y[k])
-        j = int(np.argmin(dist)) if dist.size else -1
-        fp[str(others["kind"][j]) if j >= 0 and dist[j] <= radius else "unmatched"] += 1
-    return found, fp
-
-
-def _run_counts(table, thresholds) -> list[dict]:
-    """Found transients and false positives per CCD of a candidate table with the pipeline's truth columns."""
+def _counts(table, thresholds, column: str = "score") -> list[dict]:
+    """Found transients and false positives per CCD of a candidate table with the pipeline's truth columns
+    (``match_truth``: a transient is found by the nearest candidate within the match radius)."""
     n_ccd = max(1, len(set(table["ccd"])))
     rows = []
     for thr in thresholds:
-        sel = np.asarray(table["score"]) >= thr
+        sel = np.asarray(table[column]) >= thr
         real = sel & (np.asarray(table["truth_kind"]) == "transient")
         found = len(set(zip(np.asarray(table["ccd"])[real], np.asarray(table["truth_id"])[real])))
         fp = sel & ~real
@@ -173,37 +74,134 @@ def _run_counts(table, thresholds) -> list[dict]:
     return rows
 
 
+def _map_of_pair(pair, net, channels, config, steps):
+    """Resample the template onto the search pixels, normalise both and compute the dense map."""
+    from pipeline.detect.background import estimate_background
+
+    aligned = steps.align(pair, config)
+    s = pair.search
+    template = steps._calibrate(aligned.template.image, steps._zp_scale(s, pair.template))
+    noise = np.sqrt(np.maximum(estimate_background(s.variance, s.mask), np.float32(1e-12)))
+    planes = normalized_planes(s.image, template, estimate_background(s.image, s.mask),
+                               estimate_background(template, aligned.template.mask), noise)
+    return dense_logit_map(net, np.stack([planes[c] for c in channels]))
+
+
+def _inside(x, y, shape, margin: int = WINDOW // 2 + 1):
+    return (x >= margin) & (x < shape[1] - margin) & (y >= margin) & (y < shape[0] - margin)
+
+
+def _mine(args, scorer, net, config) -> int:
+    """``--mine``: off-peak training stamps from simulated CCDs (see the module notes)."""
+    from astropy.table import Table
+
+    from classifier.data import StampSet
+    from pipeline import steps
+    from pipeline.simulate import SimulationConfig, ccd_name, simulate_pair
+
+    base = SimulationConfig()
+    shape = tuple(int(v) for v in args.shape.lower().split("x"))
+    sim_config = dataclasses.replace(base, shape=shape, transient_density=base.transient_density * args.density_factor)
+    sets = []
+    for k in range(args.ccds):
+        t0 = time.perf_counter()
+        name = f"s{args.seed}-{ccd_name(k)}"
+        sim = simulate_pair(sim_config, args.seed, k)
+        pair, _ = steps.mask_cosmics(steps.LoadedPair(name, sim.search, sim.template, sim.truth), config)
+        rng = np.random.default_rng([args.seed, k, 11])
+        logits = _map_of_pair(pair, net, scorer.spec.channels, config, steps)
+        truth, shape_k = sim.truth, pair.search.shape
+        tt = truth[(truth["kind"] == "transient") & ~truth["flagged"]]
+        tx, ty = np.asarray(tt["x"], float), np.asarray(tt["y"], float)
+
+        def away(x, y, tx=tx, ty=ty, r=5.0):  # farther than r px from every transient
+            if not tx.size:
+                return np.ones(x.size, bool)
+            return np.hypot(x[:, None] - tx[None], y[:, None] - ty[None]).min(axis=1) > r
+
+        # real: the transients, each moved by up to 2 px on each axis (the map's grid puts a window up to 2.8 px off)
+        rx, ry = np.rint(tx + rng.uniform(-2, 2, tx.size)), np.rint(ty + rng.uniform(-2, 2, ty.size))
+        keep = _inside(rx, ry, shape_k)
+        rx, ry, rid = rx[keep], ry[keep], np.asarray(tt["id"])[keep]
+        # bogus: the mining model's map peaks >= 0.5 away from transients (the 100 best, 50 of the rest at random)
+        mx, my, mp = map_peaks(logits, 0.5, refine=False)
+        keep = _inside(mx, my, shape_k) & away(mx, my)
+        mx, my, mp = mx[keep], my[keep], mp[keep]
+        order = np.argsort(-mp, kind="stable")
+        rest = order[100:]
+        pick = np.concatenate([order[:100], rng.choice(rest, min(50, rest.size), replace=False)])
+        mx, my = mx[pick], my[pick]
+        # bogus: the flanks of stars, galaxies and variables brighter than mag 22, 3-12 px from their centres
+        src = truth[np.isin(truth["kind"], ["star", "galaxy", "variable"]) & (truth["mag"] < 22)]
+        j = rng.choice(len(src), min(150, len(src)), replace=False) if len(src) else np.zeros(0, int)
+        r, angle = rng.uniform(3, 12, j.size), rng.uniform(0, 2 * np.pi, j.size)
+        fx = np.rint(np.asarray(src["x"], float)[j] + r * np.cos(angle))
+        fy = np.rint(np.asarray(src["y"], float)[j] + r * np.sin(angle))
+        keep = _inside(fx, fy, shape_k) & away(fx, fy)
+        fx, fy, fkind = fx[keep], fy[keep], np.char.add("flank_", np.asarray(src["kind"])[j][keep].astype(str))
+        x, y = np.concatenate([rx, mx, fx]), np.concatenate([ry, my, fy])
+        labels = np.concatenate([np.ones(rx.size), np.zeros(mx.size + fx.size)]).astype(np.int8)
+        kind = np.concatenate([np.full(rx.size, "transient"), np.full(mx.size, "map_peak"), fkind])
+        stamps = steps.cut_pairs(Table({"x": x, "y": y}), pair, config)
+        split = "val" if k >= args.ccds - args.val_ccds else "train"
+        meta = {"ccd": np.full(x.size, name), "x": x, "y": y, "kind": kind, "split": np.full(x.size, split),
+                "truth_id": np.concatenate([rid, np.full(mx.size + fx.size, -1)])}
+        sets.append(StampSet(stamps.data, labels, meta, stamps.channels,
+                             {"stream": "direct", "source": "simulated", "simulation_seeds": [int(args.seed)],
+                              "offpeak": {"model": str(args.model), "ccds": args.ccds, "shape": list(shape),
+                                          "density_factor": args.density_factor, "val_ccds": args.val_ccds}}))
+        print(f"{name}: {rx.size} real, {mx.size} map peaks, {fx.size} flanks ({time.perf_counter() - t0:.1f} s)",
+              flush=True)
+    mined = StampSet.concatenate(sets)
+    if args.merge:
+        mined = StampSet.concatenate([StampSet.load(args.merge), mined])
+        mined.attrs["stream"] = "direct"
+    mined.save(args.mine)
+    print(f"{len(mined)} stamps ({int(mined.labels.sum())} real) -> {args.mine}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--input", required=True, help="manifest of CCD pairs with truth")
+    ap.add_argument("--input", help="manifest of CCD pairs with truth (the measurement)")
     ap.add_argument("--run", default=None, help="a direct-mode run of the same manifest: its candidates + the map's")
-    ap.add_argument("--model", default="pair-direct", help="a shipped two-image StampNet (default pair-direct)")
-    ap.add_argument("--thresholds", default="0.5,0.85,0.95,0.99", help="score thresholds, comma-separated")
-    ap.add_argument("--map-threshold", type=float, default=0.99, help="map peaks added to --run's (default 0.99)")
-    ap.add_argument("--radius", type=float, default=4.0, help="map peak to transient match radius, px (default 4)")
+    ap.add_argument("--model", default="pair-direct", help="a two-image StampNet: shipped name or weights file")
+    ap.add_argument("--thresholds", default="0.5,0.7,0.85,0.95", help="score thresholds, comma-separated")
+    ap.add_argument("--map-threshold", type=float, default=0.85,
+                    help="map peaks scored on stamps (end to end) or added to --run's (default 0.85)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--out", default=None, help="folder for report.json and report.md")
+    ap.add_argument("--mine", default=None, help="instead: write off-peak training stamps to this .npz")
+    ap.add_argument("--merge", default=None, help="--mine: a stamp set to prepend (e.g. the direct-stream set)")
+    ap.add_argument("--ccds", type=int, default=40, help="--mine: simulated CCDs (default 40)")
+    ap.add_argument("--seed", type=int, default=1500, help="--mine: simulation seed (default 1500)")
+    ap.add_argument("--shape", default="2048x2048", help="--mine: CCD shape (default 2048x2048)")
+    ap.add_argument("--density-factor", type=float, default=12.0, help="--mine: transient density factor (12)")
+    ap.add_argument("--val-ccds", type=int, default=5, help="--mine: last CCDs in the val split (default 5)")
     args = ap.parse_args(argv)
+    if (args.input is None) == (args.mine is None):
+        ap.error("give --input (measure) or --mine (make training stamps)")
 
     from astropy.table import Table, vstack
 
     from classifier.infer import Scorer, preset_weights, torch_threads
     from pipeline import steps
     from pipeline.config import RunConfig
-    from pipeline.detect.background import estimate_background
     from pipeline.io import atomic_path, read_manifest
     from pipeline.truth import match_truth
 
     thresholds = [float(v) for v in args.thresholds.split(",") if v]
     config = dataclasses.replace(RunConfig(), mode="direct", model_direct=args.model, torch_threads=args.threads)
-    entries = read_manifest(args.input)
-    run = Table.read(Path(args.run) / "candidates.parquet") if args.run else None
-    per_thr = {thr: {"found": set(), "fp": collections.Counter()} for thr in thresholds}
-    true_scores, added, timings = [], [], []
-    n_transients = 0
+    keep = ["ccd", "x", "y", "score", "truth_kind", "truth_id"]
     with torch_threads(args.threads):
         scorer = Scorer(preset_weights(args.model, "")[0], device="cpu", threads=args.threads)
         net = dense_network(scorer.net)
+        if args.mine:
+            return _mine(args, scorer, net, config)
+        entries = read_manifest(args.input)
+        run = Table.read(Path(args.run) / "candidates.parquet") if args.run else None
+        maps_alone, end_to_end, added, true_scores, timings = [], [], [], [], []
+        n_transients = 0
         for entry in entries:
             pair = steps.load_pair(entry)
             if pair.truth is None:
@@ -211,59 +209,62 @@ def main(argv=None) -> int:
                 return 2
             pair, _ = steps.mask_cosmics(pair, config)
             t0 = time.perf_counter()
-            aligned = steps.align(pair, config)
-            s = pair.search
-            template = steps._calibrate(aligned.template.image, steps._zp_scale(s, pair.template))
-            noise = np.sqrt(np.maximum(estimate_background(s.variance, s.mask), np.float32(1e-12)))
-            planes = normalized_planes(s.image, template, estimate_background(s.image, s.mask),
-                                       estimate_background(template, aligned.template.mask), noise)
+            logits = _map_of_pair(pair, net, scorer.spec.channels, config, steps)
             t1 = time.perf_counter()
-            logits = dense_logit_map(net, np.stack([planes[c] for c in scorer.spec.channels]))
-            t2 = time.perf_counter()
-            timings.append({"ccd": entry.ccd, "prepare_s": t1 - t0, "map_s": t2 - t1})
-            truth = pair.truth
-            for thr in thresholds:
-                x, y, _ = map_peaks(logits, thr)
-                found, fp = _found_and_fp(x, y, truth, args.radius)
-                per_thr[thr]["found"] |= {(entry.ccd, i) for i in found}
-                per_thr[thr]["fp"].update(fp)
-            tt = truth[(truth["kind"] == "transient") & ~truth["flagged"]]
+            shape = pair.search.shape
+            x, y, p = map_peaks(logits, min(min(thresholds), args.map_threshold))
+            inside = _inside(x, y, shape)
+            peaks = match_truth(Table({"x": x[inside], "y": y[inside], "score": p[inside]}), pair.truth)
+            peaks["ccd"] = entry.ccd
+            maps_alone.append(peaks[keep])
+            cands = peaks[peaks["score"] >= args.map_threshold]
+            cands = Table({"x": cands["x"], "y": cands["y"]})
+            cands["score"] = steps.score_stamps(steps.cut_pairs(cands, pair, config), config) if len(cands) else []
+            cands = match_truth(cands, pair.truth)
+            cands["ccd"] = entry.ccd
+            end_to_end.append(cands[keep])
+            timings.append({"ccd": entry.ccd, "map_s": t1 - t0, "stamps_s": time.perf_counter() - t1})
+            tt = pair.truth[(pair.truth["kind"] == "transient") & ~pair.truth["flagged"]]
             n_transients += len(tt)
             if len(tt):
                 stamps = steps.cut_pairs(Table({"x": np.asarray(tt["x"], float), "y": np.asarray(tt["y"], float)}),
                                          pair, config)
                 true_scores += steps.score_stamps(stamps, config).tolist()
             if run is not None:
-                added.append(_added_candidates(run, entry.ccd, logits, pair, config, args.map_threshold,
-                                               steps, match_truth))
-            print(f"{entry.ccd}: prepare {t1 - t0:.2f} s, map {t2 - t1:.2f} s", flush=True)
+                mine = run[run["ccd"] == entry.ccd]
+                far = np.ones(len(cands), bool)
+                if len(cands) and len(mine):
+                    d = np.hypot(np.asarray(cands["x"])[None] - np.asarray(mine["x"], float)[:, None],
+                                 np.asarray(cands["y"])[None] - np.asarray(mine["y"], float)[:, None])
+                    far = d.min(axis=0) > 3
+                added.append(cands[far])
+            print(f"{entry.ccd}: map {t1 - t0:.2f} s (resampling and normalisation included), "
+                  f"{len(cands)} candidates", flush=True)
     n_ccd = len(entries)
-    report = {"model": args.model, "input": str(args.input), "ccds": n_ccd, "transients": n_transients,
-              "grid_px": GRID, "radius_px": args.radius, "threads": args.threads, "timings": timings,
-              "map_alone": [{"threshold": thr, "found": len(v["found"]), "fp_per_ccd": sum(v["fp"].values()) / n_ccd,
-                             "fp_by_kind_per_ccd": {k: c / n_ccd for k, c in v["fp"].most_common()}}
-                            for thr, v in per_thr.items()],
-              "true_position_scores": {str(thr): int(np.sum(np.asarray(true_scores) >= thr)) for thr in thresholds}}
+    report = {"model": str(args.model), "input": str(args.input), "ccds": n_ccd, "transients": n_transients,
+              "grid_px": GRID, "map_threshold": args.map_threshold, "threads": args.threads, "timings": timings,
+              "true_position_scores": {str(t): int(np.sum(np.asarray(true_scores) >= t)) for t in thresholds},
+              "map_alone": _counts(vstack(maps_alone), thresholds),
+              "end_to_end": _counts(vstack(end_to_end), thresholds),
+              "candidates_per_ccd": sum(len(t) for t in end_to_end) / n_ccd}
     lines = [f"# The two-image CNN as a dense detector: {args.model}, {n_ccd} CCDs, {n_transients} transients", "",
-             f"Map on a {GRID}-pixel grid; median seconds per CCD: resampling + normalisation "
-             f"{np.median([t['prepare_s'] for t in timings]):.2f}, map {np.median([t['map_s'] for t in timings]):.2f} "
-             f"({args.threads} threads).", "",
-             "| threshold | stamps at the true positions >= threshold | map peaks: transients found "
-             f"(<= {args.radius:g} px) | map peaks: false positives per CCD (by nearest object) |", "|---|---|---|---|"]
-    for row in report["map_alone"]:
-        kinds = ", ".join(f"{k} {v:.2f}" for k, v in row["fp_by_kind_per_ccd"].items())
-        lines.append(f"| {row['threshold']:g} | {report['true_position_scores'][str(row['threshold'])]} | "
-                     f"{row['found']} | {row['fp_per_ccd']:.2f} ({kinds}) |")
+             f"Map on a {GRID}-pixel grid, peaks refined to the parabola's vertex; median seconds per CCD for the "
+             f"map (template resampling and normalisation included): "
+             f"{np.median([t['map_s'] for t in timings]):.2f} ({args.threads} threads). End to end: the map's peaks "
+             f">= {args.map_threshold:g} ({report['candidates_per_ccd']:.1f} per CCD) scored on stamps. Found: a "
+             "transient matched by the pipeline's truth matching; FP: every other candidate at or above the threshold.",
+             "", "| threshold | stamps at the true positions | map peaks: found | map peaks: FP per CCD | "
+             "end to end: found | end to end: FP per CCD (by kind) |", "|---|---|---|---|---|---|"]
+    for a, b in zip(report["map_alone"], report["end_to_end"]):
+        kinds = ", ".join(f"{k} {v:.2f}" for k, v in b["fp_by_kind_per_ccd"].items())
+        lines.append(f"| {a['threshold']:g} | {report['true_position_scores'][str(a['threshold'])]} | {a['found']} | "
+                     f"{a['fp_per_ccd']:.2f} | {b['found']} | {b['fp_per_ccd']:.2f} ({kinds}) |")
     if run is not None:
-        keep = ["ccd", "x", "y", "score", "truth_kind", "truth_id"]
-        extra = vstack([a for a in added if len(a)]) if any(len(a) for a in added) else None
-        union = vstack([run[keep], extra[keep]]) if extra is not None else run[keep]
-        report["run"] = {"dir": str(args.run), "map_threshold": args.map_threshold,
-                         "added_per_ccd": sum(len(a) for a in added) / n_ccd,
-                         "run_alone": _run_counts(run, thresholds), "run_plus_map": _run_counts(union, thresholds)}
-        lines += ["", f"Candidates of {args.run}, and with the map's peaks >= {args.map_threshold:g} added "
-                  f"({report['run']['added_per_ccd']:.2f} per CCD; found = a candidate within the pipeline's "
-                  "match radius of a transient):", "",
+        union = vstack([run[keep]] + [a for a in added if len(a)])
+        report["run"] = {"dir": str(args.run), "added_per_ccd": sum(len(a) for a in added) / n_ccd,
+                         "run_alone": _counts(run, thresholds), "run_plus_map": _counts(union, thresholds)}
+        lines += ["", f"Candidates of {args.run} (scores as in the run), and with the end-to-end candidates more "
+                  f"than 3 px from them added ({report['run']['added_per_ccd']:.2f} per CCD):", "",
                   "| threshold | run: found | run: FP per CCD | run + map: found | run + map: FP per CCD |",
                   "|---|---|---|---|---|"]
         for a, b in zip(report["run"]["run_alone"], report["run"]["run_plus_map"]):
@@ -279,36 +280,6 @@ def main(argv=None) -> int:
         with atomic_path(out / "report.md") as tmp:
             Path(tmp).write_text(text)
     return 0
-
-
-def _added_candidates(run, ccd, logits, pair, config, map_threshold, steps, match_truth):
-    """The map's peaks >= ``map_threshold`` more than 3 px from every candidate of ``run`` on ``ccd``, each at
-    the best-scoring stamp position of the 5 x 5 pixels around it, with the pipeline's truth matching."""
-    from astropy.table import Table
-
-    x, y, _ = map_peaks(logits, map_threshold)
-    cand = run[run["ccd"] == ccd]
-    if len(x) and len(cand):
-        d = np.hypot(x[None] - np.asarray(cand["x"], float)[:, None], y[None] - np.asarray(cand["y"], float)[:, None])
-        x, y = x[d.min(axis=0) > 3], y[d.min(axis=0) > 3]
-    ny, nx = pair.search.shape
-    half = _WINDOW // 2
-    inside = (x >= half) & (x < nx - half) & (y >= half) & (y < ny - half)
-    x, y = x[inside], y[inside]
-    if x.size == 0:
-        return Table(names=["ccd", "x", "y", "score", "truth_kind", "truth_id"],
-                     dtype=["U16", float, float, float, "U16", np.int64])
-    offsets = np.arange(-2, 3, dtype=float)
-    gx = np.broadcast_to(x[:, None, None] + offsets[None, None, :], (x.size, 5, 5)).ravel()
-    gy = np.broadcast_to(y[:, None, None] + offsets[None, :, None], (x.size, 5, 5)).ravel()
-    scores = steps.score_stamps(steps.cut_pairs(Table({"x": gx, "y": gy}), pair, config), config).reshape(x.size, -1)
-    best = scores.argmax(axis=1)
-    rows = np.arange(x.size)
-    table = Table({"x": gx.reshape(x.size, -1)[rows, best], "y": gy.reshape(x.size, -1)[rows, best],
-                   "score": scores[rows, best]})
-    table = match_truth(table, pair.truth)
-    table["ccd"] = ccd
-    return table
 
 
 if __name__ == "__main__":

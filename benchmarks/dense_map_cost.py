@@ -39,34 +39,16 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.metrics import median_seconds  # noqa: E402
+from classifier.dense import STRIDE, dense_network  # noqa: E402
 from classifier.infer import Scorer, preset_weights, torch_threads  # noqa: E402
 from classifier.models import StampNet  # noqa: E402
 from pipeline.io import atomic_path  # noqa: E402
 
-__all__ = ["dense_network", "dense_map", "main"]
+__all__ = ["dense_map", "main"]
 
-#: Output stride of the dense map: three 2 x 2 poolings.
-STRIDE = 8
 #: The halo of each tile: half the network's 51-pixel window (25) rounded down to a multiple of the stride, so that
 #: tiles start on the output grid (the outermost column of context is cut at tile edges: a cost measurement).
 HALO = 24
-
-
-def dense_network(model: StampNet) -> nn.Sequential:
-    """``model`` as a fully convolutional network: features, the head's ``Linear(64 * 36, 64)`` as a
-    6 x 6 convolution and its ``Linear(64, 2)`` as a 1 x 1 convolution (dropout is the identity in
-    eval mode).  A 51 x 51 input gives a 1 x 1 map with the stamp's logits."""
-    if not isinstance(model, StampNet):
-        raise TypeError(f"dense_network: needs a StampNet (our triplet / pair), got {type(model).__name__}")
-    first, second = model.head[2], model.head[5]
-    channels = first.in_features // 36
-    head = nn.Conv2d(channels, first.out_features, 6)
-    head.weight.data = first.weight.data.reshape(first.out_features, channels, 6, 6).clone()
-    head.bias.data = first.bias.data.clone()
-    out = nn.Conv2d(second.in_features, second.out_features, 1)
-    out.weight.data = second.weight.data.reshape(second.out_features, second.in_features, 1, 1).clone()
-    out.bias.data = second.bias.data.clone()
-    return nn.Sequential(model.features, head, nn.ReLU(), out).eval()
 
 
 def dense_map(net: nn.Sequential, frame: torch.Tensor, tile: int = 512) -> list[torch.Tensor]:

@@ -269,7 +269,8 @@ class RunConfig:
     device : str
         ``"cpu"`` or ``"gpu"`` (CuPy for the DIA, CUDA for the CNN).
     model_dia, model_direct : str
-        Shipped model name (``classifier/weights/<name>.pt``) or a path, per mode.
+        Shipped model name (``classifier/weights/<name>.pt``) or a path, per mode (:attr:`model`:
+        ``"pair-direct"`` means ``"pair-dense"`` with ``direct.selection = "dense"``).
     instrument : str
         Instrument preset whose shipped weights a shipped model name stands for (``"decam"``,
         ``"ztf"``, ``"lsst"``; :func:`classifier.infer.preset_weights`: ``"triplet"`` becomes
@@ -365,8 +366,14 @@ class RunConfig:
 
     @property
     def model(self) -> str:
-        """The model used by this run's mode."""
-        return self.model_dia if self.mode == "dia" else self.model_direct
+        """The model used by this run's mode.  With ``direct.selection = "dense"`` the direct default
+        ``"pair-direct"`` (trained on stamps centred on search peaks only) stands for ``"pair-dense"``, trained
+        for the dense score map as well (off-peak stamps); any other ``model_direct`` is used as given."""
+        if self.mode == "dia":
+            return self.model_dia
+        if self.direct.selection == "dense" and self.model_direct == "pair-direct":
+            return "pair-dense"
+        return self.model_direct
 
 
 # ----------------------------------------------------------------------------- device names

@@ -50,6 +50,7 @@ __all__ = [
     "LoadedPair",
     "load_pair",
     "mask_cosmics",
+    "dense_positions",
     "ensure_fwhm",
     "align",
     "difference_image",
@@ -244,8 +245,48 @@ def cut_triplets(candidates: Table, aligned: AlignedPair, diff, size: int = STAM
 
 def detect_without_difference(pair: LoadedPair, config: RunConfig) -> CandidateTable:
     """Direct-mode detection: search peaks (all of them, or those that brightened in forced photometry of
-    both images: ``config.direct.selection``), with the forced measurement of their change."""
-    return detect_direct(pair.search, pair.template, config.direct, ccd=pair.ccd)
+    both images) or the peaks of the CNN's dense score map (:func:`dense_positions`), as
+    ``config.direct.selection`` says, with the forced measurement of their change."""
+    positions = dense_positions(pair, config) if config.direct.selection == "dense" else None
+    return detect_direct(pair.search, pair.template, config.direct, ccd=pair.ccd, positions=positions)
+
+
+@functools.lru_cache(maxsize=4)
+def _dense_network(model: str, device: str, threads: int, batch_size: int, instrument: str = ""):
+    """The direct model's fully convolutional form and its channels, built once per worker (as the scorer)."""
+    from classifier.dense import dense_network
+    from classifier.models import StampNet
+
+    scorer = get_scorer(model, device, threads, batch_size, instrument)
+    if not isinstance(scorer.net, StampNet) or scorer.spec.channels != ("template", "search"):
+        raise ValueError(f"direct.selection = 'dense' needs a two-image StampNet (our 'pair' models, e.g. "
+                         f"'pair-dense'); model {model!r} is {scorer.spec.name!r}")
+    return dense_network(scorer.net), scorer.spec.channels, scorer.threads
+
+
+def dense_positions(pair: LoadedPair, config: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidates of ``selection = "dense"``: peaks >= ``config.direct.map_threshold`` of the direct model's
+    score map over the pair (:mod:`classifier.dense`), refined below its 4-pixel grid.
+
+    The template is resampled onto the search pixels and put on its zero point; both images less their smooth
+    sky, over the search's sky noise, through ``asinh`` (the ``shared`` normalisation, per pixel); no PSF
+    matching, no difference image.  Returns search-image ``x``, ``y`` and the map scores.
+    """
+    from classifier.dense import dense_logit_map, map_peaks, normalized_planes
+    from classifier.infer import torch_threads
+
+    net, channels, threads = _dense_network(config.model, config.device, config.torch_threads, config.batch_size,
+                                            config.instrument)
+    aligned = align(pair, config)
+    s = pair.search
+    template = _calibrate(aligned.template.image, _zp_scale(s, pair.template))
+    noise = np.sqrt(np.maximum(estimate_background(s.variance, s.mask), np.float32(1e-12)))
+    planes = normalized_planes(s.image, template, estimate_background(s.image, s.mask),
+                               estimate_background(template, aligned.template.mask), noise)
+    del aligned, template, noise
+    with torch_threads(threads):
+        logits = dense_logit_map(net, np.stack([planes[c] for c in channels]))
+    return map_peaks(logits, config.direct.map_threshold)
 
 
 #: :func:`cut_pairs` resamples the whole template once (:func:`pipeline.align.align_pair`, two separable

@@ -1,5 +1,5 @@
-"""The dense form of our stamp network (``benchmarks.dense_map_cost``): the same logits on a stamp, one
-score per 8 x 8 pixels on a frame."""
+"""The dense form of our stamp network (``classifier.dense``; ``benchmarks.dense_map_cost`` times it): the same
+logits on a stamp, one score per 8 x 8 pixels on a frame, its peaks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.dense_map_cost import HALO, STRIDE, dense_map, dense_network
+from benchmarks.dense_map_cost import HALO, dense_map
+from classifier.dense import STRIDE, dense_network
 from classifier.models import build_model
 
 
@@ -69,10 +70,10 @@ class _CentrePixel(torch.nn.Module):
 
 
 def test_dense_logit_map_puts_each_window_at_its_centre_pixel():
-    """benchmarks.dense_detector.dense_logit_map: the value at (i, j) belongs to the window centred at pixel
+    """classifier.dense.dense_logit_map: the value at (i, j) belongs to the window centred at pixel
     (4 i, 4 j), over all four phases of the 8-pixel stride and across tiles (exact, with a stand-in network of
     the same geometry)."""
-    from benchmarks.dense_detector import GRID, dense_logit_map
+    from classifier.dense import GRID, dense_logit_map
 
     frame = np.random.default_rng(3).normal(0, 1, (2, 70, 93)).astype(np.float32)
     got = dense_logit_map(_CentrePixel(), frame, tile=16)
@@ -83,18 +84,20 @@ def test_dense_logit_map_puts_each_window_at_its_centre_pixel():
 
 def test_map_peaks_and_normalized_planes():
     """Local maxima above a probability threshold on the map's grid; the shared normalisation with maps."""
-    from benchmarks.dense_detector import GRID, map_peaks, normalized_planes
+    from classifier.dense import GRID, map_peaks, normalized_planes
 
     logits = np.full((10, 12), -5.0, np.float32)
-    logits[2, 3] = 3.0  # p = 0.953
-    logits[2, 4] = 2.0  # a neighbour, not a peak
-    logits[7, 9] = 0.5  # p = 0.62
+    yy, xx = np.mgrid[1:4, 2:5]
+    logits[1:4, 2:5] = 3.0 - (yy - 2.25) ** 2 - (xx - 3.4) ** 2  # a peak at (2, 3), the vertex at (2.25, 3.4)
+    logits[7, 9] = 0.5  # p = 0.62, an isolated peak: equal neighbours, it stays on the grid
     logits[0, 0] = np.nan
-    x, y, p = map_peaks(logits, 0.9)
+    x, y, p = map_peaks(logits, 0.9, refine=False)
     assert (x.tolist(), y.tolist()) == ([3 * GRID], [2 * GRID])
-    assert p[0] == pytest.approx(1 / (1 + np.exp(-3.0)))
+    assert p[0] == pytest.approx(1 / (1 + np.exp(-logits[2, 3])))
+    x, y, _ = map_peaks(logits, 0.9)  # the vertex of the parabola through the peak and its neighbours, per axis
+    assert x[0] == pytest.approx(3.4 * GRID, abs=1e-4) and y[0] == pytest.approx(2.25 * GRID, abs=1e-4)
     x, y, _ = map_peaks(logits, 0.6)
-    assert sorted(zip(y.tolist(), x.tolist())) == [(2 * GRID, 3 * GRID), (7 * GRID, 9 * GRID)]
+    assert sorted(zip(y.tolist(), x.tolist()))[1] == (7 * GRID, 9 * GRID)
     with pytest.raises(ValueError, match="threshold"):
         map_peaks(logits, 1.0)
     sky = np.full((4, 4), 100.0, np.float32)
@@ -102,3 +105,28 @@ def test_map_peaks_and_normalized_planes():
     assert np.allclose(planes["search"], np.arcsinh(2.0)) and np.allclose(planes["template"], np.arcsinh(1.0))
     bad = normalized_planes(np.full((4, 4), np.nan, np.float32), sky, sky, sky, np.ones((4, 4), np.float32))
     assert np.all(bad["search"] == 0)
+
+
+def test_dense_logit_map_shares_the_trunk_between_phases():
+    """The trunk of classifier.dense.DenseStampNet runs once for the four phases: away from the frame's edges
+    (where each phase's layers see their own zero padding) the map equals four separate passes."""
+    from classifier.dense import GRID, dense_logit_map
+
+    torch.manual_seed(2)
+    model = build_model("pair").eval()
+    net = dense_network(model)
+
+    class Plain(torch.nn.Module):  # the same network, not recognised as a DenseStampNet: one pass per phase
+        def __init__(self):
+            super().__init__()
+            self.inner = net
+
+        def forward(self, x):
+            return self.inner(x)
+
+    frame = np.random.default_rng(5).normal(0, 1, (2, 160, 176)).astype(np.float32)
+    shared = dense_logit_map(net, frame, tile=4096)
+    plain = dense_logit_map(Plain(), frame, tile=4096)
+    inner = (slice(40 // GRID, (160 - 40) // GRID), slice(40 // GRID, (176 - 40) // GRID))
+    np.testing.assert_allclose(shared[inner], plain[inner], rtol=1e-4, atol=1e-5)
+    assert np.isfinite(shared).all()

@@ -5,9 +5,12 @@ filter (after its own sky background) are the candidates.  With ``selection="flu
 only peaks whose aperture-corrected PSF flux rose significantly against the template's are kept
 (a catalogue-level cut); with ``selection="cnn"`` every peak is one and the two-image CNN that
 scores the stamps is the detector (measured: no more transients for twice the false positives, see
-:class:`DirectDetectConfig`).  Either way the change is
-measured by forced photometry of both images at the same sky position (the template read through
-the two WCSs): no resampling, no PSF matching, no difference image; flags from both masks.
+:class:`DirectDetectConfig`).  With ``selection="dense"`` the candidates are the peaks of the
+two-image CNN's dense score map over the template resampled onto the search pixels
+(:mod:`classifier.dense`, computed by :func:`pipeline.steps.dense_positions` and passed in as
+``positions``).  Every way the change is measured by forced photometry of both images at the same
+sky position (the template read through the two WCSs): no PSF matching, no difference image; flags
+from both masks.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from pipeline.detect.schema import CANDIDATE_COLUMNS, CandidateFlags, CandidateT
 
 __all__ = ["DirectDetectConfig", "detect_direct", "SELECTIONS"]
 
-#: Candidate selections of :class:`DirectDetectConfig`: ``"cnn"`` (every search peak, the CNN decides)
-#: and ``"flux"`` (peaks that brightened by ``brightening_sigma`` in forced photometry).
-SELECTIONS = ("cnn", "flux")
+#: Candidate selections of :class:`DirectDetectConfig`: ``"cnn"`` (every search peak, the CNN decides),
+#: ``"dense"`` (the peaks of the two-image CNN's dense score map over the aligned pair, given to
+#: :func:`detect_direct` as ``positions``) and ``"flux"`` (peaks that brightened by ``brightening_sigma`` in
+#: forced photometry).
+SELECTIONS = ("cnn", "dense", "flux")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +99,11 @@ class DirectDetectConfig:
         Edge distance below which candidates are flagged EDGE (default 25).
     max_candidates : int
         At most this many candidates (default 5000): the highest search-image S/N with
-        ``selection="cnn"``, the most significant brightenings with ``selection="flux"``.
+        ``selection="cnn"``, the most significant brightenings with ``selection="flux"``, the
+        highest map scores with ``selection="dense"``.
+    map_threshold : float
+        ``selection="dense"`` only: least score of a peak of the dense map to become a candidate
+        (default 0.85; the candidate's own score is then its stamp's, as in the other selections).
     method : str
         Implementation: ``"fast"`` (default: the search's matched filter cache-blocked, the
         template's computed at the candidates' pixels only, flags read around the candidates) or
@@ -111,6 +120,7 @@ class DirectDetectConfig:
     background_cell: int = 128
     edge: int = 25
     max_candidates: int = 5000
+    map_threshold: float = 0.85
     method: str = "fast"
 
     def __post_init__(self) -> None:
@@ -119,6 +129,8 @@ class DirectDetectConfig:
             raise ValueError(f"DirectDetectConfig.selection must be one of {SELECTIONS}, got {self.selection!r}")
         if not self.max_candidates >= 1:
             raise ValueError(f"DirectDetectConfig.max_candidates must be >= 1, got {self.max_candidates}")
+        if not 0 < self.map_threshold < 1:
+            raise ValueError(f"DirectDetectConfig.map_threshold must lie in (0, 1), got {self.map_threshold}")
 
 
 def _sky_subtracted(exposure, cell: int) -> np.ndarray:
@@ -132,7 +144,8 @@ def _correction(img, exposure, fwhm: float, method: str) -> float:
     return fit_psf_model(img, exposure.variance, exposure.mask, fwhm, fit_width=False, method=method).correction
 
 
-def detect_direct(search, template, config: DirectDetectConfig = DirectDetectConfig(), ccd: str = "") -> CandidateTable:
+def detect_direct(search, template, config: DirectDetectConfig = DirectDetectConfig(), ccd: str = "",
+                  positions: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> CandidateTable:
     """Find candidates without a difference image.
 
     Parameters
@@ -143,6 +156,9 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
     config : DirectDetectConfig
     ccd : str
         CCD identifier for the ``ccd`` column.
+    positions : (x, y, score) arrays, optional
+        ``selection="dense"`` only, and then required: the candidates' search-image pixel positions and
+        their map scores (:func:`classifier.dense.map_peaks`); they replace the search image's peaks.
 
     Returns
     -------
@@ -151,12 +167,22 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
         the change (search minus zero-point-scaled template PSF flux at the same sky position,
         search ADU; see :class:`DirectDetectConfig`), ``snr`` the search-image peak S/N, plus
         ``search_flux``, ``template_flux`` and ``delta_snr`` (``flux / flux_err``).  Rows are
-        ordered by search S/N (``selection="cnn"``) or by ``delta_snr`` (``"flux"``).
+        ordered by search S/N (``selection="cnn"``), by ``delta_snr`` (``"flux"``) or by map score
+        (``"dense"``).
+
+    Raises
+    ------
+    ValueError
+        No valid FWHM; ``positions`` missing with ``selection="dense"`` or given with another selection.
     """
     fs, ft = float(search.fwhm), float(template.fwhm)
     for label, value in (("search", fs), ("template", ft)):
         if not np.isfinite(value) or value <= 0:
             raise ValueError(f"detect_direct: {label} exposure has no valid PSF FWHM ({value})")
+    if (positions is None) == (config.selection == "dense"):
+        raise ValueError("detect_direct: selection 'dense' takes its candidates from the dense score map "
+                         "(positions=(x, y, score): pipeline.steps.dense_positions), and only it takes positions; "
+                         f"got selection {config.selection!r} with positions {'given' if positions else 'missing'}")
     method = config.method
     img_s = _sky_subtracted(search, config.background_cell)
     maps_s = matched_filter(img_s, search.variance, search.mask, gaussian_psf(fs), method=method)
@@ -164,12 +190,20 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
         filt_s = maps_s.result()
     corr_s = _correction(img_s, search, fs, method)
     del img_s
-    sep = max(1, int(round(config.min_separation_fwhm * fs)))
-    x, y, peak = find_peaks(maps_s.snr, config.threshold, config.n_pixels, None, min_separation=sep, method=method)
+    if config.selection == "dense":
+        x, y, map_score = (np.asarray(v, float).ravel() for v in positions)
+        if not x.size == y.size == map_score.size:
+            raise ValueError(f"detect_direct: positions have {x.size} x, {y.size} y and {map_score.size} scores")
+    else:
+        sep = max(1, int(round(config.min_separation_fwhm * fs)))
+        x, y, peak = find_peaks(maps_s.snr, config.threshold, config.n_pixels, None, min_separation=sep,
+                                method=method)
     if x.size == 0:
         return CandidateTable.empty()
     ix = np.clip(np.rint(x).astype(int), 0, search.shape[1] - 1)
     iy = np.clip(np.rint(y).astype(int), 0, search.shape[0] - 1)
+    if config.selection == "dense":
+        peak = maps_s.snr[iy, ix]  # the search image's S/N where the map found the candidate
     if method == "reference":
         f_s, e_s = filt_s.flux[iy, ix], filt_s.flux_err[iy, ix]
     else:
@@ -201,6 +235,9 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
     if config.selection == "flux":
         keep = delta_snr >= config.brightening_sigma
         rank = delta_snr
+    elif config.selection == "dense":  # every peak of the map: the CNN found them
+        keep = np.ones(x.size, bool)
+        rank = map_score
     else:  # every search peak: the CNN is the detector
         keep = np.ones(x.size, bool)
         rank = peak
