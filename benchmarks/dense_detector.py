@@ -211,10 +211,8 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             logits = _map_of_pair(pair, net, scorer.spec.channels, config, steps)
             t1 = time.perf_counter()
-            shape = pair.search.shape
-            x, y, p = map_peaks(logits, min(min(thresholds), args.map_threshold))
-            inside = _inside(x, y, shape)
-            peaks = match_truth(Table({"x": x[inside], "y": y[inside], "score": p[inside]}), pair.truth)
+            x, y, p = map_peaks(logits, min(min(thresholds), args.map_threshold))  # edges kept, as in a run
+            peaks = match_truth(Table({"x": x, "y": y, "score": p}), pair.truth)
             peaks["ccd"] = entry.ccd
             maps_alone.append(peaks[keep])
             cands = peaks[peaks["score"] >= args.map_threshold]

@@ -32,6 +32,7 @@ epochs_ours="${EPOCHS_OURS:-8}"
 max_train="${MAX_TRAIN:-16000}" # training stamps per model (class-balanced random subset)
 epochs_direct="${EPOCHS_DIRECT:-32}"          # pair-direct, the direct mode's detector
 max_train_direct="${MAX_TRAIN_DIRECT:-30000}" # more than its set holds: all of it
+epochs_dense="${EPOCHS_DENSE:-16}"            # pair-dense, the dense map's detector (selection = "dense")
 
 mkdir -p "$work"
 if want decam; then
@@ -65,6 +66,20 @@ q1=$!
   train pair dia "$epochs_ours" pair
   # pair-direct: every training stamp of its set (25,282) for 32 epochs (~50 s per epoch on one core, 26 min)
   train pair ../data-direct/direct "$epochs_direct" pair-direct "$max_train_direct"  # $work/data-direct/direct.npz
+  # pair-dense: the dense score map's model (DirectDetectConfig.selection = "dense"): pair-direct's set plus stamps
+  # off the search peaks -- transients moved by up to 2 px (real), pair-direct's own map peaks away from
+  # transients and the flanks of stars and galaxies (bogus) -- mined on 40 CCDs of seed 1500 (~4 min; 57,121
+  # stamps in all), then 16 epochs on all of its 43,473 training stamps (two threads as shipped: ~53 s per epoch)
+  if [ ! -f "$work/data-direct/dense.npz" ]; then
+      python -m benchmarks.dense_detector --mine "$work/data-direct/dense.npz" \
+          --merge "$work/data-direct/direct.npz" --model "$work/pair-direct/model.pt" --threads 2
+  fi
+  THREADS_DENSE="${THREADS_DENSE:-2}"
+  pipeline train --model pair --data "$work/data-direct/dense.npz" --out "$work/pair-dense" \
+      --epochs "$epochs_dense" --max-train 50000 --threads "$THREADS_DENSE" --no-progress --seed 0
+  pipeline evaluate --model "$work/pair-dense" --data "$work/data-direct/dense.npz" --split test \
+      --out "$work/pair-dense/test" --threads "$threads"
+  cp "$work/pair-dense/model.pt" "$here/pair-dense.pt"
   # the paper's two-image CNN by the paper's recipe on the same direct stream: the paper's comparison repeated
   # on direct-mode candidates (stopped early after epoch 81, best 76, ~15 s per epoch on one core)
   train pair-paper ../data-direct/direct "$epochs_pair_paper" pair-paper-direct 24000 ) &
