@@ -17,7 +17,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from .models import StampNet
+from .models import StampNet, _fold_batchnorm, _maxpool2
 
 __all__ = ["STRIDE", "GRID", "WINDOW", "DenseStampNet", "dense_network", "normalized_planes", "dense_logit_map",
            "map_peaks"]
@@ -32,15 +32,14 @@ class DenseStampNet(nn.Module):
     ``trunk`` runs the four convolutions (BatchNorm folded in, as :meth:`StampNet.infer`) and the first two
     poolings; ``finish`` the last pooling and the head, whose ``Linear(64 * 36, 64)`` becomes a 6 x 6
     convolution and ``Linear(64, 2)`` a 1 x 1 one (dropout is the identity in eval mode).  Split so that
-    :func:`dense_logit_map` runs the trunk once for the two phases of the last pooling.
+    :func:`dense_logit_map` runs the trunk once for the four phases (two per axis) of the last pooling.
     """
 
     def __init__(self, model: StampNet) -> None:
         super().__init__()
-        from .models import _fold_batchnorm
-
         f = model.features
-        self._convs = [_fold_batchnorm(f[i], f[i + 1]) for i in (0, 4, 7, 11)]
+        with torch.no_grad():  # folded weights: plain tensors, no autograd history
+            self._convs = [_fold_batchnorm(f[i], f[i + 1]) for i in (0, 4, 7, 11)]
         first, second = model.head[2], model.head[5]
         channels = first.in_features // 36
         self.head = nn.Conv2d(channels, first.out_features, 6).to(first.weight.device, first.weight.dtype)
@@ -53,8 +52,6 @@ class DenseStampNet(nn.Module):
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Features before the last pooling (and its ReLU): 1/4 of the input's resolution."""
-        from .models import _maxpool2
-
         c1, c2, c3, c4 = self._convs
         h = torch.relu(_maxpool2(c1(x)))  # pooling and ReLU commute
         h = torch.relu(_maxpool2(c3(torch.relu(c2(h)))))
@@ -62,8 +59,6 @@ class DenseStampNet(nn.Module):
 
     def finish(self, features: torch.Tensor) -> torch.Tensor:
         """The last pooling, its ReLU and the head: logits (bogus, real) at 1/8 of the input's resolution."""
-        from .models import _maxpool2
-
         return self.out(torch.relu(self.head(torch.relu(_maxpool2(features)))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
