@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="multiply the simulated transient density (default 1)")
     parser.add_argument("--threshold", type=float, default=0.5, help="score threshold of both modes (default 0.5)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the run on the other worker count")
+    parser.add_argument("--config", default=None,
+                        help="TOML file whose [run] table (or top level) sets RunConfig fields of both modes' runs, "
+                             "e.g. [run.direct] selection = \"dense\" (mode, device and threshold: the options above)")
     add_quiet_argument(parser, "progress lines")
 
 
@@ -47,12 +50,15 @@ def main(args: argparse.Namespace) -> int:
     device, why = resolve_device(args.device)
     if args.device == "auto" and not args.quiet:
         print(f"--device auto: {device} ({why})", flush=True)
+    from pipeline.config import load_toml, run_table
+
     try:
+        run = run_table(load_toml(args.config), "run", args.config) if args.config else None
         config = BenchmarkConfig(n_ccds=args.ccds, instrument=args.instrument,
                                  shape=tuple(args.shape) if args.shape else None, seed=args.seed,
                                  density_factor=args.density_factor, device=device, workers=args.workers,
-                                 scaling=not args.no_scaling, score_threshold=args.threshold)
-    except ValueError as exc:
+                                 scaling=not args.no_scaling, score_threshold=args.threshold, run=run)
+    except (ValueError, FileNotFoundError) as exc:
         print(f"pipeline benchmark: {exc}", file=sys.stderr)
         return 2
     if args.input and not Path(args.input).is_file():

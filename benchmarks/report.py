@@ -906,6 +906,8 @@ def build_blocks(data: dict) -> list:
     b.append(("p", "Benchmark configuration: `" + json.dumps(_finite(cfg)) + "`"))
     b.append(("p", "Run configuration (dia mode; direct differs only in `mode`): `"
                    + json.dumps(_finite(data["run_config"]["dia"])) + "`"))
+    if cfg.get("run"):
+        b.append(("p", "Set for both modes' runs (`pipeline benchmark --config`): `" + json.dumps(cfg["run"]) + "`"))
     b.append(("p", "Each run's own `run.json` (per-CCD, per-stage times, worker, peak memory): "
                    + ", ".join(f"`{r['run_json']}`" for r in data["runs"]) + "."))
     return b

@@ -37,7 +37,8 @@ import numpy as np
 
 from benchmarks import metrics
 
-__all__ = ["BenchmarkConfig", "run_benchmark", "machine_info", "gpu_available", "ALL_MODELS", "DIRECT_MODELS"]
+__all__ = ["BenchmarkConfig", "run_benchmark", "run_config_of", "machine_info", "gpu_available", "ALL_MODELS",
+           "DIRECT_MODELS"]
 
 #: Models compared at stamp level (the four of the paper's experiment, then the direct-stream pair).
 ALL_MODELS = ("triplet-paper", "pair-paper", "triplet", "pair", "pair-direct")
@@ -89,6 +90,11 @@ class BenchmarkConfig:
         Worker counts of the extrapolated wall times (default 2, 16, 64).
     stamp_threads : int
         torch threads for the stamp-level scoring in the main process (default 0: the core count).
+    run : dict, optional
+        :class:`pipeline.config.RunConfig` fields given to the runs of both modes (a ``[run]`` table,
+        ``pipeline benchmark --config FILE``), e.g. ``{"direct": {"selection": "dense"}}`` to measure the
+        direct mode with the CNN's dense map as its detector; ``mode``, ``device`` and ``score_threshold``
+        are the benchmark's own.  Default None: the runs' defaults.
     """
 
     n_ccds: int = 4
@@ -107,6 +113,7 @@ class BenchmarkConfig:
     n_boot: int = 1000
     extrapolate_workers: tuple[int, ...] = (2, 16, 64)
     stamp_threads: int = 0
+    run: dict | None = None
 
     def __post_init__(self) -> None:
         if self.n_ccds < 1:
@@ -117,6 +124,14 @@ class BenchmarkConfig:
             raise ValueError(f"BenchmarkConfig.device must be 'cpu' or 'gpu', got {self.device!r}")
         if not 0.0 <= self.score_threshold <= 1.0:
             raise ValueError(f"BenchmarkConfig.score_threshold must be in [0, 1], got {self.score_threshold}")
+        if self.run is not None:
+            from pipeline.config import RunConfig, config_from_dict
+
+            own = sorted({"mode", "device", "score_threshold"} & set(self.run))
+            if own:
+                raise ValueError(f"BenchmarkConfig.run: {', '.join(own)} are the benchmark's own settings "
+                                 "(--threshold, --device; both modes are run)")
+            config_from_dict(RunConfig, self.run, where="BenchmarkConfig.run")  # a bad field is named now
         if abs(self.seed - TRAINING_SEED) < 100:
             warnings.warn(f"benchmark seed {self.seed} is close to the training seeds ({TRAINING_SEED}+): "
                           "the field may not be held out", stacklevel=2)
@@ -222,6 +237,15 @@ def _catalogs_by_ccd(run_dir: Path, ccds) -> dict:
     return out
 
 
+def run_config_of(config: BenchmarkConfig, mode: str, device: str):
+    """The :class:`pipeline.config.RunConfig` of one of the benchmark's runs: ``config.run`` with the mode, the
+    device and the benchmark's threshold."""
+    from pipeline.config import RunConfig, config_from_dict
+
+    return config_from_dict(RunConfig, {**(config.run or {}), "mode": mode, "device": device,
+                                        "score_threshold": config.score_threshold}, where="benchmark [run]")
+
+
 def run_benchmark(config: BenchmarkConfig, out_dir: str | Path, manifest: str | Path | None = None,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark and write ``report.md``, ``report.html`` and ``report.json`` in ``out_dir``.
@@ -244,7 +268,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | Path, manifest: str | 
         The report data (what ``report.json`` holds).
     """
     from pipeline.cluster import SchedulerConfig, start_client
-    from pipeline.config import RunConfig, config_to_dict
+    from pipeline.config import config_to_dict
     from pipeline.io import read_manifest
     from pipeline.runner import run_pipeline, versions
 
@@ -296,8 +320,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | Path, manifest: str | 
     say(data["device_note"])
 
     threshold = config.score_threshold
-    run_configs = {(dev, mode): RunConfig(mode=mode, device=dev, score_threshold=threshold)
-                   for dev in devices for mode in ("dia", "direct")}
+    run_configs = {(dev, mode): run_config_of(config, mode, dev) for dev in devices for mode in ("dia", "direct")}
     data["run_config"] = {mode: config_to_dict(run_configs[("cpu", mode)]) for mode in ("dia", "direct")}
     other = 1 if config.workers > 1 else 2
     plan = [(dev, config.workers) for dev in devices]

@@ -480,3 +480,38 @@ def test_report_curves_and_kinds_agree_with_the_runs(bench):
     assert "## End-to-end accuracy" in md and "### Operating curves" in md and "### False positives by kind" in md
     assert "Wilson score interval" in md and "95%" in md
     assert {"operating_curve", "fp_by_kind", "completeness", "roc"} <= set(data["figures"])
+
+
+def test_run_table_reaches_both_modes_runs_and_is_checked(tmp_path, monkeypatch):
+    """``pipeline benchmark --config FILE``: its [run] table sets the RunConfig of both modes' runs (the dense
+    direct detector, say); mode, device and threshold stay the benchmark's; a bad field is refused up front."""
+    from benchmarks import suite
+    from pipeline.cli import main
+
+    cfg = suite.BenchmarkConfig(run={"direct": {"selection": "dense"}, "model_dia": "pair"}, score_threshold=0.7)
+    dia, direct = (suite.run_config_of(cfg, mode, "cpu") for mode in ("dia", "direct"))
+    assert direct.direct.selection == "dense" and direct.model == "pair-dense" and direct.score_threshold == 0.7
+    assert dia.mode == "dia" and dia.model == "pair" and suite.run_config_of(suite.BenchmarkConfig(), "direct",
+                                                                              "cpu").direct.selection == "flux"
+    with pytest.raises(ValueError, match="benchmark's own"):
+        suite.BenchmarkConfig(run={"mode": "dia"})
+    with pytest.raises(ValueError, match="selection"):
+        suite.BenchmarkConfig(run={"direct": {"selection": "nope"}})
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(config, out, manifest=None, log=None):
+        seen["run"] = config.run
+        raise Stop
+
+    monkeypatch.setattr(suite, "run_benchmark", fake)
+    toml = tmp_path / "dense.toml"
+    toml.write_text('[run.direct]\nselection = "dense"\n')
+    with pytest.raises(Stop):
+        main(["benchmark", "--out", str(tmp_path / "o"), "--config", str(toml), "--quiet"])
+    assert seen["run"] == {"direct": {"selection": "dense"}}
+    toml.write_text('[run.direct]\nselection = "nope"\n')
+    assert main(["benchmark", "--out", str(tmp_path / "o"), "--config", str(toml), "--quiet"]) == 2
