@@ -723,8 +723,9 @@ def build_blocks(data: dict) -> list:
                        "triplets. Same candidates as the dia run: "
                        + (", ".join(f"{c} {'yes' if v else 'NO'}" for c, v in same.items()) or "not checked")
                        + ". The last rows (stream direct) are the models trained on the direct stream on the direct "
-                       "mode's own candidates: pair-direct (ours, the direct mode's model) and pair-paper-direct (the "
-                       "paper's two-image CNN, the paper's recipe, the same training stamps)."))
+                       "mode's own candidates: pair-direct (ours, the direct mode's model), pair-dense (ours, trained "
+                       "for the dense map too: the model of selection = \"dense\") and pair-paper-direct (the "
+                       "paper's two-image CNN, the paper's recipe, pair-direct's training stamps)."))
         fprs = [f"{f:g}" for f in cfg["fpr_points"]]
         rows, missing = [], []
         for m in sl["models"]:

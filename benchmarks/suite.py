@@ -42,10 +42,10 @@ __all__ = ["BenchmarkConfig", "run_benchmark", "run_config_of", "machine_info", 
 
 #: Models compared at stamp level (the four of the paper's experiment, then the direct-stream pair).
 ALL_MODELS = ("triplet-paper", "pair-paper", "triplet", "pair", "pair-direct")
-#: Models trained on the direct stream, scored on the direct mode's own candidates: ours (the direct mode's model) and
-#: the paper's two-image CNN trained by the paper's recipe on the same stream (issue #13: the paper's comparison
-#: repeated on direct-mode candidates).
-DIRECT_MODELS = ("pair-direct", "pair-paper-direct")
+#: Models trained on the direct stream, scored on the direct mode's own candidates: ours (the direct mode's model), ours
+#: trained for the dense map too (``selection = "dense"``) and the paper's two-image CNN trained by the paper's recipe
+#: on the same stream (issue #13: the paper's comparison repeated on direct-mode candidates).
+DIRECT_MODELS = ("pair-direct", "pair-dense", "pair-paper-direct")
 
 #: Seeds the shipped weights were trained on start here (classifier/weights/make_weights.sh).
 TRAINING_SEED = 1000

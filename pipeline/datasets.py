@@ -258,8 +258,8 @@ def pair_stamp_sets(pair, run_config: RunConfig = RunConfig(), streams: tuple[st
         except Exception as exc:  # a CCD the DIA cannot handle is left out, and said so
             errors["dia"] = f"{type(exc).__name__}: {exc}"
     if "direct" in streams:
-        try:
-            cands = steps.detect_without_difference(pair, run_config)
+        try:  # the direct mode's candidates ("dense" slides the direct model, whatever mode run_config is for)
+            cands = steps.detect_without_difference(pair, dataclasses.replace(run_config, mode="direct"))
             finish("direct", cands, steps.cut_pairs(cands, pair, run_config))
         except Exception as exc:
             errors["direct"] = f"{type(exc).__name__}: {exc}"

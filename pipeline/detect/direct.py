@@ -71,8 +71,9 @@ class DirectDetectConfig:
     Measured end to end (``pipeline run --mode direct``, found / false positives per CCD at 0.5
     and 0.95): benchmark field 135 / 9.0 and 125 / 3.0, seed-4242 field 403 / 7.25 and 389 / 1.25:
     as many transients as the flux cut or more, fewer false positives at 0.5, about as many at
-    0.95.  It is not the default: the map costs ~9 s per DECam CCD on a one-thread worker, three
-    times dia's whole chain on a CPU, and on the real DECam pair of the README it misses the
+    0.95.  It is not the default: on a CPU the map makes the direct mode dearer than dia
+    (``pipeline benchmark``: 5.5 against 3.2 s per DECam CCD, detection 4.6 s on a one-thread
+    worker), and on the real DECam pair of the README it misses the
     nuclear transient the flux cut finds (no map peak reaches 0.85 there; at 0.5 the nearest is
     5 px off and two other candidates score 0.91-0.96).
 
