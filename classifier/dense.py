@@ -99,8 +99,11 @@ def normalized_planes(search: np.ndarray, template: np.ndarray, search_backgroun
     """
     out = {}
     for name, image, sky in (("template", template, template_background), ("search", search, search_background)):
-        plane = np.arcsinh((np.asarray(image, np.float32) - sky) / search_noise).astype(np.float32)
-        out[name] = np.where(np.isfinite(plane), plane, np.float32(0))
+        plane = np.subtract(image, sky, dtype=np.float32)  # one frame-sized array per plane, worked on in place
+        plane /= search_noise
+        np.arcsinh(plane, out=plane)
+        plane[~np.isfinite(plane)] = 0
+        out[name] = plane
     return out
 
 
@@ -138,22 +141,21 @@ def dense_logit_map(net: torch.nn.Module, frame: np.ndarray, tile: int = 512) ->
     cells = {(i, j): np.empty((cells_y[i], cells_x[j]), np.float32) for i in range(2) for j in range(2)}
     shared = isinstance(net, DenseStampNet)
     with torch.inference_mode():
-        whole = torch.from_numpy(padded)[None].to(param.device, param.dtype)
-        whole = whole.contiguous(memory_format=torch.channels_last)
+        whole = torch.from_numpy(padded)[None].to(param.device, param.dtype)  # no copy on a float32 CPU network
         for y0 in range(0, cells_y[0], step):
             for x0 in range(0, cells_x[0], step):
                 y1, x1 = min(y0 + step, cells_y[0]), min(x0 + step, cells_x[0])
                 # output cell k of phase p: the window starting at 8 k + p (padded pixels), 51 pixels wide
                 rows = slice(STRIDE * y0, STRIDE * (y1 - 1) + WINDOW + GRID)
                 cols = slice(STRIDE * x0, STRIDE * (x1 - 1) + WINDOW + GRID)
-                features = net.trunk(whole[:, :, rows, cols]) if shared else None
+                window = whole[:, :, rows, cols].contiguous(memory_format=torch.channels_last)
+                features = net.trunk(window) if shared else None
                 for i, j in cells:
                     if shared:  # 4 pixels of input are one row / column of the trunk's features
                         logits = net.finish(features[:, :, i:, j:])[0]
                     else:
                         py, px = phases[i], phases[j]
-                        logits = net(whole[:, :, rows.start + py:rows.stop - GRID + py,
-                                           cols.start + px:cols.stop - GRID + px])[0]
+                        logits = net(window[:, :, py:window.shape[2] - GRID + py, px:window.shape[3] - GRID + px])[0]
                     ry1, rx1 = min(y1, cells_y[i]), min(x1, cells_x[j])
                     diff = (logits[1] - logits[0]).float().cpu().numpy()
                     cells[i, j][y0:ry1, x0:rx1] = diff[: ry1 - y0, : rx1 - x0]

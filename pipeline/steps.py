@@ -283,9 +283,12 @@ def dense_positions(pair: LoadedPair, config: RunConfig) -> tuple[np.ndarray, np
     noise = np.sqrt(np.maximum(estimate_background(s.variance, s.mask), np.float32(1e-12)))
     planes = normalized_planes(s.image, template, estimate_background(s.image, s.mask),
                                estimate_background(template, aligned.template.mask), noise)
-    del aligned, template, noise
+    del aligned, template, noise  # the resampled template is not needed past the normalisation
+    frame = np.empty((len(channels),) + s.shape, np.float32)
+    for k, name in enumerate(channels):
+        frame[k] = planes.pop(name)
     with torch_threads(threads):
-        logits = dense_logit_map(net, np.stack([planes[c] for c in channels]))
+        logits = dense_logit_map(net, frame)
     return map_peaks(logits, config.direct.map_threshold)
 
 
