@@ -559,11 +559,20 @@ def _trained_on(metadata: dict) -> str:
     if not train:
         return "unrecorded"
     attrs = train.get("attrs") or {}
-    ds = attrs.get("dataset_config") or {}
     instrument = str(attrs.get("instrument", "decam")).upper().replace("DECAM", "DECam")  # older weights: DECam
-    where = (f"{ds['n_ccds']} {instrument} {attrs.get('source', '')} CCDs, seed {ds['seed']}"
-             if "n_ccds" in ds and "seed" in ds else attrs.get("source", "unrecorded data"))
-    return f"{train.get('n', '?')} {attrs.get('stream', '')}-stream stamps from {where}".replace("  ", " ")
+    parts = []
+    for part in attrs.get("concatenated") or [attrs]:  # a set made of several (pair-dense: + off-peak stamps)
+        ds, off = part.get("dataset_config") or {}, part.get("offpeak") or {}
+        if "n_ccds" in ds and "seed" in ds:
+            parts.append(f"{ds['n_ccds']} {instrument} {part.get('source', attrs.get('source', ''))} CCDs, "
+                         f"seed {ds['seed']}")
+        elif off or part.get("stream") == "direct-offpeak":
+            seeds = ", ".join(str(v) for v in part.get("simulation_seeds", [])) or "?"
+            parts.append(f"{off.get('ccds', '')} simulated CCDs off the search peaks, seed {seeds}")
+        else:
+            parts.append(part.get("source", "unrecorded data"))
+    stream = str(attrs.get("stream", "")).removesuffix("-offpeak")
+    return f"{train.get('n', '?')} {stream}-stream stamps from {' + '.join(parts)}".replace("  ", " ")
 
 
 def _gallery_pick(labels: np.ndarray, scores: np.ndarray, threshold: float, n: int) -> np.ndarray:

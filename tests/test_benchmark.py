@@ -154,6 +154,7 @@ def test_end_to_end_recomputed_from_catalogs_and_truth(bench):
 
 def test_stamp_level_uses_the_runs_candidates(bench):
     out, data = bench
+    from benchmarks.suite import DIRECT_MODELS
     from classifier.infer import WEIGHTS_DIR
     from pipeline.detect import CandidateFlags
 
@@ -175,7 +176,7 @@ def test_stamp_level_uses_the_runs_candidates(bench):
             assert res["accuracy"] == pytest.approx((c["tp"] + c["tn"]) / res["n"])
             assert c["tp"] + c["fn"] == res["n_real"]
             # the training data recorded with the shipped weights (they all carry it)
-            trained_stream = "direct" if row["model"].endswith("-direct") else "dia"
+            trained_stream = "direct" if row["model"] in DIRECT_MODELS else "dia"
             assert f"{trained_stream}-stream stamps from" in row["trained_on"]
     assert any(r["status"] == "ok" for r in sl["models"]), "no shipped weights at all"
 
@@ -515,3 +516,19 @@ def test_run_table_reaches_both_modes_runs_and_is_checked(tmp_path, monkeypatch)
     assert seen["run"] == {"direct": {"selection": "dense"}}
     toml.write_text('[run.direct]\nselection = "nope"\n')
     assert main(["benchmark", "--out", str(tmp_path / "o"), "--config", str(toml), "--quiet"]) == 2
+
+
+def test_trained_on_names_every_part_of_a_concatenated_set():
+    """benchmarks.suite._trained_on: the provenance of weights trained on a set made of several (pair-dense:
+    the direct stream + stamps mined off the search peaks) names each part."""
+    from benchmarks.suite import _trained_on
+
+    base = {"stream": "direct", "source": "simulated", "instrument": "decam",
+            "dataset_config": {"n_ccds": 96, "seed": 1000}}
+    mined = {"stream": "direct", "source": "simulated", "simulation_seeds": [1500], "offpeak": {"ccds": 40}}
+    meta = {"provenance": {"train": {"n": 43473, "attrs": dict(base, concatenated=[base, mined])}}}
+    assert _trained_on(meta) == ("43473 direct-stream stamps from 96 DECam simulated CCDs, seed 1000 + 40 simulated "
+                                 "CCDs off the search peaks, seed 1500")
+    assert _trained_on({"provenance": {"train": {"n": 5, "attrs": base}}}) == ("5 direct-stream stamps from 96 DECam "
+                                                                                 "simulated CCDs, seed 1000")
+    assert _trained_on({}) == "unrecorded"
