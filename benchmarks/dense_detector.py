@@ -11,16 +11,13 @@ Usage (from the repository root)::
 Measuring, for every CCD pair of ``--input`` (a manifest with truth, e.g. the benchmark field written
 by ``pipeline simulate``), the script
 
-1. reads both exposures, masks cosmic rays and resamples the template onto the search pixels (the
-   steps of the pipeline; no PSF matching, no difference image);
-2. normalises the two images as the ``shared`` scheme normalises a stamp -- each minus its smooth
-   sky, both divided by the search image's sky noise, then ``asinh`` -- with per-CCD maps
-   (:func:`classifier.dense.normalized_planes`; a stamp uses its own clipped statistics instead, so map values are
-   close to, not equal to, stamp scores);
-3. slides the network over the frame in its fully convolutional form
-   (:func:`classifier.dense.dense_network`) at a stride of 4 pixels: four passes at the
-   network's stride of 8, offset by 0 and 4 pixels on each axis (:func:`classifier.dense.dense_logit_map`);
-4. takes the map's local maxima, refined to a fraction of the grid (:func:`classifier.dense.map_peaks`), as
+1. reads both exposures and masks cosmic rays, as a run's load stage;
+2. computes the direct model's score map as ``selection = "dense"`` does (:func:`pipeline.steps.dense_map`):
+   the template resampled onto the search pixels, both images normalised per pixel as the ``shared``
+   scheme normalises a stamp (:func:`classifier.dense.normalized_planes`; a stamp uses its own clipped
+   statistics instead, so map values are close to, not equal to, stamp scores), the network slid over
+   them in its fully convolutional form every 4 pixels (:func:`classifier.dense.dense_logit_map`);
+3. takes the map's local maxima, refined to a fraction of the grid (:func:`pipeline.detect.map_peaks`), as
    candidates: scored by the map itself ("map peaks"), and, for the peaks at or above
    ``--map-threshold``, by the network on stamps cut there as the pipeline cuts them ("end to
    end": the candidates a dense direct mode would write).
@@ -43,9 +40,7 @@ brighter than mag 22 (bogus).  The last ``--val-ccds`` CCDs go to the ``val`` sp
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -54,44 +49,36 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from classifier.dense import GRID, WINDOW, dense_logit_map, dense_network, map_peaks, normalized_planes  # noqa: E402
+from benchmarks.metrics import false_positives_by_kind  # noqa: E402
+from benchmarks.report import write_json_and_markdown  # noqa: E402
+from classifier.dense import GRID, WINDOW  # noqa: E402
+from pipeline.detect import map_peaks  # noqa: E402
 
 __all__ = ["main"]
 
 def _counts(table, thresholds, column: str = "score") -> list[dict]:
     """Found transients and false positives per CCD of a candidate table with the pipeline's truth columns
-    (``match_truth``: a transient is found by the nearest candidate within the match radius)."""
+    (``match_truth``: a transient is found by the nearest candidate within the match radius), the false
+    positives by kind as the benchmark counts them (:func:`benchmarks.metrics.false_positives_by_kind`)."""
     n_ccd = max(1, len(set(table["ccd"])))
+    score = np.asarray(table[column], float)
+    real = np.asarray(table["truth_kind"]) == "transient"
+    kinds = np.array([str(k) or "unmatched" for k in np.asarray(table["truth_kind"])[~real]])
     rows = []
     for thr in thresholds:
-        sel = np.asarray(table[column]) >= thr
-        real = sel & (np.asarray(table["truth_kind"]) == "transient")
-        found = len(set(zip(np.asarray(table["ccd"])[real], np.asarray(table["truth_id"])[real])))
-        fp = sel & ~real
-        kinds = collections.Counter(str(k) or "unmatched" for k in np.asarray(table["truth_kind"])[fp])
-        rows.append({"threshold": thr, "found": found, "fp_per_ccd": fp.sum() / n_ccd,
-                     "fp_by_kind_per_ccd": {k: v / n_ccd for k, v in kinds.most_common()}})
+        hit = real & (score >= thr)
+        found = len(set(zip(np.asarray(table["ccd"])[hit], np.asarray(table["truth_id"])[hit])))
+        by_kind = false_positives_by_kind(kinds, score[~real], thr, n_ccd)
+        rows.append({"threshold": thr, "found": found, "fp_per_ccd": int(np.sum(score[~real] >= thr)) / n_ccd,
+                     "fp_by_kind_per_ccd": {r["kind"]: r["per_ccd"] for r in by_kind if r["n"]}})
     return rows
-
-
-def _map_of_pair(pair, net, channels, config, steps):
-    """Resample the template onto the search pixels, normalise both and compute the dense map."""
-    from pipeline.detect.background import estimate_background
-
-    aligned = steps.align(pair, config)
-    s = pair.search
-    template = steps._calibrate(aligned.template.image, steps._zp_scale(s, pair.template))
-    noise = np.sqrt(np.maximum(estimate_background(s.variance, s.mask), np.float32(1e-12)))
-    planes = normalized_planes(s.image, template, estimate_background(s.image, s.mask),
-                               estimate_background(template, aligned.template.mask), noise)
-    return dense_logit_map(net, np.stack([planes[c] for c in channels]))
 
 
 def _inside(x, y, shape, margin: int = WINDOW // 2 + 1):
     return (x >= margin) & (x < shape[1] - margin) & (y >= margin) & (y < shape[0] - margin)
 
 
-def _mine(args, scorer, net, config) -> int:
+def _mine(args, config) -> int:
     """``--mine``: off-peak training stamps from simulated CCDs (see the module notes)."""
     from astropy.table import Table
 
@@ -109,7 +96,7 @@ def _mine(args, scorer, net, config) -> int:
         sim = simulate_pair(sim_config, args.seed, k)
         pair, _ = steps.mask_cosmics(steps.LoadedPair(name, sim.search, sim.template, sim.truth), config)
         rng = np.random.default_rng([args.seed, k, 11])
-        logits = _map_of_pair(pair, net, scorer.spec.channels, config, steps)
+        logits = steps.dense_map(pair, config)
         truth, shape_k = sim.truth, pair.search.shape
         tt = truth[(truth["kind"] == "transient") & ~truth["flagged"]]
         tx, ty = np.asarray(tt["x"], float), np.asarray(tt["y"], float)
@@ -124,7 +111,7 @@ def _mine(args, scorer, net, config) -> int:
         keep = _inside(rx, ry, shape_k)
         rx, ry, rid = rx[keep], ry[keep], np.asarray(tt["id"])[keep]
         # bogus: the mining model's map peaks >= 0.5 away from transients (the 100 best, 50 of the rest at random)
-        mx, my, mp = map_peaks(logits, 0.5, refine=False)
+        mx, my, mp = map_peaks(logits, 0.5, GRID, refine=False)
         keep = _inside(mx, my, shape_k) & away(mx, my)
         mx, my, mp = mx[keep], my[keep], mp[keep]
         order = np.argsort(-mp, kind="stable")
@@ -184,20 +171,19 @@ def main(argv=None) -> int:
 
     from astropy.table import Table, vstack
 
-    from classifier.infer import Scorer, preset_weights, torch_threads
+    from classifier.infer import torch_threads
     from pipeline import steps
     from pipeline.config import RunConfig
-    from pipeline.io import atomic_path, read_manifest
+    from pipeline.io import read_manifest
     from pipeline.truth import match_truth
 
     thresholds = [float(v) for v in args.thresholds.split(",") if v]
+    # the measured model is the run's direct model: the map (steps.dense_map) and the stamps' scores
     config = dataclasses.replace(RunConfig(), mode="direct", model_direct=args.model, torch_threads=args.threads)
     keep = ["ccd", "x", "y", "score", "truth_kind", "truth_id"]
     with torch_threads(args.threads):
-        scorer = Scorer(preset_weights(args.model, "")[0], device="cpu", threads=args.threads)
-        net = dense_network(scorer.net)
         if args.mine:
-            return _mine(args, scorer, net, config)
+            return _mine(args, config)
         entries = read_manifest(args.input)
         run = Table.read(Path(args.run) / "candidates.parquet") if args.run else None
         maps_alone, end_to_end, added, true_scores, timings = [], [], [], [], []
@@ -209,9 +195,9 @@ def main(argv=None) -> int:
                 return 2
             pair, _ = steps.mask_cosmics(pair, config)
             t0 = time.perf_counter()
-            logits = _map_of_pair(pair, net, scorer.spec.channels, config, steps)
+            logits = steps.dense_map(pair, config)
             t1 = time.perf_counter()
-            x, y, p = map_peaks(logits, min(min(thresholds), args.map_threshold))  # edges kept, as in a run
+            x, y, p = map_peaks(logits, min(min(thresholds), args.map_threshold), GRID)  # edges kept, as a run
             peaks = match_truth(Table({"x": x, "y": y, "score": p}), pair.truth)
             peaks["ccd"] = entry.ccd
             maps_alone.append(peaks[keep])
@@ -271,12 +257,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "report.json") as tmp:
-            Path(tmp).write_text(json.dumps(report, indent=2, default=float))
-        with atomic_path(out / "report.md") as tmp:
-            Path(tmp).write_text(text)
+        write_json_and_markdown(report, text, args.out)
     return 0
 
 

@@ -27,7 +27,6 @@ counted, so it is a lower bound.  Writes ``report.json`` and ``report.md`` in ``
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -39,10 +38,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.metrics import median_seconds  # noqa: E402
+from benchmarks.report import write_json_and_markdown  # noqa: E402
 from classifier.dense import STRIDE, dense_network  # noqa: E402
 from classifier.infer import Scorer, preset_weights, torch_threads  # noqa: E402
 from classifier.models import StampNet  # noqa: E402
-from pipeline.io import atomic_path  # noqa: E402
 
 __all__ = ["dense_map", "main"]
 
@@ -109,12 +108,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "report.json") as tmp:
-            Path(tmp).write_text(json.dumps(info, indent=2))
-        with atomic_path(out / "report.md") as tmp:
-            Path(tmp).write_text(text)
+        write_json_and_markdown(info, text, args.out)
     return 0
 
 

@@ -20,7 +20,7 @@ from classifier.plotting import new_figure, save_figure
 from pipeline.io import atomic_path
 
 __all__ = ["make_plots", "plot_roc_curves", "headline", "headline_markdown", "answer", "build_blocks", "to_markdown",
-           "to_html", "write_reports"]
+           "to_html", "write_reports", "write_json_and_markdown"]
 
 _STAGE_LABELS = {"load": "load", "align": "align", "psf_fit": "PSF fit", "convolve": "convolve/subtract",
                  "detect": "detect", "stamps": "stamps", "score": "CNN", "write": "write"}
@@ -1001,15 +1001,23 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def write_reports(data: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and ``report.html`` (each atomically) in ``out_dir``."""
+def write_json_and_markdown(data: dict, markdown: str, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.json`` (strict JSON: NaN and inf as null, NumPy scalars as numbers) and ``report.md``
+    in ``out_dir``, each atomically: what every script of ``benchmarks/`` leaves in its ``--out``."""
     out = Path(out_dir)
-    blocks = build_blocks(data)
-    paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
+    paths = {"json": out / "report.json", "md": out / "report.md"}
     with atomic_path(paths["json"]) as tmp:
         tmp.write_text(json.dumps(_finite(data), indent=1, default=_json_default))
     with atomic_path(paths["md"]) as tmp:
-        tmp.write_text(to_markdown(blocks))
+        tmp.write_text(markdown)
+    return paths
+
+
+def write_reports(data: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and ``report.html`` (each atomically) in ``out_dir``."""
+    blocks = build_blocks(data)
+    paths = write_json_and_markdown(data, to_markdown(blocks), out_dir)
+    paths["html"] = Path(out_dir) / "report.html"
     with atomic_path(paths["html"]) as tmp:
-        tmp.write_text(to_html(blocks, out))
+        tmp.write_text(to_html(blocks, Path(out_dir)))
     return paths

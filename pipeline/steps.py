@@ -40,6 +40,7 @@ from pipeline.detect import (
     detect_direct,
     estimate_background,
     fit_psf_model,
+    map_peaks,
     schema_order,
 )
 from pipeline.io import Exposure, InputError, PairEntry
@@ -50,6 +51,7 @@ __all__ = [
     "LoadedPair",
     "load_pair",
     "mask_cosmics",
+    "dense_map",
     "dense_positions",
     "ensure_fwhm",
     "align",
@@ -264,15 +266,15 @@ def _dense_network(model: str, device: str, threads: int, batch_size: int, instr
     return dense_network(scorer.net), scorer.spec.channels, scorer.threads
 
 
-def dense_positions(pair: LoadedPair, config: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Candidates of ``selection = "dense"``: peaks >= ``config.direct.map_threshold`` of the direct model's
-    score map over the pair (:mod:`classifier.dense`), refined below its 4-pixel grid.
+def dense_map(pair: LoadedPair, config: RunConfig) -> np.ndarray:
+    """The direct model's score map over the pair (:func:`classifier.dense.dense_logit_map`): the logit of
+    "real" of a stamp centred on every :data:`classifier.dense.GRID`-th pixel of the search image.
 
     The template is resampled onto the search pixels and put on its zero point; both images less their smooth
     sky, over the search's sky noise, through ``asinh`` (the ``shared`` normalisation, per pixel); no PSF
-    matching, no difference image.  Returns search-image ``x``, ``y`` and the map scores.
+    matching, no difference image.
     """
-    from classifier.dense import dense_logit_map, map_peaks, normalized_planes
+    from classifier.dense import dense_logit_map, normalized_planes
     from classifier.infer import torch_threads
 
     net, channels, threads = _dense_network(config.model, config.device, config.torch_threads, config.batch_size,
@@ -288,8 +290,16 @@ def dense_positions(pair: LoadedPair, config: RunConfig) -> tuple[np.ndarray, np
     for k, name in enumerate(channels):
         frame[k] = planes.pop(name)
     with torch_threads(threads):
-        logits = dense_logit_map(net, frame)
-    return map_peaks(logits, config.direct.map_threshold)
+        return dense_logit_map(net, frame)
+
+
+def dense_positions(pair: LoadedPair, config: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidates of ``selection = "dense"``: the peaks >= ``config.direct.map_threshold`` of :func:`dense_map`,
+    refined below its grid (:func:`pipeline.detect.map_peaks`).  Returns search-image ``x``, ``y`` and the map
+    scores."""
+    from classifier.dense import GRID
+
+    return map_peaks(dense_map(pair, config), config.direct.map_threshold, GRID)
 
 
 #: :func:`cut_pairs` resamples the whole template once (:func:`pipeline.align.align_pair`, two separable

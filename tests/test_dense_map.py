@@ -84,22 +84,23 @@ def test_dense_logit_map_puts_each_window_at_its_centre_pixel():
 
 def test_map_peaks_and_normalized_planes():
     """Local maxima above a probability threshold on the map's grid; the shared normalisation with maps."""
-    from classifier.dense import GRID, map_peaks, normalized_planes
+    from classifier.dense import GRID, normalized_planes
+    from pipeline.detect import map_peaks
 
     logits = np.full((10, 12), -5.0, np.float32)
     yy, xx = np.mgrid[1:4, 2:5]
     logits[1:4, 2:5] = 3.0 - (yy - 2.25) ** 2 - (xx - 3.4) ** 2  # a peak at (2, 3), the vertex at (2.25, 3.4)
     logits[7, 9] = 0.5  # p = 0.62, an isolated peak: equal neighbours, it stays on the grid
     logits[0, 0] = np.nan
-    x, y, p = map_peaks(logits, 0.9, refine=False)
+    x, y, p = map_peaks(logits, 0.9, GRID, refine=False)
     assert (x.tolist(), y.tolist()) == ([3 * GRID], [2 * GRID])
     assert p[0] == pytest.approx(1 / (1 + np.exp(-logits[2, 3])))
-    x, y, _ = map_peaks(logits, 0.9)  # the vertex of the parabola through the peak and its neighbours, per axis
+    x, y, _ = map_peaks(logits, 0.9, GRID)  # the vertex of the parabola through the peak and its neighbours, per axis
     assert x[0] == pytest.approx(3.4 * GRID, abs=1e-4) and y[0] == pytest.approx(2.25 * GRID, abs=1e-4)
-    x, y, _ = map_peaks(logits, 0.6)
+    x, y, _ = map_peaks(logits, 0.6, GRID)
     assert sorted(zip(y.tolist(), x.tolist()))[1] == (7 * GRID, 9 * GRID)
     with pytest.raises(ValueError, match="threshold"):
-        map_peaks(logits, 1.0)
+        map_peaks(logits, 1.0, GRID)
     sky = np.full((4, 4), 100.0, np.float32)
     planes = normalized_planes(sky + 20, sky + 10, sky, sky, np.full((4, 4), 10.0, np.float32))
     assert np.allclose(planes["search"], np.arcsinh(2.0)) and np.allclose(planes["template"], np.arcsinh(1.0))

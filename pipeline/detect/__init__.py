@@ -26,6 +26,7 @@ from pipeline.detect.filter import (
     find_peaks,
     gaussian_psf,
     label_segments,
+    map_peaks,
     matched_filter,
     psf_filter,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "gaussian_psf",
     "psf_filter",
     "find_peaks",
+    "map_peaks",
     "detect_difference",
     "forced_psf_photometry",
     "PsfModel",

@@ -170,7 +170,7 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
         CCD identifier for the ``ccd`` column.
     positions : (x, y, score) arrays, optional
         ``selection="dense"`` only, and then required: the candidates' search-image pixel positions and
-        their map scores (:func:`classifier.dense.map_peaks`); they replace the search image's peaks.
+        their map scores (:func:`pipeline.detect.map_peaks`); they replace the search image's peaks.
 
     Returns
     -------

@@ -37,6 +37,7 @@ __all__ = [
     "psf_filter",
     "label_segments",
     "find_peaks",
+    "map_peaks",
     "filter_at",
 ]
 
@@ -380,6 +381,44 @@ def find_peaks(snr: np.ndarray, threshold: float, n_pixels: int, max_peaks: int 
         iy, ix, peak = iy[keep], ix[keep], peak[keep]
     x, y = _refine_peaks(snr, ix, iy, sign)
     return x, y, peak
+
+
+def map_peaks(logits: np.ndarray, threshold: float, spacing: float = 1.0,
+              refine: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Local maxima of a logit map (a classifier's score map) whose probability is >= ``threshold``.
+
+    The same local-maximum test and sub-pixel refinement as :func:`find_peaks` (every pixel the highest of
+    its 8 neighbours, ties kept; a 3-point parabola per axis), on the cells at or above the threshold.
+
+    Parameters
+    ----------
+    logits : ndarray
+        ``log(p / (1 - p))`` per map cell (e.g. :func:`classifier.dense.dense_logit_map`); non-finite
+        cells are never peaks.
+    threshold : float
+        Least probability of a peak, in (0, 1).
+    spacing : float
+        Pixels per map cell (the positions returned are ``spacing`` times the cell coordinates).
+    refine : bool
+        Refine each peak to the parabola's vertex (at most half a cell per axis); else the cell position.
+        On the benchmark field with :data:`classifier.dense.GRID` this put transients' peaks 0.4-0.5 px
+        from them (median) against ~1.6 px on the grid.
+
+    Returns
+    -------
+    x, y, score : ndarray
+        Positions in pixels (raster order of the peaks) and each peak's probability.
+    """
+    if not 0 < threshold < 1:
+        raise ValueError(f"map_peaks: threshold must lie in (0, 1), got {threshold}")
+    cut = np.log(threshold / (1 - threshold))
+    with np.errstate(invalid="ignore"):
+        flat = np.flatnonzero(logits >= cut)
+    peaks = _sparse_local_maxima(logits, flat, 1.0, 1)
+    iy, ix = np.unravel_index(peaks, logits.shape)
+    score = 1.0 / (1.0 + np.exp(-logits[iy, ix].astype(float)))
+    x, y = _refine_peaks(logits, ix, iy) if refine else (ix, iy)
+    return np.asarray(x, float) * spacing, np.asarray(y, float) * spacing, score
 
 
 def _find_peaks_reference(snr: np.ndarray, threshold: float, n_pixels: int, max_peaks: int | None = None,
