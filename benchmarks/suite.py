@@ -566,13 +566,12 @@ def _trained_on(metadata: dict) -> str:
         if "n_ccds" in ds and "seed" in ds:
             parts.append(f"{ds['n_ccds']} {instrument} {part.get('source', attrs.get('source', ''))} CCDs, "
                          f"seed {ds['seed']}")
-        elif off or part.get("stream") == "direct-offpeak":
+        elif off:
             seeds = ", ".join(str(v) for v in part.get("simulation_seeds", [])) or "?"
             parts.append(f"{off.get('ccds', '')} simulated CCDs off the search peaks, seed {seeds}")
         else:
             parts.append(part.get("source", "unrecorded data"))
-    stream = str(attrs.get("stream", "")).removesuffix("-offpeak")
-    return f"{train.get('n', '?')} {stream}-stream stamps from {' + '.join(parts)}".replace("  ", " ")
+    return f"{train.get('n', '?')} {attrs.get('stream', '')}-stream stamps from {' + '.join(parts)}".replace("  ", " ")
 
 
 def _gallery_pick(labels: np.ndarray, scores: np.ndarray, threshold: float, n: int) -> np.ndarray:

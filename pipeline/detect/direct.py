@@ -69,13 +69,12 @@ class DirectDetectConfig:
     (trained on stamps off the search peaks too) slid over the template resampled onto the search
     pixels, every 4 pixels (:mod:`classifier.dense`), its peaks >= ``map_threshold`` the candidates.
     Measured end to end (``pipeline run --mode direct``, found / false positives per CCD at 0.5
-    and 0.95): benchmark field 135 / 9.0 and 125 / 3.0, seed-4242 field 403 / 7.25 and 389 / 1.25:
-    as many transients as the flux cut or more, fewer false positives at 0.5, about as many at
-    0.95.  It is not the default: on a CPU the map makes the direct mode dearer than dia
-    (``pipeline benchmark``: 5.5 against 3.2 s per DECam CCD, detection 4.6 s on a one-thread
-    worker), and on the real DECam pair of the README it misses the
-    nuclear transient the flux cut finds (no map peak reaches 0.85 there; at 0.5 the nearest is
-    5 px off and two other candidates score 0.91-0.96).
+    and 0.95): benchmark field 133 / 9.5 and 128 / 4.0, seed-4242 field 407 / 7.75 and 398 / 2.25:
+    more transients than the flux cut, fewer false positives at 0.5, more at 0.95.  It is not the
+    default: on a CPU the map makes the direct mode dearer than dia (``pipeline benchmark``: 5.8
+    against 3.2 s per DECam CCD, detection 4.7 s on a one-thread worker), and on the real DECam
+    pair of the README it misses the nuclear transient the flux cut finds (the map reaches 0.18
+    there; its one peak >= 0.85 lies 128 px away).
 
     Every way the change is measured without a difference image, by forced
     photometry: each image is photometered on its own at the same sky position
