@@ -84,6 +84,7 @@ def _mine(args, config) -> int:
 
     from classifier.data import StampSet
     from pipeline import steps
+    from pipeline.datasets import sky_columns
     from pipeline.simulate import SimulationConfig, ccd_name, simulate_pair
 
     base = SimulationConfig()
@@ -129,10 +130,10 @@ def _mine(args, config) -> int:
         x, y = np.concatenate([rx, mx, fx]), np.concatenate([ry, my, fy])
         labels = np.concatenate([np.ones(rx.size), np.zeros(mx.size + fx.size)]).astype(np.int8)
         kind = np.concatenate([np.full(rx.size, "transient"), np.full(mx.size, "map_peak"), fkind])
-        stamps = steps.cut_pairs(Table({"x": x, "y": y}), pair, config)
+        stamps = steps.cut_pairs(Table({"x": x, "y": y}), pair, config, sky=True)
         split = "val" if k >= args.ccds - args.val_ccds else "train"
         meta = {"ccd": np.full(x.size, name), "x": x, "y": y, "kind": kind, "split": np.full(x.size, split),
-                "truth_id": np.concatenate([rid, np.full(mx.size + fx.size, -1)])}
+                "truth_id": np.concatenate([rid, np.full(mx.size + fx.size, -1)]), **sky_columns(stamps)}
         sets.append(StampSet(stamps.data, labels, meta, stamps.channels,
                              {"stream": "direct", "source": "simulated", "simulation_seeds": [int(args.seed)],
                               "offpeak": {"model": str(args.model), "ccds": args.ccds, "shape": list(shape),

@@ -512,7 +512,7 @@ def _score_stamp_sets(stamp_results: list[dict], by_key: dict, config: Benchmark
             continue
         scorers[model] = scorer
         t0 = time.perf_counter()
-        scores = scorer.score(s.stamps, channels=s.channels)
+        scores = scorer.score(s.stamps_for(scorer.spec.scheme), channels=s.channels)
         dt = time.perf_counter() - t0
         res = evaluate_scores(s.labels, scores, s.meta, eval_cfg)
         results[(model, stream)] = (res, scores)

@@ -104,6 +104,28 @@ class StampSet:
     def __len__(self) -> int:
         return int(self.stamps.shape[0])
 
+    def stamps_for(self, scheme: str) -> np.ndarray:
+        """The stamps as a model of normalisation ``scheme`` reads them.
+
+        As stored for every scheme but ``"sky"``, which reads template and search in sky units
+        (:func:`classifier.normalize.sky_units`): each minus its ``sky_<channel>`` column, over ``sky_noise``
+        (the pipeline's dataset builder writes these columns for every stream it cuts, from the whole frames).
+        A difference channel is left as stored (the scheme normalises it on its own).
+        """
+        if scheme != "sky":
+            return self.stamps
+        from .normalize import sky_units
+
+        need = [f"sky_{c}" for c in self.channels if c != "difference"] + ["sky_noise"]
+        missing = [c for c in need if c not in self.meta]
+        if missing:
+            raise ValueError(f"this stamp set has no {', '.join(missing)} column(s): a model of the 'sky' "
+                             f"normalisation needs each image's sky and the search's sky noise at every stamp "
+                             f"(sets written by `pipeline dataset` since pair-sky have them; rebuild the set)")
+        sky = np.stack([np.asarray(self.meta[f"sky_{c}"], np.float32) if c != "difference"
+                        else np.zeros(len(self), np.float32) for c in self.channels], axis=1)
+        return sky_units(self.stamps, sky, np.asarray(self.meta["sky_noise"], np.float32))
+
     # ------------------------------------------------------------------ selection
 
     def subset(self, index: Any) -> "StampSet":

@@ -4,7 +4,8 @@ The network is fully convolutional up to its head (three 3 x 3 stages with 2 x 2
 dense head over the 6 x 6 features of a 51 x 51 stamp): :func:`dense_network` turns the head into
 a 6 x 6 and a 1 x 1 convolution, so that one pass over a frame gives the stamp logits of a window
 every 8 pixels.  :func:`dense_logit_map` runs it at two phases per axis for a 4-pixel grid,
-:func:`normalized_planes` prepares the frame as the ``shared`` scheme prepares a stamp; the map's
+:func:`normalized_planes` prepares the frame as the ``sky`` scheme (:mod:`classifier.normalize`) prepares a stamp,
+so a network trained on such stamps (``pair-sky``) reads the same pixels in the map; the map's
 peaks are :func:`pipeline.detect.map_peaks` (the local-maximum test of the detection).  Pure array and torch
 code: the pipeline's direct mode (``DirectDetectConfig.selection = "dense"``) and
 ``benchmarks/dense_detector.py`` feed it.
@@ -79,7 +80,8 @@ WINDOW = 51
 
 def normalized_planes(search: np.ndarray, template: np.ndarray, search_background: np.ndarray,
                       template_background: np.ndarray, search_noise: np.ndarray) -> dict[str, np.ndarray]:
-    """The ``shared`` normalisation of :mod:`classifier.normalize` with per-pixel maps instead of per-stamp values.
+    """The ``sky`` normalisation of :mod:`classifier.normalize` per pixel: each image less its smooth sky, over the
+    search's sky noise, through ``asinh`` (a stamp gets the same from the values at its centre).
 
     Parameters
     ----------

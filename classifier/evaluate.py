@@ -398,7 +398,7 @@ def evaluate_model(model: "Scorer | str | Path", data: StampSet, config: Evaluat
 
     scorer = model if isinstance(model, Scorer) else Scorer(model, device=device, batch_size=batch_size,
                                                             threads=threads)
-    scores = scorer.score(data.stamps, data.channels)
+    scores = scorer.score(data.stamps_for(scorer.spec.scheme), data.channels)
     result = evaluate_scores(data.labels, scores, data.meta, config)
     result.training_overlap = training_overlap(scorer.metadata, data, scorer.name)
     if result.training_overlap["warning"]:

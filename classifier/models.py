@@ -204,6 +204,9 @@ MODELS: dict[str, ModelSpec] = {
                             ("search", "template"), False, PairPaper),
     "triplet": ModelSpec("triplet", CHANNELS, "shared", "channels", (), True, lambda: StampNet(3)),
     "pair": ModelSpec("pair", ("template", "search"), "shared", "channels", (), True, lambda: StampNet(2)),
+    # the direct mode's dense detector: our pair network on stamps in sky units, the normalisation its score map
+    # gives every window (classifier.normalize, scheme "sky")
+    "pair-sky": ModelSpec("pair-sky", ("template", "search"), "sky", "channels", (), True, lambda: StampNet(2)),
 }
 
 

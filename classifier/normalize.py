@@ -14,6 +14,15 @@ Schemes (``normalize_stamps(stamps, scheme, channels)``):
       only in the search), which a per-stamp min-max scaling destroys; ``asinh`` keeps noise linear
       and bright stars in range.
     * difference: minus its clipped mean, divided by its own clipped std, then ``asinh``.
+``"sky"`` (the direct mode's dense detector, ``pair-sky``)
+    * template and search arrive **already in sky units**: each image minus its own smooth sky,
+      over the search image's sky noise, both read from the whole frame at the stamp's centre
+      (:func:`sky_units`); the scheme only applies ``asinh``.  No statistic comes from the stamp, so
+      a stamp is normalised exactly as the fully convolutional network's frame is
+      (:func:`classifier.dense.normalized_planes`): the network scores the same pixels on a stamp and
+      in the score map.  The ``shared`` scheme instead takes the sky and the scale from the stamp,
+      which on a bright host is the host's light and structure, not the sky.
+    * difference (if any): as in ``shared``.
 
 Missing pixels (NaN, and infinite values) are ignored by the statistics and set to 0 after
 normalising, so the output is finite and deterministic.  A constant stamp maps to 0.  The
@@ -29,10 +38,10 @@ import torch
 
 from .data import CHANNELS
 
-__all__ = ["normalize_stamps", "SCHEMES", "paper_minmax", "zscore", "shared_scale"]
+__all__ = ["normalize_stamps", "SCHEMES", "paper_minmax", "zscore", "shared_scale", "sky_units"]
 
 #: Normalisation schemes understood by :func:`normalize_stamps`.
-SCHEMES: tuple[str, ...] = ("paper", "shared")
+SCHEMES: tuple[str, ...] = ("paper", "shared", "sky")
 
 #: Clipping threshold (in std) of the shared scheme's background / noise estimate.
 _CLIP = 3.0
@@ -183,6 +192,34 @@ def shared_scale(x, image_channels: Sequence[int], reference: int | None):
     return _back(_finish(out, valid).reshape(shape), was_np)
 
 
+def sky_units(stamps: np.ndarray, sky: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Stamps in the ``sky`` scheme's units: each channel minus its sky, over the noise.
+
+    Parameters
+    ----------
+    stamps : ndarray (N, C, H, W)
+        Raw stamps (ADU; the template already on the search's zero point).
+    sky : ndarray (N, C)
+        Smooth sky of each channel's image at the stamp's centre.
+    noise : ndarray (N,)
+        Sky noise (standard deviation) of the search image at the stamp's centre.
+
+    Returns
+    -------
+    ndarray (N, C, H, W) float32
+        ``(stamps - sky) / noise``; NaN stays NaN.
+    """
+    stamps = np.asarray(stamps, np.float32)
+    sky = np.asarray(sky, np.float32)
+    noise = np.asarray(noise, np.float32)
+    if sky.shape != stamps.shape[:2] or noise.shape != stamps.shape[:1]:
+        raise ValueError(f"sky_units: sky must be (N, C) = {stamps.shape[:2]} and noise (N,) = {stamps.shape[:1]}; "
+                         f"got {sky.shape} and {noise.shape}")
+    if not (np.isfinite(noise) & (noise > 0)).all():
+        raise ValueError("sky_units: the sky noise must be finite and > 0 for every stamp")
+    return (stamps - sky[:, :, None, None]) / noise[:, None, None, None]
+
+
 def normalize_stamps(stamps: np.ndarray, scheme: str = "paper",
                      channels: Sequence[str] = CHANNELS) -> np.ndarray:
     """Normalise a stamp array channel by channel.
@@ -190,8 +227,9 @@ def normalize_stamps(stamps: np.ndarray, scheme: str = "paper",
     Parameters
     ----------
     stamps : ndarray or Tensor (N, C, H, W)
-        Raw stamps; NaN marks missing pixels.  Tensors stay on their device.
-    scheme : {"paper", "shared"}
+        Raw stamps (``sky``: template and search in sky units, :func:`sky_units`); NaN marks missing
+        pixels.  Tensors stay on their device.
+    scheme : {"paper", "shared", "sky"}
         See the module docstring.
     channels : sequence of str
         Name of each channel (``template``, ``search``, ``difference``); decides how each is scaled.
@@ -226,4 +264,14 @@ def normalize_stamps(stamps: np.ndarray, scheme: str = "paper",
     if scheme == "shared":
         ref = channels.index("search") if "search" in channels else None
         return shared_scale(stamps, imgs, ref)
+    if scheme == "sky":
+        t, was_np = _as_tensor(stamps)
+        parts = []
+        for i in range(t.shape[1]):
+            plane = t[:, i:i + 1]
+            if i in diff:
+                parts.append(shared_scale(plane, [], None))
+            else:  # a copy: the caller's stamps are never written
+                parts.append(_finish(_asinh(plane.clone()), _valid(plane)))
+        return _back(torch.cat(parts, dim=1), was_np)
     raise ValueError(f"unknown normalisation scheme {scheme!r}; choose one of {SCHEMES}")

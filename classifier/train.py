@@ -277,9 +277,9 @@ def _train_model(name: str, train: StampSet, val: StampSet, config: TrainConfig,
     augment = spec.augment if config.augment is None else config.augment
     n_panels = len(spec.panels) if spec.layout == "side-by-side" else 1
 
-    x_train = torch.from_numpy(prepare_input(train.stamps, spec, train.channels))
+    x_train = torch.from_numpy(prepare_input(train.stamps_for(spec.scheme), spec, train.channels))
     y_train = torch.from_numpy(train.labels.astype(np.int64))
-    x_val = torch.from_numpy(prepare_input(val.stamps, spec, val.channels))
+    x_val = torch.from_numpy(prepare_input(val.stamps_for(spec.scheme), spec, val.channels))
     y_val = torch.from_numpy(val.labels.astype(np.int64))
     if dev.type == "cuda":  # stamps are small: keep the whole set on the GPU when it fits
         x_train, y_train, x_val, y_val = (t.to(dev) for t in (x_train, y_train, x_val, y_val))

@@ -35,7 +35,7 @@ from pipeline.detect import CandidateFlags
 if TYPE_CHECKING:
     from pipeline.simulate import SimulationConfig
 
-__all__ = ["DatasetConfig", "DatasetError", "build_ccd_stamps", "pair_stamp_sets", "build_datasets", "STREAMS",
+__all__ = ["DatasetConfig", "DatasetError", "build_ccd_stamps", "pair_stamp_sets", "build_datasets", "STREAMS", "sky_columns",
            "failed_ccds", "DECAM_DATASET_SHAPE", "dataset_shape"]
 
 STREAMS = ("dia", "direct")
@@ -157,7 +157,19 @@ class DatasetConfig:
             raise ValueError(f"DatasetConfig.variables must be one of {VARIABLE_POLICIES}, got {self.variables!r}")
 
 
-def _stampset(stamps, table, labels, stream: str, channels):
+def sky_columns(stamps, idx=slice(None)) -> dict[str, np.ndarray]:
+    """The stamp-set columns a ``sky``-scheme model reads (:meth:`classifier.data.StampSet.stamps_for`):
+    ``sky_template``, ``sky_search`` and ``sky_noise`` of :class:`pipeline.stamps.Stamps` cut with ``sky=True``
+    (rows ``idx``); none when the stamps were cut without."""
+    if stamps.sky is None:
+        return {}
+    cols = {f"sky_{name}": stamps.sky[idx, k].astype(float) for k, name in enumerate(stamps.channels)
+            if name != "difference"}
+    cols["sky_noise"] = stamps.noise[idx].astype(float)
+    return cols
+
+
+def _stampset(stamps, idx, table, labels, stream: str, channels):
     from classifier.data import StampSet
 
     kind = np.asarray(table["truth_kind"]).astype("U16")
@@ -169,7 +181,8 @@ def _stampset(stamps, table, labels, stream: str, channels):
         "truth_id": np.asarray(table["truth_id"], np.int64),
         "flags": np.asarray(table["flags"], np.int32), "flux": np.asarray(table["flux"], float),
     }
-    return StampSet(stamps.astype(np.float32), labels, meta, channels, {"stream": stream})
+    meta.update(sky_columns(stamps, idx))
+    return StampSet(stamps.data[idx].astype(np.float32), labels, meta, channels, {"stream": stream})
 
 
 def _sample_bogus(bogus: np.ndarray, table, n: int, hard_fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -247,20 +260,20 @@ def pair_stamp_sets(pair, run_config: RunConfig = RunConfig(), streams: tuple[st
             keep[bogus] = False
             keep[_sample_bogus(bogus, table, max_bogus, hard_bogus_fraction, rng)] = True
         idx = np.flatnonzero(keep)
-        sets[stream] = _stampset(stamps.data[idx], table[idx], labels[idx], stream, stamps.channels)
+        sets[stream] = _stampset(stamps, idx, table[idx], labels[idx], stream, stamps.channels)
 
     if "dia" in streams:
         try:
             aligned = steps.align(pair, run_config)
             diff = steps.psf_match_subtract(aligned, run_config)
             cands = steps.detect_on_difference(diff, aligned, run_config, ccd=pair.ccd)
-            finish("dia", cands, steps.cut_triplets(cands, aligned, diff))
+            finish("dia", cands, steps.cut_triplets(cands, aligned, diff, sky=True))
         except Exception as exc:  # a CCD the DIA cannot handle is left out, and said so
             errors["dia"] = f"{type(exc).__name__}: {exc}"
     if "direct" in streams:
         try:  # the direct mode's candidates ("dense" slides the direct model, whatever mode run_config is for)
             cands = steps.detect_without_difference(pair, dataclasses.replace(run_config, mode="direct"))
-            finish("direct", cands, steps.cut_pairs(cands, pair, run_config))
+            finish("direct", cands, steps.cut_pairs(cands, pair, run_config, sky=True))
         except Exception as exc:
             errors["direct"] = f"{type(exc).__name__}: {exc}"
     return sets, errors

@@ -435,7 +435,8 @@ def _stage_detect(state: CcdState, config: RunConfig, out_dir: Path) -> None:
 
 def _stage_stamps(state: CcdState, config: RunConfig, out_dir: Path) -> None:
     if config.mode == "dia":
-        state.stamps = steps.cut_triplets(state.candidates, state.aligned, state.diff)
+        state.stamps = steps.cut_triplets(state.candidates, state.aligned, state.diff,
+                                           sky=steps.model_reads_sky(config))
         state.aligned = state.diff = None  # free the full frames
     else:
         state.stamps = steps.cut_pairs(state.candidates, state.pair, config)

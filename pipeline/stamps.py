@@ -37,6 +37,11 @@ class Stamps:
         Plane names, e.g. ``("template", "search", "difference")``.
     x, y : ndarray (N,)
         Integer pixel centres of the stamps on the search grid.
+    sky : ndarray (N, C) or None
+        Each channel's smooth sky at the stamp's centre, from the whole frame (0 for a difference), when
+        the stamps were cut for a model of the ``sky`` normalisation (:func:`pipeline.steps.sky_levels`).
+    noise : ndarray (N,) or None
+        The search image's sky noise at the stamp's centre, with ``sky``.
     """
 
     data: np.ndarray
@@ -44,6 +49,8 @@ class Stamps:
     channels: tuple[str, ...]
     x: np.ndarray
     y: np.ndarray
+    sky: np.ndarray | None = None
+    noise: np.ndarray | None = None
 
     @property
     def complete(self) -> np.ndarray:

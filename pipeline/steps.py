@@ -52,6 +52,7 @@ __all__ = [
     "load_pair",
     "mask_cosmics",
     "dense_map",
+    "dense_planes",
     "dense_positions",
     "ensure_fwhm",
     "align",
@@ -64,6 +65,8 @@ __all__ = [
     "cut_triplets",
     "detect_without_difference",
     "cut_pairs",
+    "sky_levels",
+    "model_reads_sky",
     "get_scorer",
     "score_stamps",
     "magnitudes",
@@ -233,16 +236,17 @@ def _zp_scale(search: Exposure, template: Exposure) -> float:
     return float(10.0 ** (0.4 * (search.zero_point - template.zero_point)))
 
 
-def cut_triplets(candidates: Table, aligned: AlignedPair, diff, size: int = STAMP_SIZE) -> Stamps:
-    """(template, search, difference) stamps on the search grid, calibrated."""
+def cut_triplets(candidates: Table, aligned: AlignedPair, diff, size: int = STAMP_SIZE, *,
+                 sky: bool = False) -> Stamps:
+    """(template, search, difference) stamps on the search grid, calibrated; with ``sky``, the frames' sky and
+    noise at each (``Stamps.sky``, ``Stamps.noise``: what a ``sky``-scheme model reads, :func:`sky_levels`)."""
     s, t = aligned.search, aligned.template
     stamps = cut_stamps(
         {"template": t.image, "search": s.image, "difference": diff.image},
         {"template": t.mask, "search": s.mask, "difference": diff.mask},
         np.asarray(candidates["x"]), np.asarray(candidates["y"]), size=size,
     )
-    stamps.data = _calibrate(stamps.data, _zp_scale(s, t), inplace=True)
-    return stamps
+    return _calibrate_with_sky(stamps, s, t, sky)
 
 
 def detect_without_difference(pair: LoadedPair, config: RunConfig) -> CandidateTable:
@@ -266,31 +270,98 @@ def _dense_network(model: str, device: str, threads: int, batch_size: int, instr
     return dense_network(scorer.net), scorer.spec.channels, scorer.threads
 
 
-def dense_map(pair: LoadedPair, config: RunConfig) -> np.ndarray:
-    """The direct model's score map over the pair (:func:`classifier.dense.dense_logit_map`): the logit of
-    "real" of a stamp centred on every :data:`classifier.dense.GRID`-th pixel of the search image.
+def dense_planes(pair: LoadedPair, config: RunConfig, channels: tuple[str, ...] = ("template", "search")) -> np.ndarray:
+    """The frame a dense map reads: ``(C, ny, nx)`` float32 planes in ``channels`` order.
 
-    The template is resampled onto the search pixels and put on its zero point; both images less their smooth
-    sky, over the search's sky noise, through ``asinh`` (the ``shared`` normalisation, per pixel); no PSF
-    matching, no difference image.
+    The template is resampled onto the search pixels (:func:`align`) and put on the search's zero point; both
+    images less their smooth sky, over the search's sky noise, through ``asinh``
+    (:func:`classifier.dense.normalized_planes`): the ``sky`` normalisation per pixel, which a stamp cut with
+    ``sky=True`` gets from :func:`sky_levels`.  No PSF matching, no difference image.
     """
-    from classifier.dense import dense_logit_map, normalized_planes
-    from classifier.infer import torch_threads
+    from classifier.dense import normalized_planes
 
-    net, channels, threads = _dense_network(config.model, config.device, config.torch_threads, config.batch_size,
-                                            config.instrument)
     aligned = align(pair, config)
     s = pair.search
-    template = _calibrate(aligned.template.image, _zp_scale(s, pair.template))
-    noise = np.sqrt(np.maximum(estimate_background(s.variance, s.mask), np.float32(1e-12)))
+    # the template on the search's zero point (the whole frame: _calibrate is the stamps' ring-sky calibration)
+    template = np.multiply(aligned.template.image, np.float32(_zp_scale(s, pair.template)), dtype=np.float32)
+    noise = _sky_noise(s)
     planes = normalized_planes(s.image, template, estimate_background(s.image, s.mask),
                                estimate_background(template, aligned.template.mask), noise)
     del aligned, template, noise  # the resampled template is not needed past the normalisation
     frame = np.empty((len(channels),) + s.shape, np.float32)
     for k, name in enumerate(channels):
         frame[k] = planes.pop(name)
+    return frame
+
+
+def dense_map(pair: LoadedPair, config: RunConfig) -> np.ndarray:
+    """The direct model's score map over the pair (:func:`classifier.dense.dense_logit_map`): the logit of
+    "real" of a window centred on every :data:`classifier.dense.GRID`-th pixel of the search image, over the planes
+    of :func:`dense_planes`.
+    """
+    from classifier.dense import dense_logit_map
+    from classifier.infer import torch_threads
+
+    net, channels, threads = _dense_network(config.model, config.device, config.torch_threads, config.batch_size,
+                                            config.instrument)
+    frame = dense_planes(pair, config, channels)
     with torch_threads(threads):
         return dense_logit_map(net, frame)
+
+
+def _sky_noise(search: Exposure) -> np.ndarray:
+    """The search image's sky noise per pixel: the smooth level of its variance plane, square-rooted."""
+    return np.sqrt(np.maximum(estimate_background(search.variance, search.mask), np.float32(1e-12)))
+
+
+def sky_levels(search: Exposure, template: Exposure, x, y) -> tuple[np.ndarray, np.ndarray]:
+    """The ``sky`` normalisation's reference (:func:`classifier.normalize.sky_units`) at search pixels ``x, y``.
+
+    Each image's smooth sky (:func:`pipeline.detect.estimate_background` over the whole frame; the template's on
+    its own pixels, read at the position the WCSs map ``x, y`` to and put on the search's zero point) and the
+    search's sky noise (:func:`_sky_noise`): what :func:`dense_map` normalises every pixel by, here for stamps.
+    ``template`` may be the raw template or one already resampled onto the search grid.
+
+    Returns
+    -------
+    sky : ndarray (N, 2) float32
+        (template, search).
+    noise : ndarray (N,) float32
+    """
+    from pipeline.align import _template_pixels
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+
+    def at(plane, px, py):
+        ny, nx = plane.shape
+        return plane[np.clip(np.rint(py).astype(np.intp), 0, ny - 1), np.clip(np.rint(px).astype(np.intp), 0, nx - 1)]
+
+    tx, ty = _template_pixels(search.wcs, template.wcs, x, y)
+    sky = np.stack([at(estimate_background(template.image, template.mask), tx, ty) * _zp_scale(search, template),
+                    at(estimate_background(search.image, search.mask), x, y)], axis=1).astype(np.float32)
+    return sky, at(_sky_noise(search), x, y).astype(np.float32)
+
+
+def model_reads_sky(config: RunConfig) -> bool:
+    """Whether the run's model normalises stamps by the frames' sky (scheme ``sky``, e.g. ``pair-sky``)."""
+    scorer = get_scorer(config.model, config.device, config.torch_threads, config.batch_size, config.instrument)
+    return scorer.spec.scheme == "sky"
+
+
+def _calibrate_with_sky(stamps: Stamps, search: Exposure, template: Exposure, sky: bool) -> Stamps:
+    """:func:`_calibrate` the stamps' template and search channels (in place) and, with ``sky``, record the frames'
+    sky and noise at their centres as what remains of the sky on the calibrated stamps (the frame's sky less the
+    ring sky :func:`_calibrate` removes), so that ``(data - sky) / noise`` is each image less its frame sky."""
+    scale = _zp_scale(search, template)
+    if sky:
+        frame_sky, noise = sky_levels(search, template, stamps.x, stamps.y)
+        ring = ring_background(stamps.data[:, :2]).astype(np.float32)
+        remaining = np.zeros((len(stamps), len(stamps.channels)), np.float32)  # a difference channel: 0
+        remaining[:, 0] = frame_sky[:, 0] - ring[:, 0] * np.float32(scale)
+        remaining[:, 1] = frame_sky[:, 1] - ring[:, 1]
+        stamps.sky, stamps.noise = remaining, noise
+    stamps.data = _calibrate(stamps.data, scale, inplace=True)
+    return stamps
 
 
 def dense_positions(pair: LoadedPair, config: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -310,14 +381,18 @@ def dense_positions(pair: LoadedPair, config: RunConfig) -> tuple[np.ndarray, np
 FULL_FRAME_STAMP_FRACTION = 0.25
 
 
-def cut_pairs(candidates: Table, pair: LoadedPair, config: RunConfig, size: int = STAMP_SIZE) -> Stamps:
+def cut_pairs(candidates: Table, pair: LoadedPair, config: RunConfig, size: int = STAMP_SIZE, *,
+              sky: bool | None = None) -> Stamps:
     """(template, search) stamps: search cut out, template resampled onto the same pixels.
 
     The template is resampled at the stamps' pixels only, or over the whole frame when the
     stamps cover more than :data:`FULL_FRAME_STAMP_FRACTION` of it (direct mode's every-peak
-    candidates): the same stamps either way, whichever is cheaper.
+    candidates): the same stamps either way, whichever is cheaper.  With ``sky`` (default: when the run's
+    model reads sky units, :func:`model_reads_sky`) the frames' sky and noise at each stamp are recorded.
     """
     s, t = pair.search, pair.template
+    if sky is None:
+        sky = model_reads_sky(config)
     x, y = np.asarray(candidates["x"]), np.asarray(candidates["y"])
     aligned = None
     if x.size * size * size > FULL_FRAME_STAMP_FRACTION * s.image.size:
@@ -328,15 +403,13 @@ def cut_pairs(candidates: Table, pair: LoadedPair, config: RunConfig, size: int 
     if aligned is not None:
         stamps = cut_stamps({"template": aligned.template.image, "search": s.image},
                             {"template": aligned.template.mask, "search": s.mask}, x, y, size=size)
-        stamps.data = _calibrate(stamps.data, _zp_scale(s, t), inplace=True)
-        return stamps
+        return _calibrate_with_sky(stamps, s, t, sky)
     search = cut_stamps({"search": s.image}, {"search": s.mask}, x, y, size=size)
     t_img, t_mask = resample_cutouts(t, s.wcs, x, y, size=size, config=config.align)
     data = np.concatenate([t_img[:, None], search.data], axis=1)
     mask = np.concatenate([t_mask[:, None], search.mask], axis=1)
     stamps = Stamps(data=data, mask=mask, channels=("template", "search"), x=search.x, y=search.y)
-    stamps.data = _calibrate(stamps.data, _zp_scale(s, t), inplace=True)
-    return stamps
+    return _calibrate_with_sky(stamps, s, t, sky)
 
 
 @functools.lru_cache(maxsize=4)
@@ -358,7 +431,15 @@ def score_stamps(stamps: Stamps, config: RunConfig) -> np.ndarray:
     if len(stamps) == 0:
         return np.zeros(0, np.float32)
     scorer = get_scorer(config.model, config.device, config.torch_threads, config.batch_size, config.instrument)
-    return np.asarray(scorer.score(stamps.data, channels=stamps.channels), np.float32)
+    data = stamps.data
+    if scorer.spec.scheme == "sky":
+        from classifier.normalize import sky_units
+
+        if stamps.sky is None:
+            raise ValueError(f"model {config.model!r} reads stamps in sky units: cut them with sky=True "
+                             f"(cut_pairs / cut_triplets record the frames' sky and noise)")
+        data = sky_units(data, stamps.sky, stamps.noise)
+    return np.asarray(scorer.score(data, channels=stamps.channels), np.float32)
 
 
 def magnitudes(flux, flux_err, zero_point: float) -> tuple[np.ndarray, np.ndarray]:

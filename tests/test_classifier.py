@@ -49,7 +49,7 @@ def test_models_forward_shapes(name):
     x = prepare_input(stamps, name)
     spec = get_spec(name)
     expected = {"triplet-paper": (3, 1, 51, 153), "pair-paper": (3, 1, 51, 102),
-                "triplet": (3, 3, 51, 51), "pair": (3, 2, 51, 51)}[name]
+                "triplet": (3, 3, 51, 51), "pair": (3, 2, 51, 51), "pair-sky": (3, 2, 51, 51)}[name]
     assert x.shape == expected
     with torch.no_grad():
         assert build_model(name).eval()(torch.from_numpy(x)).shape == (3, 2)
@@ -375,7 +375,8 @@ class _Linear(torch.nn.Module):
 _PANELS = {"triplet-paper": {"template": (0, slice(102, 153)), "search": (0, slice(51, 102))},  # [diff | srch | tmpl]
            "pair-paper": {"template": (0, slice(51, 102)), "search": (0, slice(0, 51))},  # [search | template]
            "triplet": {"template": (0, slice(0, 51)), "search": (1, slice(0, 51))},
-           "pair": {"template": (0, slice(0, 51)), "search": (1, slice(0, 51))}}
+           "pair": {"template": (0, slice(0, 51)), "search": (1, slice(0, 51))},
+           "pair-sky": {"template": (0, slice(0, 51)), "search": (1, slice(0, 51))}}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -548,3 +549,35 @@ def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
     assert run.stdout.split() == ["svg", "False"]
     for name in ("roc.png", "saliency.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sky_scheme_reads_stamps_in_the_frames_sky_units():
+    """``sky``: a stamp set's ``sky_<channel>`` / ``sky_noise`` columns put template and search in sky units
+    (``StampSet.stamps_for``), the scheme takes their ``asinh`` and nothing from the stamp itself, so a faint and a
+    bright stamp keep their ratio; a set without the columns is refused by name; other schemes read the stored
+    stamps."""
+    from classifier.data import StampSet
+    from classifier.normalize import normalize_stamps
+
+    rng = np.random.default_rng(5)
+    sky = np.array([[100.0, 40.0], [100.0, 40.0]])
+    noise = np.array([10.0, 10.0])
+    signal = rng.normal(0.0, 1.0, (2, 2, 51, 51))
+    signal[1] *= 7  # the second stamp: the same pattern 7x brighter
+    signal[1] = signal[0] * 7
+    stamps = (signal * noise[:, None, None, None] + sky[:, :, None, None]).astype(np.float32)
+    stamps[0, 1, 3, 4] = np.nan
+    meta = {"sky_template": sky[:, 0], "sky_search": sky[:, 1], "sky_noise": noise}
+    data = StampSet(stamps, np.array([1, 0]), meta, ("template", "search"))
+    units = data.stamps_for("sky")
+    np.testing.assert_allclose(units[~np.isnan(units)], signal[~np.isnan(units)], rtol=1e-5, atol=1e-5)
+    read = normalize_stamps(units, "sky", data.channels)
+    ok = np.isfinite(units)
+    np.testing.assert_allclose(read[ok], np.arcsinh(signal[ok]), rtol=1e-5, atol=1e-6)
+    assert read[0, 1, 3, 4] == 0 and np.isnan(stamps[0, 1, 3, 4])  # missing -> 0; the stored stamps untouched
+    shared = normalize_stamps(stamps, "shared", data.channels)  # its own statistics: the 7x is normalised away
+    np.testing.assert_allclose(shared[0][ok[0]], shared[1][ok[0]], atol=1e-3)  # (one pixel missing in one)
+    assert data.stamps_for("shared") is data.stamps
+    bare = StampSet(stamps, np.array([1, 0]), {}, ("template", "search"))
+    with pytest.raises(ValueError, match="sky_template, sky_search, sky_noise"):
+        bare.stamps_for("sky")

@@ -262,3 +262,60 @@ def test_hard_bogus_sampling_keeps_the_largest_brightenings():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="hard_bogus_fraction"):
             DatasetConfig(hard_bogus_fraction=bad)
+
+
+def test_sky_stamps_are_the_dense_maps_windows(host_pair, tmp_path):
+    """A ``sky``-scheme model (``pair-sky``) reads a stamp as its dense map reads the window centred on the same
+    pixel: stamps cut with ``sky=True`` carry the frames' sky and noise (``steps.sky_levels``), and in those units
+    through ``asinh`` they are the map's planes (``steps.dense_planes``) to within the smooth sky's change across a
+    stamp.  The template is on another zero point than the search (the map once left it unscaled while the
+    stamps were scaled).  Normalised by their own statistics (``shared``) the stamps are other pixels."""
+    import torch
+    from astropy.table import Table
+
+    from classifier.models import MODELS, StampNet
+    from classifier.normalize import normalize_stamps
+    from classifier.train import save_weights
+    from pipeline import steps
+
+    search, template, stars = host_pair
+    dzp = 0.5  # the template's counts x10**0.2: the same sky, on another zero point
+    gain = np.float32(10 ** (0.4 * dzp))
+    template = dataclasses.replace(template, image=template.image * gain, variance=template.variance * gain ** 2,
+                                   zero_point=template.zero_point + dzp)
+    pair = steps.LoadedPair("t", search, template)
+    config = RunConfig(mode="direct")
+    frame = steps.dense_planes(pair, config)
+    # on the stars, the host, the lone transient and blank sky, >= 30 px inside the frame
+    pts = np.vstack([stars[:16], [HOST[:2], LONE[:2]], np.random.default_rng(4).uniform(30, 290, (16, 2))])
+    x, y = np.rint(pts[:, 0]).astype(int), np.rint(pts[:, 1]).astype(int)
+    stamps = steps.cut_pairs(Table({"x": x * 1.0, "y": y * 1.0}), pair, config, sky=True)  # full-frame path
+    assert stamps.sky.shape == (x.size, 2) and stamps.noise.shape == (x.size,)
+    np.testing.assert_allclose(stamps.noise, np.sqrt(np.median(search.variance)), rtol=0.02)
+    windows = np.stack([frame[:, j - 25:j + 26, i - 25:i + 26] for i, j in zip(x, y)])
+    read = normalize_stamps(classifier_sky_units(stamps), "sky", stamps.channels)
+    assert np.abs(windows).max() > 5  # bright sources in the windows: a scale error would show
+    assert np.abs(read - windows).max() < 0.1  # 0.08: the sky maps vary across a stamp, a stamp takes its centre's
+    own = normalize_stamps(stamps.data, "shared", stamps.channels)
+    assert np.abs(own - windows).max() > 1
+
+    # the pipeline scores such stamps in sky units with a "sky" model, and refuses stamps cut without
+    torch.manual_seed(3)
+    path = save_weights(StampNet(2).eval(), MODELS["pair-sky"], tmp_path / "pair-sky.pt")
+    sky_config = dataclasses.replace(RunConfig(mode="direct", model_direct=str(path)),
+                                     direct=DirectDetectConfig(selection="dense"))
+    assert steps.model_reads_sky(sky_config) and not steps.model_reads_sky(config)
+    scorer = steps.get_scorer(str(path), "cpu", sky_config.torch_threads, sky_config.batch_size)
+    np.testing.assert_allclose(steps.score_stamps(stamps, sky_config),
+                               scorer.score(classifier_sky_units(stamps), stamps.channels), rtol=1e-6)
+    by_default = steps.cut_pairs(Table({"x": x[:2] * 1.0, "y": y[:2] * 1.0}), pair, sky_config)
+    assert by_default.sky is not None
+    with pytest.raises(ValueError, match="sky units"):
+        steps.score_stamps(steps.cut_pairs(Table({"x": x[:2] * 1.0, "y": y[:2] * 1.0}), pair, sky_config,
+                                           sky=False), sky_config)
+
+
+def classifier_sky_units(stamps):
+    from classifier.normalize import sky_units
+
+    return sky_units(stamps.data, stamps.sky, stamps.noise)

@@ -68,14 +68,16 @@ q1=$!
   train pair ../data-direct/direct "$epochs_direct" pair-direct "$max_train_direct"  # $work/data-direct/direct.npz
   # pair-dense: the dense score map's model (DirectDetectConfig.selection = "dense"): pair-direct's set plus stamps
   # off the search peaks -- transients moved by up to 2 px (real), pair-direct's own map peaks away from
-  # transients and the flanks of stars and galaxies (bogus) -- mined on 40 CCDs of seed 1500 (~4 min; 57,121
-  # stamps in all), then 16 epochs on all of its 43,473 training stamps (two threads as shipped: ~53 s per epoch)
+  # transients and the flanks of stars and galaxies (bogus) -- mined on 40 CCDs of seed 1500 (~3 min), then
+  # 16 epochs on all of its training stamps (two threads as shipped: ~53 s per epoch).  Architecture pair-sky:
+  # our pair network reading stamps in the frames' sky units (the sets' sky_* columns), as its score map reads
+  # every window (classifier.normalize, scheme "sky")
   if [ ! -f "$work/data-direct/dense.npz" ]; then
       python -m benchmarks.dense_detector --mine "$work/data-direct/dense.npz" \
           --merge "$work/data-direct/direct.npz" --model "$work/pair-direct/model.pt" --threads 2
   fi
   THREADS_DENSE="${THREADS_DENSE:-2}"
-  pipeline train --model pair --data "$work/data-direct/dense.npz" --out "$work/pair-dense" \
+  pipeline train --model pair-sky --data "$work/data-direct/dense.npz" --out "$work/pair-dense" \
       --epochs "$epochs_dense" --max-train 50000 --threads "$THREADS_DENSE" --no-progress --seed 0
   pipeline evaluate --model "$work/pair-dense" --data "$work/data-direct/dense.npz" --split test \
       --out "$work/pair-dense/test" --threads "$threads"

@@ -38,11 +38,12 @@ def main(args: argparse.Namespace) -> int:
             data = data.select(args.split)
         net, spec, _meta, path = load_weights(args.model)
         device = torch_device(args.device)
+        data = data.subset(np.arange(min(args.n, len(data))))
+        model_stamps = data.stamps_for(spec.scheme)  # sky units for a "sky" model
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"pipeline saliency: {exc}", file=sys.stderr)
         return 2
-    data = data.subset(np.arange(min(args.n, len(data))))
-    result = saliency_maps(net, spec, data.stamps, data.channels, device=device)
+    result = saliency_maps(net, spec, model_stamps, data.channels, device=device)
     table = saliency_table(result, data.labels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
