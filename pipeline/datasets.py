@@ -35,8 +35,8 @@ from pipeline.detect import CandidateFlags
 if TYPE_CHECKING:
     from pipeline.simulate import SimulationConfig
 
-__all__ = ["DatasetConfig", "DatasetError", "build_ccd_stamps", "pair_stamp_sets", "build_datasets", "STREAMS", "sky_columns",
-           "failed_ccds", "DECAM_DATASET_SHAPE", "dataset_shape"]
+__all__ = ["DatasetConfig", "DatasetError", "build_ccd_stamps", "pair_stamp_sets", "build_datasets", "STREAMS",
+           "sky_columns", "failed_ccds", "DECAM_DATASET_SHAPE", "dataset_shape"]
 
 STREAMS = ("dia", "direct")
 
