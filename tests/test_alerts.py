@@ -406,3 +406,7 @@ def test_score_alerts_reports_bad_records(tmp_path, capsys):
     assert run_command([junk, "--out", out2]) == 2 and not out2.exists()
     assert run_command([bad, "--out", tmp_path / "x.txt"]) == 2
     assert run_command([bad, "--model", "no-such-model"]) == 2
+    # the dense map's detector reads the frames' sky units: cut-outs have no frame, so it is refused by name
+    capsys.readouterr()
+    assert run_command([bad, "--model", "pair-dense", "--out", tmp_path / "d.ecsv"]) == 2
+    assert "'pair-dense' (pair-sky) reads stamps in the frames' sky units" in capsys.readouterr().err

@@ -147,7 +147,7 @@ def test_selection_validated_and_recorded():
     with pytest.raises(ValueError, match="DirectDetectConfig.map_threshold"):
         DirectDetectConfig(map_threshold=1.0)
     assert set(SELECTIONS) == {"cnn", "dense", "flux"}
-    assert RunConfig().direct.selection == "flux"  # "cnn" measured worse; "dense" costs ~4x dia on a CPU
+    assert RunConfig().direct.selection == "flux"  # "cnn" measured worse; "dense" costs more than dia on a CPU
     # the direct default model stands for the dense map's own with selection "dense"; an explicit one is kept
     dense = dataclasses.replace(RunConfig(mode="direct"), direct=DirectDetectConfig(selection="dense"))
     assert dense.model == "pair-dense" and RunConfig(mode="direct").model == "pair-direct"

@@ -168,6 +168,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = AlertStampConfig(negative=args.negative)
         scorers = [Scorer(m, device=args.device, batch_size=args.batch_size, threads=args.threads) for m in models]
+        for m, scorer in zip(models, scorers):
+            if scorer.spec.scheme == "sky":  # it needs the whole frames' sky and noise, which a cut-out lacks
+                raise ValueError(f"model {m!r} ({scorer.spec.name}) reads stamps in the frames' sky units "
+                                 f"(the dense map's detector); alert cut-outs carry no frame: use another model")
     except (WeightsError, ValueError, RuntimeError, OSError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2

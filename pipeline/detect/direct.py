@@ -66,15 +66,15 @@ class DirectDetectConfig:
     the CNN passes 127 and dia's CNN passes all 141.
 
     With ``selection="dense"`` the network itself finds the candidates: the shipped ``pair-dense``
-    (trained on stamps off the search peaks too) slid over the template resampled onto the search
-    pixels, every 4 pixels (:mod:`classifier.dense`), its peaks >= ``map_threshold`` the candidates.
-    Measured end to end (``pipeline run --mode direct``, found / false positives per CCD at 0.5
-    and 0.95): benchmark field 133 / 9.5 and 128 / 4.0, seed-4242 field 407 / 7.75 and 398 / 2.25:
-    more transients than the flux cut, fewer false positives at 0.5, more at 0.95.  It is not the
-    default: on a CPU the map makes the direct mode dearer than dia (``pipeline benchmark``: 5.8
-    against 3.2 s per DECam CCD, detection 4.7 s on a one-thread worker), and on the real DECam
-    pair of the README it misses the nuclear transient the flux cut finds (the map reaches 0.18
-    there; its one peak >= 0.85 lies 128 px away).
+    (trained on stamps off the search peaks too, in the frames' sky units as the map reads them) slid over
+    the template resampled onto the search pixels, every 4 pixels (:mod:`classifier.dense`), its peaks
+    >= ``map_threshold`` the candidates.  Measured end to end (``pipeline run --mode direct``, found /
+    false positives per CCD at 0.5 and 0.95): benchmark field 136 / 4.25 and 127 / 3.0, seed-4242 field
+    404 / 4.0 and 399 / 1.75: more transients than the flux cut and a third of its false positives at 0.5,
+    within the noise of dia on the benchmark field.  It is not the default: on a CPU the map makes the
+    direct mode dearer than dia (``pipeline benchmark``: 6.5 against 3.8 s per DECam CCD, detection 5.4 s
+    on a one-thread worker), and on the real DECam pair of the README it misses the nuclear transient the
+    flux cut finds (the map reaches 0.25 there and 0.85 nowhere).
 
     Every way the change is measured without a difference image, by forced
     photometry: each image is photometered on its own at the same sky position
