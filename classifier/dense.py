@@ -13,6 +13,8 @@ code: the pipeline's direct mode (``DirectDetectConfig.selection = "dense"``) an
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import nn
@@ -34,11 +36,11 @@ class DenseStampNet(nn.Module):
     :func:`dense_logit_map` runs the trunk once for the four phases (two per axis) of the last pooling.
     """
 
-    def __init__(self, model: StampNet) -> None:
+    def __init__(self, model: StampNet, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         f = model.features
-        with torch.no_grad():  # folded weights: plain tensors, no autograd history
-            self._convs = [_fold_batchnorm(f[i], f[i + 1]) for i in (0, 4, 7, 11)]
+        with torch.no_grad():  # folded weights: plain tensors, no autograd history; folded in the model's dtype
+            self._convs = [_cast(_fold_batchnorm(f[i], f[i + 1]), dtype) for i in (0, 4, 7, 11)]
         first, second = model.head[2], model.head[5]
         channels = first.in_features // 36
         self.head = nn.Conv2d(channels, first.out_features, 6).to(first.weight.device, first.weight.dtype)
@@ -47,6 +49,7 @@ class DenseStampNet(nn.Module):
         self.out = nn.Conv2d(second.in_features, second.out_features, 1).to(first.weight.device, first.weight.dtype)
         self.out.weight.data = second.weight.data.reshape(second.out_features, second.in_features, 1, 1).clone()
         self.out.bias.data = second.bias.data.clone()
+        self.to(dtype)  # the head; dense_logit_map puts the frame in the dtype of these parameters
         self.eval()
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,12 +67,19 @@ class DenseStampNet(nn.Module):
         return self.finish(self.trunk(x))
 
 
-def dense_network(model: StampNet) -> DenseStampNet:
+def _cast(conv, dtype: torch.dtype):
+    """A folded convolution (:func:`classifier.models._fold_batchnorm`) with its weight and bias in ``dtype``."""
+    keywords = dict(conv.keywords, weight=conv.keywords["weight"].to(dtype), bias=conv.keywords["bias"].to(dtype))
+    return functools.partial(conv.func, **keywords)
+
+
+def dense_network(model: StampNet, dtype: torch.dtype = torch.float32) -> DenseStampNet:
     """``model`` as a fully convolutional network (:class:`DenseStampNet`): a 51 x 51 input gives a 1 x 1 map
-    with the stamp's logits, a larger frame one pair of logits per 8 x 8 pixels."""
+    with the stamp's logits, a larger frame one pair of logits per 8 x 8 pixels.  ``dtype`` (e.g.
+    ``torch.bfloat16``) is the arithmetic of the result; BatchNorm is folded in the model's own first."""
     if not isinstance(model, StampNet):
         raise TypeError(f"dense_network: needs a StampNet (our triplet / pair), got {type(model).__name__}")
-    return DenseStampNet(model)
+    return DenseStampNet(model, dtype)
 
 
 #: Spacing in pixels of the map :func:`dense_logit_map` returns (two phases per axis of the network's stride).

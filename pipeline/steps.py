@@ -258,8 +258,11 @@ def detect_without_difference(pair: LoadedPair, config: RunConfig) -> CandidateT
 
 
 @functools.lru_cache(maxsize=4)
-def _dense_network(model: str, device: str, threads: int, batch_size: int, instrument: str = ""):
+def _dense_network(model: str, device: str, threads: int, batch_size: int, instrument: str = "",
+                   precision: str = "float32"):
     """The direct model's fully convolutional form and its channels, built once per worker (as the scorer)."""
+    import torch
+
     from classifier.dense import dense_network
     from classifier.models import StampNet
 
@@ -267,7 +270,8 @@ def _dense_network(model: str, device: str, threads: int, batch_size: int, instr
     if not isinstance(scorer.net, StampNet) or scorer.spec.channels != ("template", "search"):
         raise ValueError(f"direct.selection = 'dense' needs a two-image StampNet (our 'pair' models, e.g. "
                          f"'pair-dense'); model {model!r} is {scorer.spec.name!r}")
-    return dense_network(scorer.net), scorer.spec.channels, scorer.threads
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    return dense_network(scorer.net, dtype), scorer.spec.channels, scorer.threads
 
 
 def dense_planes(pair: LoadedPair, config: RunConfig, channels: tuple[str, ...] = ("template", "search")) -> np.ndarray:
@@ -303,7 +307,7 @@ def dense_map(pair: LoadedPair, config: RunConfig) -> np.ndarray:
     from classifier.infer import torch_threads
 
     net, channels, threads = _dense_network(config.model, config.device, config.torch_threads, config.batch_size,
-                                            config.instrument)
+                                            config.instrument, config.direct.map_precision)
     frame = dense_planes(pair, config, channels)
     with torch_threads(threads):
         return dense_logit_map(net, frame)

@@ -17,7 +17,7 @@ functions), ``"fast"`` being the default: see :data:`METHODS`.
 
 from pipeline.detect.background import estimate_background
 from pipeline.detect.difference import DetectConfig, detect_difference
-from pipeline.detect.direct import SELECTIONS, DirectDetectConfig, detect_direct
+from pipeline.detect.direct import MAP_PRECISIONS, SELECTIONS, DirectDetectConfig, detect_direct
 from pipeline.detect.filter import (
     METHODS,
     FilterMaps,
@@ -67,6 +67,7 @@ __all__ = [
     "DirectDetectConfig",
     "detect_direct",
     "SELECTIONS",
+    "MAP_PRECISIONS",
     "METHODS",
     "FilterMaps",
     "matched_filter",
