@@ -319,3 +319,34 @@ def classifier_sky_units(stamps):
     from classifier.normalize import sky_units
 
     return sky_units(stamps.data, stamps.sky, stamps.noise)
+
+
+def test_stamp_sets_carry_the_frames_sky_for_sky_models():
+    """``pipeline dataset``'s stamp sets (both streams) carry each stamp's frame sky and noise, so that a
+    ``sky``-scheme model reads (``StampSet.stamps_for("sky")``) each image less its frame sky over the search's sky
+    noise: checked at the centre pixel of every stamp against the frames themselves."""
+    from pipeline import steps
+    from pipeline.datasets import pair_stamp_sets
+    from pipeline.detect import estimate_background
+    from pipeline.simulate import SimulationConfig, simulate_pair
+
+    sim = simulate_pair(SimulationConfig(instrument="ztf", shape=(384, 384)), seed=5, ccd_index=0)
+    pair = steps.LoadedPair("ztf-sky", sim.search, sim.template, sim.truth)
+    sets, errors = pair_stamp_sets(pair, streams=("dia", "direct"), drop_edge=True)
+    assert not errors and set(sets) == {"dia", "direct"}
+    masked, _ = steps.mask_cosmics(pair, RunConfig())
+    s = masked.search
+    aligned = steps.align(masked, RunConfig())
+    scale = 10 ** (0.4 * (s.zero_point - pair.template.zero_point))
+    template = aligned.template.image * scale
+    search_sky = (s.image - estimate_background(s.image, s.mask)) / np.sqrt(np.median(s.variance))
+    template_sky = (template - estimate_background(template, aligned.template.mask)) / np.sqrt(np.median(s.variance))
+    for data in sets.values():
+        assert len(data) > 3
+        units = data.stamps_for("sky")
+        np.testing.assert_allclose(data.meta["sky_noise"], np.sqrt(np.median(s.variance)), rtol=0.03)
+        ix, iy = np.rint(data.meta["x"]).astype(int), np.rint(data.meta["y"]).astype(int)
+        k = {c: i for i, c in enumerate(data.channels)}
+        np.testing.assert_allclose(units[:, k["search"], 25, 25], search_sky[iy, ix], atol=0.1, rtol=0.02)
+        np.testing.assert_allclose(units[:, k["template"], 25, 25], template_sky[iy, ix], atol=0.2, rtol=0.02)
+        assert data.stamps_for("shared") is data.stamps
