@@ -89,7 +89,8 @@ WINDOW = 51
 
 
 def normalized_planes(search: np.ndarray, template: np.ndarray, search_background: np.ndarray,
-                      template_background: np.ndarray, search_noise: np.ndarray) -> dict[str, np.ndarray]:
+                      template_background: np.ndarray, search_noise: np.ndarray,
+                      out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The ``sky`` normalisation of :mod:`classifier.normalize` per pixel: each image less its smooth sky, over the
     search's sky noise, through ``asinh`` (a stamp gets the same from the values at its centre).
 
@@ -101,15 +102,20 @@ def normalized_planes(search: np.ndarray, template: np.ndarray, search_backgroun
         Smooth sky of each.
     search_noise : ndarray (ny, nx)
         Sky noise of the search image (standard deviation, > 0).
+    out : dict, optional
+        ``{"template": ..., "search": ...}`` float32 (ny, nx) arrays to write the planes into (e.g. the
+        channels of the frame the map reads), instead of new ones.
 
     Returns
     -------
     dict
         ``{"template": ..., "search": ...}``: ``asinh((image - sky) / noise)``, float32, non-finite pixels 0.
     """
+    given = out or {}
     out = {}
     for name, image, sky in (("template", template, template_background), ("search", search, search_background)):
-        plane = np.subtract(image, sky, dtype=np.float32)  # one frame-sized array per plane, worked on in place
+        plane = given.get(name)  # one frame-sized array per plane, worked on in place
+        plane = np.subtract(image, sky, dtype=np.float32, out=plane)
         plane /= search_noise
         np.arcsinh(plane, out=plane)
         plane[~np.isfinite(plane)] = 0

@@ -286,15 +286,15 @@ def dense_planes(pair: LoadedPair, config: RunConfig, channels: tuple[str, ...] 
 
     aligned = align(pair, config)
     s = pair.search
-    # the template on the search's zero point (the whole frame: _calibrate is the stamps' ring-sky calibration)
-    template = np.multiply(aligned.template.image, np.float32(_zp_scale(s, pair.template)), dtype=np.float32)
-    noise = _sky_noise(s)
-    planes = normalized_planes(s.image, template, estimate_background(s.image, s.mask),
-                               estimate_background(template, aligned.template.mask), noise)
-    del aligned, template, noise  # the resampled template is not needed past the normalisation
+    # the template on the search's zero point, in place (the resampled image is the aligned pair's own; the whole
+    # frame: _calibrate is the stamps' ring-sky calibration); its variance and mask are let go at once
+    template = aligned.template.image
+    template *= np.float32(_zp_scale(s, pair.template))
+    template_sky = estimate_background(template, aligned.template.mask)
+    del aligned
     frame = np.empty((len(channels),) + s.shape, np.float32)
-    for k, name in enumerate(channels):
-        frame[k] = planes.pop(name)
+    normalized_planes(s.image, template, estimate_background(s.image, s.mask), template_sky, _sky_noise(s),
+                      out={name: frame[k] for k, name in enumerate(channels)})  # written into the frame
     return frame
 
 
