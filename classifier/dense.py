@@ -111,16 +111,15 @@ def normalized_planes(search: np.ndarray, template: np.ndarray, search_backgroun
     dict
         ``{"template": ..., "search": ...}``: ``asinh((image - sky) / noise)``, float32, non-finite pixels 0.
     """
-    given = out or {}
-    out = {}
+    planes = {}
     for name, image, sky in (("template", template, template_background), ("search", search, search_background)):
-        plane = given.get(name)  # one frame-sized array per plane, worked on in place
-        plane = np.subtract(image, sky, dtype=np.float32, out=plane)
+        # one frame-sized array per plane (the caller's, or a new one), worked on in place
+        plane = np.subtract(image, sky, dtype=np.float32, out=(out or {}).get(name))
         plane /= search_noise
         np.arcsinh(plane, out=plane)
         plane[~np.isfinite(plane)] = 0
-        out[name] = plane
-    return out
+        planes[name] = plane
+    return planes
 
 
 def dense_logit_map(net: torch.nn.Module, frame: np.ndarray, tile: int = 512) -> np.ndarray:

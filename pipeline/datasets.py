@@ -169,7 +169,7 @@ def sky_columns(stamps, idx=slice(None)) -> dict[str, np.ndarray]:
     return cols
 
 
-def _stampset(stamps, idx, table, labels, stream: str, channels):
+def _stampset(stamps, idx, table, labels, stream: str):
     from classifier.data import StampSet
 
     kind = np.asarray(table["truth_kind"]).astype("U16")
@@ -182,7 +182,7 @@ def _stampset(stamps, idx, table, labels, stream: str, channels):
         "flags": np.asarray(table["flags"], np.int32), "flux": np.asarray(table["flux"], float),
     }
     meta.update(sky_columns(stamps, idx))
-    return StampSet(stamps.data[idx].astype(np.float32), labels, meta, channels, {"stream": stream})
+    return StampSet(stamps.data[idx].astype(np.float32), labels, meta, stamps.channels, {"stream": stream})
 
 
 def _sample_bogus(bogus: np.ndarray, table, n: int, hard_fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -260,7 +260,7 @@ def pair_stamp_sets(pair, run_config: RunConfig = RunConfig(), streams: tuple[st
             keep[bogus] = False
             keep[_sample_bogus(bogus, table, max_bogus, hard_bogus_fraction, rng)] = True
         idx = np.flatnonzero(keep)
-        sets[stream] = _stampset(stamps, idx, table[idx], labels[idx], stream, stamps.channels)
+        sets[stream] = _stampset(stamps, idx, table[idx], labels[idx], stream)
 
     if "dia" in streams:
         try:

@@ -220,14 +220,16 @@ def detect_on_difference(diff, aligned: AlignedPair, config: RunConfig, ccd: str
                              config.detect, ccd=ccd, psf_model=model)
 
 
-def _calibrate(data: np.ndarray, template_scale: float, *, inplace: bool = False) -> np.ndarray:
+def _calibrate(data: np.ndarray, template_scale: float, *, inplace: bool = False,
+               ring: np.ndarray | None = None) -> np.ndarray:
     """Remove the ring sky of the template (0) and search (1) channels; scale the template.
 
-    Works on a copy unless ``inplace`` (the stamp cutters pass their own fresh cube).
+    Works on a copy unless ``inplace`` (the stamp cutters pass their own fresh cube).  ``ring``: that ring sky,
+    (N, 2), when the caller has measured it already (:func:`pipeline.stamps.ring_background`).
     """
     if not inplace:
         data = data.copy()
-    data[:, :2] -= ring_background(data[:, :2])[..., None, None]
+    data[:, :2] -= (ring_background(data[:, :2]) if ring is None else ring)[..., None, None]
     data[:, 0] *= template_scale
     return data
 
@@ -313,9 +315,10 @@ def dense_map(pair: LoadedPair, config: RunConfig) -> np.ndarray:
         return dense_logit_map(net, frame)
 
 
-def _sky_noise(search: Exposure) -> np.ndarray:
-    """The search image's sky noise per pixel: the smooth level of its variance plane, square-rooted."""
-    return np.sqrt(np.maximum(estimate_background(search.variance, search.mask), np.float32(1e-12)))
+def _sky_noise(search: Exposure, at: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """The search image's sky noise per pixel (or at the pixels ``at = (ix, iy)`` only): the smooth level of its
+    variance plane, square-rooted."""
+    return np.sqrt(np.maximum(estimate_background(search.variance, search.mask, at=at), np.float32(1e-12)))
 
 
 def sky_levels(search: Exposure, template: Exposure, x, y) -> tuple[np.ndarray, np.ndarray]:
@@ -336,14 +339,15 @@ def sky_levels(search: Exposure, template: Exposure, x, y) -> tuple[np.ndarray, 
 
     x, y = np.asarray(x, float), np.asarray(y, float)
 
-    def at(plane, px, py):
-        ny, nx = plane.shape
-        return plane[np.clip(np.rint(py).astype(np.intp), 0, ny - 1), np.clip(np.rint(px).astype(np.intp), 0, nx - 1)]
+    def pixels(shape, px, py):  # the nearest pixel of an image of this shape, inside it
+        ny, nx = shape
+        return np.clip(np.rint(px).astype(np.intp), 0, nx - 1), np.clip(np.rint(py).astype(np.intp), 0, ny - 1)
 
-    tx, ty = _template_pixels(search.wcs, template.wcs, x, y)
-    sky = np.stack([at(estimate_background(template.image, template.mask), tx, ty) * _zp_scale(search, template),
-                    at(estimate_background(search.image, search.mask), x, y)], axis=1).astype(np.float32)
-    return sky, at(_sky_noise(search), x, y).astype(np.float32)
+    on_search = pixels(search.shape, x, y)
+    on_template = pixels(template.shape, *_template_pixels(search.wcs, template.wcs, x, y))
+    sky = np.stack([estimate_background(template.image, template.mask, at=on_template) * _zp_scale(search, template),
+                    estimate_background(search.image, search.mask, at=on_search)], axis=1).astype(np.float32)
+    return sky, _sky_noise(search, at=on_search).astype(np.float32)
 
 
 def model_reads_sky(config: RunConfig) -> bool:
@@ -357,14 +361,15 @@ def _calibrate_with_sky(stamps: Stamps, search: Exposure, template: Exposure, sk
     sky and noise at their centres as what remains of the sky on the calibrated stamps (the frame's sky less the
     ring sky :func:`_calibrate` removes), so that ``(data - sky) / noise`` is each image less its frame sky."""
     scale = _zp_scale(search, template)
+    ring = None
     if sky:
         frame_sky, noise = sky_levels(search, template, stamps.x, stamps.y)
-        ring = ring_background(stamps.data[:, :2]).astype(np.float32)
+        ring = ring_background(stamps.data[:, :2])  # measured once: recorded here, removed by _calibrate
         remaining = np.zeros((len(stamps), len(stamps.channels)), np.float32)  # a difference channel: 0
         remaining[:, 0] = frame_sky[:, 0] - ring[:, 0] * np.float32(scale)
         remaining[:, 1] = frame_sky[:, 1] - ring[:, 1]
         stamps.sky, stamps.noise = remaining, noise
-    stamps.data = _calibrate(stamps.data, scale, inplace=True)
+    stamps.data = _calibrate(stamps.data, scale, inplace=True, ring=ring)
     return stamps
 
 

@@ -86,6 +86,24 @@ def test_dipole_edge_and_saturation_flags():
     assert not any(abs(x - 203) <= 1 and abs(y - 200) <= 1 for x, y in by_pos)
 
 
+def test_background_at_pixels_is_the_frame_there():
+    """``estimate_background(..., at=(ix, iy))`` gives the full surface's values at those pixels (a sky sloped
+    differently along each axis, plus sources and noise, on a frame whose boxes do not divide it), without making
+    the frame."""
+    rng = np.random.default_rng(8)
+    ny, nx = 700, 530
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    image = (50 + 0.05 * xx - 0.02 * yy + rng.normal(0, 3, (ny, nx))).astype(np.float32)
+    image[rng.integers(0, ny, 300), rng.integers(0, nx, 300)] += 500  # sources the clipping rejects
+    mask = np.zeros((ny, nx), np.int32)
+    full = estimate_background(image, mask)
+    ix, iy = rng.integers(0, nx, 400), rng.integers(0, ny, 400)
+    at = estimate_background(image, mask, at=(ix, iy))
+    assert at.shape == (400,) and at.dtype == np.float32
+    np.testing.assert_allclose(at, full[iy, ix], rtol=1e-6, atol=1e-4)
+    assert np.ptp(at) > 20  # the slopes show: swapped or shifted indices would not match
+
+
 def test_psf_model_photometry_on_moffat_stars(sim_pair):
     """Gaussian fits at the local FWHM, aperture-corrected, give total fluxes of Moffat stars."""
     s, truth = sim_pair.search, sim_pair.truth

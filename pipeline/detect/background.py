@@ -39,11 +39,14 @@ def _interp_matrix(n_out: int, centres: np.ndarray) -> np.ndarray:
     return mat
 
 
-def estimate_background(image: np.ndarray, mask: np.ndarray | None = None, cell: int = 128) -> np.ndarray:
+def estimate_background(image: np.ndarray, mask: np.ndarray | None = None, cell: int = 128,
+                        at: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Smooth sky background: 3-sigma-clipped medians in ``cell`` x ``cell`` boxes, bilinearly interpolated.
 
     Medians use a regular subsample of each box (every 4th pixel per axis for
     large boxes), the only pixels read; the interpolation is separable (two small matrix products).
+    With ``at = (ix, iy)`` (integer pixel indices inside the image) the surface is evaluated at those
+    pixels only and an ``(N,)`` array returned: the full frame's values there, without making the frame.
     """
     ny, nx = image.shape
     cy, cx = max(1, ny // cell), max(1, nx // cell)
@@ -62,7 +65,7 @@ def estimate_background(image: np.ndarray, mask: np.ndarray | None = None, cell:
     mad = 1.4826 * _nanmedian_rows(np.abs(boxes - med[:, None]))
     grid = _nanmedian_rows(np.where(np.abs(boxes - med[:, None]) <= 3 * mad[:, None], boxes, np.nan)).reshape(cy, cx)
     if not np.isfinite(grid).any():
-        return np.zeros_like(image, dtype=np.float32)
+        return np.zeros(np.shape(at[0]) if at is not None else image.shape, dtype=np.float32)
     grid = np.where(np.isfinite(grid), grid, np.nanmedian(grid)).astype(np.float32)
     if min(cy, cx) >= 3:  # replace cells that stand out from their neighbours (a bright star's halo)
         smooth = ndimage.median_filter(grid, size=3, mode="nearest")
@@ -70,5 +73,8 @@ def estimate_background(image: np.ndarray, mask: np.ndarray | None = None, cell:
         grid = np.where(np.abs(grid - smooth) > 5 * spread, smooth, grid)
     wy = _interp_matrix(ny, (np.arange(cy) + 0.5) * hy - 0.5)
     wx = _interp_matrix(nx, (np.arange(cx) + 0.5) * hx - 0.5)
+    if at is not None:  # the rows of the two interpolation matrices at those pixels
+        ix, iy = (np.asarray(v, np.intp) for v in at)
+        return ((wy[iy] @ grid) * wx[ix]).sum(axis=1).astype(np.float32)
     return (wy @ grid @ wx.T).astype(np.float32)
 
