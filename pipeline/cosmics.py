@@ -197,37 +197,76 @@ def _clipped_laplacian(centre2, left, right, up, down) -> np.ndarray:
 
 
 def _candidate_pixels(image: np.ndarray, variance: np.ndarray, skip: np.ndarray, sigclip: float,
-                      block: int = 256) -> np.ndarray:
+                      block: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Pixels that could pass L.A.Cosmic's first test: sub-sampled Laplacian / (2 noise) > ``sigclip``.
 
     The Laplacian of the 2x sub-sampled image, clipped at zero and binned back, is at each pixel the mean
     over its four sub-pixels of ``max(0, 2 I - I_h - I_v)`` (``h``: the left or right neighbour, ``v``:
     the one above or below).  The noise is the square root of the smallest variance among the pixel and
     its four neighbours (a variance estimated from the image itself is raised at a cosmic ray; the
-    algorithm uses a 7x7 median of it).  Computed in bands of ``block`` rows (temporaries in cache, none
-    of frame size); beyond the border the image is reflected, as the tiles are (see :func:`_reflect`).
+    algorithm uses a 7x7 median of it).  Beyond the border the image is reflected, as the tiles are
+    (see :func:`_reflect`).
+
+    Computed in bands of ``block`` rows (temporaries in cache, none of frame size).  A band is first
+    screened with a necessary condition: the sum of the four parts exceeds its threshold only if the
+    largest, ``2 I - min(I_l, I_r) - min(I_u, I_d)``, exceeds a quarter of it, and the threshold is at
+    least the band's smallest noise times ``8 sigclip``.  The exact test then runs on the few pixels that
+    pass (the same float32 arithmetic, so the same pixels), or on the whole band when the screen passes
+    more than a twentieth of it (a variance plane with near-zero pixels).
+
+    Returns
+    -------
+    ys, xs : ndarray of int
+        Row and column of every candidate not in ``skip``, in row-major order.
     """
     ny, nx = image.shape
-    out = np.zeros(image.shape, bool)
     mode = "reflect" if min(image.shape) > 1 else "edge"
     threshold = np.float32(8.0 * sigclip)
+    found_y, found_x = [], []
     for r0 in range(0, ny, block):
         r1 = min(r0 + block, ny)
         lo, hi = max(r0 - 1, 0), min(r1 + 1, ny)
         rows = ((1 if r0 == 0 else 0), (1 if r1 == ny else 0))  # rows to reflect: only at the frame's edges
         img = np.pad(image[lo:hi], (rows, (1, 1)), mode=mode).astype(np.float32, copy=False)
-        var = np.pad(variance[lo:hi], (rows, (1, 1)), mode=mode).astype(np.float32, copy=False)
-        lap = _clipped_laplacian(2.0 * img[1:-1, 1:-1], img[1:-1, :-2], img[1:-1, 2:], img[:-2, 1:-1], img[2:, 1:-1])
-        noise = var[1:-1, 1:-1].copy()
-        for neighbour in (var[1:-1, :-2], var[1:-1, 2:], var[:-2, 1:-1], var[2:, 1:-1]):
-            np.minimum(noise, neighbour, out=noise)
-        np.maximum(noise, 0, out=noise)
-        np.sqrt(noise, out=noise)
-        # mean of the four parts / (2 noise) > sigclip  <=>  sum > 8 sigclip noise
-        noise *= threshold
-        np.greater(lap, noise, out=out[r0:r1])
-    out &= ~skip
-    return out
+        centre2 = 2.0 * img[1:-1, 1:-1]
+        largest = centre2 - np.minimum(img[1:-1, :-2], img[1:-1, 2:])
+        largest -= np.minimum(img[:-2, 1:-1], img[2:, 1:-1])
+        least = float(np.min(variance[lo:hi]))  # the smallest variance any pixel of the band can be compared with
+        floor = np.sqrt(max(least, 0.0)) * float(threshold) / 4.0
+        screened = np.flatnonzero(largest > np.float32(floor * (1 - 1e-5)))  # slack for rounding: never too strict
+        if mode != "reflect" or not np.isfinite(least) or screened.size > largest.size // 20:  # every pixel
+            var = np.pad(variance[lo:hi], (rows, (1, 1)), mode=mode).astype(np.float32, copy=False)
+            lap = _clipped_laplacian(centre2, img[1:-1, :-2], img[1:-1, 2:], img[:-2, 1:-1], img[2:, 1:-1])
+            noise = var[1:-1, 1:-1].copy()
+            for neighbour in (var[1:-1, :-2], var[1:-1, 2:], var[:-2, 1:-1], var[2:, 1:-1]):
+                np.minimum(noise, neighbour, out=noise)
+            hit = np.flatnonzero(lap > _noise_threshold(noise, threshold))
+        else:
+            y, x = np.divmod(screened, nx)
+            y = y + 1  # rows of the padded band
+            near = [(y, x), (y, x + 2), (y - 1, x + 1), (y + 1, x + 1)]  # left, right, up, down in ``img``
+            lap = _clipped_laplacian(centre2.ravel()[screened], *(img[yy, xx] for yy, xx in near))
+            fy, fx = y - 1 + r0, x
+            noise = variance[fy, fx].astype(np.float32, copy=True)
+            for yy, xx in ((fy, fx - 1), (fy, fx + 1), (fy - 1, fx), (fy + 1, fx)):
+                np.minimum(noise, variance[_reflected(yy, ny), _reflected(xx, nx)].astype(np.float32, copy=False),
+                           out=noise)
+            hit = screened[lap > _noise_threshold(noise, threshold)]
+        y, x = np.divmod(hit, nx)
+        found_y.append(y + r0)
+        found_x.append(x)
+    ys, xs = np.concatenate(found_y), np.concatenate(found_x)
+    keep = ~skip[ys, xs]
+    return ys[keep], xs[keep]
+
+
+def _noise_threshold(min_variance: np.ndarray, threshold: np.float32) -> np.ndarray:
+    """``8 sigclip`` times the noise, from the smallest variance of each pixel's cross (in place, float32):
+    the mean of the Laplacian's four parts over twice the noise exceeds ``sigclip`` when their sum exceeds it."""
+    np.maximum(min_variance, 0, out=min_variance)
+    np.sqrt(min_variance, out=min_variance)
+    min_variance *= threshold
+    return min_variance
 
 
 def _median5(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray, e: np.ndarray) -> np.ndarray:
@@ -251,8 +290,10 @@ def _reflected(index: np.ndarray, n: int) -> np.ndarray:
     return np.where(index >= n, period - index, index)
 
 
-def _fine_structure_pass(image: np.ndarray, seeds: np.ndarray, config: CosmicRayConfig) -> np.ndarray:
-    """The seeds that can also pass L.A.Cosmic's second test, Laplacian / fine structure > ``objlim``.
+def _fine_structure_pass(image: np.ndarray, ys: np.ndarray, xs: np.ndarray,
+                         config: CosmicRayConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The seeds (rows ``ys``, columns ``xs``) that can also pass L.A.Cosmic's second test, Laplacian / fine
+    structure > ``objlim``.
 
     astroscrappy flags a pixel when ``sp > sigclip`` and ``sp / f > objlim``, where ``sp = s - med(s)``,
     ``s`` is the clipped sub-sampled Laplacian (binned back: ``lap / 8`` of :func:`_candidate_pixels`'s sum)
@@ -266,9 +307,8 @@ def _fine_structure_pass(image: np.ndarray, seeds: np.ndarray, config: CosmicRay
     iteration nothing there is cleaned, so later iterations see the same pixels: the mask is unchanged
     (equal to the full-frame call on the simulated and real CCDs).  ``fsmode = "convolve"`` keeps every seed.
     """
-    ys, xs = np.nonzero(seeds)
     if ys.size == 0 or config.fsmode != "median":
-        return seeds
+        return ys, xs
     inner, outer = (5, 9) if config.sepmed else (3, 7)
     r = inner // 2 + outer // 2  # reach of the wide median of the narrow one
     ny, nx = image.shape
@@ -278,7 +318,7 @@ def _fine_structure_pass(image: np.ndarray, seeds: np.ndarray, config: CosmicRay
         return data[_reflected(ys + dy, ny), _reflected(xs + dx, nx)]
 
     lap = _clipped_laplacian(2.0 * at(0, 0), at(0, -1), at(0, 1), at(-1, 0), at(1, 0))
-    out = np.zeros_like(seeds)
+    kept = np.zeros(ys.size, bool)
     off = np.arange(-r, r + 1)
     window = np.lib.stride_tricks.sliding_window_view
     chunk = 2048  # bounded memory: 2048 seeds x 13 x 13 pixels x 25 in the windows
@@ -297,9 +337,8 @@ def _fine_structure_pass(image: np.ndarray, seeds: np.ndarray, config: CosmicRay
                                axis=-1)
             wide = np.median(narrow.reshape(len(patch), -1), axis=-1)
         fine = narrow[:, outer // 2, outer // 2] - wide
-        keep = 1.01 * lap[part] / 8.0 > config.objlim * fine
-        out[ys[part][keep], xs[part][keep]] = True
-    return out
+        kept[part] = 1.01 * lap[part] / 8.0 > config.objlim * fine
+    return ys[kept], xs[kept]
 
 
 def mask_cosmic_rays(image: np.ndarray, mask: np.ndarray | None = None, variance: np.ndarray | None = None,
@@ -377,15 +416,16 @@ def mask_cosmic_rays(image: np.ndarray, mask: np.ndarray | None = None, variance
                   fsmode=config.fsmode, psffwhm=float(fwhm) if np.isfinite(fwhm) else 2.5,
                   psfsize=2 * int(np.ceil(1.5 * fwhm)) + 1 if np.isfinite(fwhm) else 7, verbose=False)
     flagged = np.zeros(image.shape, bool)
+    keys = []  # flat indices of the flagged pixels, tile by tile
     cleaned = image.astype(np.float32, copy=True) if config.replace else None  # non-finite pixels kept as they are
     ny, nx = image.shape
     if config.method == "full":
         boxes = [(slice(0, ny), slice(0, nx))]
     else:
-        seeds = _fine_structure_pass(data, _candidate_pixels(data, var, skip, config.sigclip), config)
+        ys, xs = _fine_structure_pass(data, *_candidate_pixels(data, var, skip, config.sigclip), config)
         # flags reach 2 px from a seed per iteration (two 3x3 dilations), a later iteration's seeds lie next to
         # earlier flags, and then the flags grow: a tile holds every pixel within 2 niter + 1 + grow px of its seeds
-        boxes = _seed_boxes(seeds, 2 * int(config.niter) + 1 + int(config.grow))
+        boxes = _seed_boxes(ys, xs, (ny, nx), 2 * int(config.niter) + 1 + int(config.grow))
     margin = int(config.tile_margin)
     # astroscrappy's OpenMP loops cost more than they save on small tiles and spin on a busy host (a run's workers
     # already use the cores): one thread
@@ -399,12 +439,14 @@ def mask_cosmic_rays(image: np.ndarray, mask: np.ndarray | None = None, variance
                 crmask = grow_mask_box(np, crmask, int(config.grow), border=False)
             crmask &= ~tile_skip
             flagged[rows, cols] |= crmask[inner]
+            ty, tx = np.nonzero(crmask[inner])
+            keys.append((ty + rows.start) * nx + (tx + cols.start))
             if cleaned is not None and crmask[inner].any():
                 fill = _masked_mean(tile_data, crmask | tile_skip, crmask)
                 np.copyto(cleaned[rows, cols], fill[inner], where=crmask[inner])
-    n_groups = int(ndimage.label(flagged, structure=_SQUARE)[1]) if flagged.any() else 0
-    return CosmicRayResult(mask=flagged, cleaned=cleaned, n_pixels=int(flagged.sum()), n_cosmic_rays=n_groups,
-                           n_tiles=len(boxes), noise_scale=scale)
+    keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)  # tiles may overlap
+    return CosmicRayResult(mask=flagged, cleaned=cleaned, n_pixels=int(keys.size),
+                           n_cosmic_rays=_count_groups(keys, nx), n_tiles=len(boxes), noise_scale=scale)
 
 
 def noise_scale(image: np.ndarray, variance: np.ndarray, skip: np.ndarray | None = None, step: int = 8) -> float:
@@ -425,18 +467,18 @@ def noise_scale(image: np.ndarray, variance: np.ndarray, skip: np.ndarray | None
     return robust_std(z)
 
 
-def _seed_boxes(seeds: np.ndarray, reach: int) -> list[tuple[slice, slice]]:
-    """Boxes that hold every pixel within ``reach`` pixels of a seed, seeds closer than about ``2 reach`` sharing one.
+def _seed_boxes(ys: np.ndarray, xs: np.ndarray, shape: tuple[int, int], reach: int) -> list[tuple[slice, slice]]:
+    """Boxes that hold every pixel within ``reach`` pixels of a seed (rows ``ys``, columns ``xs`` of an image of
+    ``shape``), seeds closer than about ``2 reach`` sharing one.
 
     Seeds are grouped on a grid of ``reach`` x ``reach`` cells (the cells holding seeds and their 8 neighbours,
     in 8-connected groups: a few thousand seeds cost far less than a full-frame dilation); each group's box is
     the bounding box of its own seeds grown by ``reach`` and clipped to the image, not the cells' (which would
     add up to a cell on each side: ~30% more tile pixels for the 1-3 pixel seeds of most cosmic rays).
     """
-    ys, xs = np.nonzero(seeds)
     if ys.size == 0:
         return []
-    ny, nx = seeds.shape
+    ny, nx = shape
     cell = max(int(reach), 1)
     grid = np.zeros((-(-ny // cell), -(-nx // cell)), bool)
     grid[ys // cell, xs // cell] = True
@@ -453,6 +495,39 @@ def _seed_boxes(seeds: np.ndarray, reach: int) -> list[tuple[slice, slice]]:
     np.maximum.at(hi_x, group, xs)
     return [(slice(max(y0 - reach, 0), min(y1 + reach + 1, ny)), slice(max(x0 - reach, 0), min(x1 + reach + 1, nx)))
             for y0, x0, y1, x1 in zip(lo_y.tolist(), lo_x.tolist(), hi_y.tolist(), hi_x.tolist())]
+
+
+def _count_groups(keys: np.ndarray, nx: int) -> int:
+    """Number of 8-connected groups of the pixels at sorted, unique flat indices ``keys`` of an image ``nx`` wide.
+
+    Union-find over the pixels' neighbour pairs, vectorised: every pair hooks the larger of its two roots onto the
+    smaller, then the pointers are followed to their roots, until each pair shares one (a few thousand pixels:
+    no full-frame labelling).
+    """
+    if keys.size == 0:
+        return 0
+    x = keys % nx
+    first, second = [], []
+    for dy, dx in ((0, 1), (1, -1), (1, 0), (1, 1)):  # each neighbour pair once
+        ok = (x + dx >= 0) & (x + dx < nx)
+        target = keys[ok] + (dy * nx + dx)
+        at = np.minimum(np.searchsorted(keys, target), keys.size - 1)
+        hit = keys[at] == target
+        first.append(np.flatnonzero(ok)[hit])
+        second.append(at[hit])
+    i, j = np.concatenate(first), np.concatenate(second)
+    root = np.arange(keys.size)
+    while True:
+        lo, hi = np.minimum(root[i], root[j]), np.maximum(root[i], root[j])
+        apart = lo != hi
+        if not apart.any():
+            return int(np.count_nonzero(root == np.arange(keys.size)))
+        np.minimum.at(root, hi[apart], lo[apart])  # roots only point to smaller indices: no cycle
+        while True:
+            up = root[root]
+            if np.array_equal(up, root):
+                break
+            root = up
 
 
 def _masked_mean(data: np.ndarray, bad: np.ndarray, need: np.ndarray, size: int = 5) -> np.ndarray:

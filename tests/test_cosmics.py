@@ -262,8 +262,11 @@ def test_fine_structure_pass_drops_star_cores_and_keeps_every_track():
     image, var, tracks, _ = _scene(seed=4, stars=stars, fwhm=4.0)  # a DECam-like PSF (~1" at 0.263"/px)
     for sepmed in (True, False):
         config = CosmicRayConfig(sepmed=sepmed)
-        seeds = _candidate_pixels(image, var, np.zeros(image.shape, bool), config.sigclip)
-        kept = _fine_structure_pass(image, seeds, config)
+        ys, xs = _candidate_pixels(image, var, np.zeros(image.shape, bool), config.sigclip)
+        seeds = np.zeros(image.shape, bool)
+        seeds[ys, xs] = True
+        kept = np.zeros(image.shape, bool)
+        kept[_fine_structure_pass(image, ys, xs, config)] = True
         assert not (kept & ~seeds).any()
         full = _find(image, var, config=dataclasses.replace(config, method="full"))
         labels, n = ndimage.label(full.mask, np.ones((3, 3), bool))
@@ -305,3 +308,59 @@ def test_median_of_five_network_equals_numpy_median_with_ties():
         expect = np.median(values, axis=0)
         for order in ((0, 1, 2, 3, 4), (4, 3, 2, 1, 0), (2, 0, 4, 1, 3)):
             assert np.array_equal(_median5(*values[list(order)]), expect), order
+
+
+def _first_test_by_definition(image, var, skip, sigclip):
+    """L.A.Cosmic's first test on every pixel, written out on the reflected frame: the clipped Laplacian of the
+    2x sub-sampled image binned back, over twice the noise (the smallest variance of the pixel's cross)."""
+    mode = "reflect" if min(image.shape) > 1 else "edge"
+    img = np.pad(image.astype(np.float32), 1, mode=mode)
+    v = np.pad(var.astype(np.float32), 1, mode=mode)
+    centre = 2.0 * img[1:-1, 1:-1]
+    lap = np.zeros(image.shape, np.float32)
+    for h in (img[1:-1, :-2], img[1:-1, 2:]):
+        for u in (img[:-2, 1:-1], img[2:, 1:-1]):
+            lap += np.maximum(centre - h - u, 0)
+    noise = np.minimum.reduce([v[1:-1, 1:-1], v[1:-1, :-2], v[1:-1, 2:], v[:-2, 1:-1], v[2:, 1:-1]])
+    return (lap > np.sqrt(np.maximum(noise, 0)) * np.float32(8.0 * sigclip)) & ~skip
+
+
+@pytest.mark.parametrize("case", ["scene", "near-zero variance", "nan variance", "one row", "small bands"])
+def test_first_test_screen_finds_exactly_the_pixels_of_the_definition(case):
+    """pipeline.cosmics._candidate_pixels screens each band with a necessary condition and tests only the pixels that
+    pass it: the same pixels as the test on every pixel, in row-major order, also where the screen cannot help
+    (variance near zero somewhere, NaN) and on degenerate shapes."""
+    from pipeline.cosmics import _candidate_pixels
+
+    stars = [(40.3, 40.7, 2e5), (150.2, 60.6, 2e4), (60.5, 150.1, 3e3)]
+    image, var, _, _ = _scene(seed=3, n_tracks=9, stars=stars)
+    var = var.astype(np.float32)
+    skip = np.zeros(image.shape, bool)
+    skip[100:110, 20:40] = True
+    block = 256
+    if case == "near-zero variance":
+        var[70, 70] = 1e-6  # the band's floor is useless: the band is tested pixel by pixel
+    elif case == "nan variance":
+        var[130, 5] = np.nan
+    elif case == "one row":
+        image, var, skip = image[60:61], var[60:61], skip[60:61]
+    elif case == "small bands":
+        block = 7  # band edges through the stars and tracks
+    ys, xs = _candidate_pixels(image, var, skip, 5.0, block=block)
+    expect = np.nonzero(_first_test_by_definition(image, var, skip, 5.0))
+    assert np.array_equal(ys, expect[0]) and np.array_equal(xs, expect[1])
+    if case == "scene":
+        assert ys.size > 100  # the stars' cores and the tracks
+
+
+def test_groups_of_flagged_pixels_are_counted_as_8_connected_labels():
+    """pipeline.cosmics._count_groups (union-find on the flagged pixels' flat indices) counts what scipy's 8-connected
+    labelling counts, on random masks from sparse to nearly full (long winding groups) and on 1-pixel-wide images."""
+    from pipeline.cosmics import _count_groups
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 40), (40, 1), (17, 23), (64, 64)]:
+        for density in (0.0, 0.05, 0.3, 0.6, 0.9):
+            mask = rng.random(shape) < density
+            n = ndimage.label(mask, np.ones((3, 3), bool))[1]
+            assert _count_groups(np.flatnonzero(mask), shape[1]) == n, (shape, density)
