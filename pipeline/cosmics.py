@@ -45,6 +45,7 @@ from scipy import ndimage
 from dia.fused import grow_mask_box
 from dia.masks import MaskBits
 from dia.stats import robust_std
+from pipeline.detect.filter import label_pixels
 
 __all__ = ["CosmicRayConfig", "CosmicRayResult", "mask_cosmic_rays", "noise_scale", "single_exposure",
            "clean_exposure", "mask_pair_cosmics", "SKIP_BITS"]
@@ -446,7 +447,7 @@ def mask_cosmic_rays(image: np.ndarray, mask: np.ndarray | None = None, variance
                 np.copyto(cleaned[rows, cols], fill[inner], where=crmask[inner])
     keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)  # tiles may overlap
     return CosmicRayResult(mask=flagged, cleaned=cleaned, n_pixels=int(keys.size),
-                           n_cosmic_rays=_count_groups(keys, nx), n_tiles=len(boxes), noise_scale=scale)
+                           n_cosmic_rays=label_pixels(keys, (ny, nx))[1], n_tiles=len(boxes), noise_scale=scale)
 
 
 def noise_scale(image: np.ndarray, variance: np.ndarray, skip: np.ndarray | None = None, step: int = 8) -> float:
@@ -495,39 +496,6 @@ def _seed_boxes(ys: np.ndarray, xs: np.ndarray, shape: tuple[int, int], reach: i
     np.maximum.at(hi_x, group, xs)
     return [(slice(max(y0 - reach, 0), min(y1 + reach + 1, ny)), slice(max(x0 - reach, 0), min(x1 + reach + 1, nx)))
             for y0, x0, y1, x1 in zip(lo_y.tolist(), lo_x.tolist(), hi_y.tolist(), hi_x.tolist())]
-
-
-def _count_groups(keys: np.ndarray, nx: int) -> int:
-    """Number of 8-connected groups of the pixels at sorted, unique flat indices ``keys`` of an image ``nx`` wide.
-
-    Union-find over the pixels' neighbour pairs, vectorised: every pair hooks the larger of its two roots onto the
-    smaller, then the pointers are followed to their roots, until each pair shares one (a few thousand pixels:
-    no full-frame labelling).
-    """
-    if keys.size == 0:
-        return 0
-    x = keys % nx
-    first, second = [], []
-    for dy, dx in ((0, 1), (1, -1), (1, 0), (1, 1)):  # each neighbour pair once
-        ok = (x + dx >= 0) & (x + dx < nx)
-        target = keys[ok] + (dy * nx + dx)
-        at = np.minimum(np.searchsorted(keys, target), keys.size - 1)
-        hit = keys[at] == target
-        first.append(np.flatnonzero(ok)[hit])
-        second.append(at[hit])
-    i, j = np.concatenate(first), np.concatenate(second)
-    root = np.arange(keys.size)
-    while True:
-        lo, hi = np.minimum(root[i], root[j]), np.maximum(root[i], root[j])
-        apart = lo != hi
-        if not apart.any():
-            return int(np.count_nonzero(root == np.arange(keys.size)))
-        np.minimum.at(root, hi[apart], lo[apart])  # roots only point to smaller indices: no cycle
-        while True:
-            up = root[root]
-            if np.array_equal(up, root):
-                break
-            root = up
 
 
 def _masked_mean(data: np.ndarray, bad: np.ndarray, need: np.ndarray, size: int = 5) -> np.ndarray:

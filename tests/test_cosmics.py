@@ -352,15 +352,3 @@ def test_first_test_screen_finds_exactly_the_pixels_of_the_definition(case):
     if case == "scene":
         assert ys.size > 100  # the stars' cores and the tracks
 
-
-def test_groups_of_flagged_pixels_are_counted_as_8_connected_labels():
-    """pipeline.cosmics._count_groups (union-find on the flagged pixels' flat indices) counts what scipy's 8-connected
-    labelling counts, on random masks from sparse to nearly full (long winding groups) and on 1-pixel-wide images."""
-    from pipeline.cosmics import _count_groups
-
-    rng = np.random.default_rng(0)
-    for shape in [(1, 40), (40, 1), (17, 23), (64, 64)]:
-        for density in (0.0, 0.05, 0.3, 0.6, 0.9):
-            mask = rng.random(shape) < density
-            n = ndimage.label(mask, np.ones((3, 3), bool))[1]
-            assert _count_groups(np.flatnonzero(mask), shape[1]) == n, (shape, density)

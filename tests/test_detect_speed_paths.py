@@ -265,3 +265,41 @@ def test_sparse_local_maxima_equals_maximum_filter_at_the_borders(radius):
         np.testing.assert_array_equal(got, expected)
         if sign > 0 and radius == 1:  # the planted border maxima and both tied pixels are found
             assert {0, snr.size - 1, 30, 20 * 53 + 52, 10 * 53 + 10, 10 * 53 + 11} <= set(got.tolist())
+
+
+def test_label_pixels_numbers_regions_as_scipy_label():
+    """pipeline.detect.filter.label_pixels (union-find on the flat indices of the pixels) gives every pixel the region
+    number scipy.ndimage.label gives it, 4- and 8-connected, on random masks from empty to full (long winding
+    regions), on 1-pixel-wide images and across the row ends (no wrap-around)."""
+    from pipeline.detect.filter import label_pixels
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 40), (40, 1), (17, 23), (64, 64), (3, 200)]:
+        for density in (0.0, 0.02, 0.3, 0.6, 0.9, 1.0):
+            mask = rng.random(shape) < density
+            flat = np.flatnonzero(mask)
+            for connectivity, structure in ((8, np.ones((3, 3), bool)), (4, None)):
+                labels, n = ndimage.label(mask, structure)
+                lab, k = label_pixels(flat, shape, connectivity)
+                assert k == n and np.array_equal(lab, labels.ravel()[flat]), (shape, density, connectivity)
+    edge = np.zeros((4, 5), bool)
+    edge[1, 4] = edge[2, 0] = True  # consecutive flat indices, opposite ends of two rows: two regions
+    assert label_pixels(np.flatnonzero(edge), edge.shape, 8)[1] == 2
+    with pytest.raises(ValueError, match="connectivity"):
+        label_pixels(np.zeros(0, int), (3, 3), 6)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_segments_are_the_same_by_either_labelling(fraction, monkeypatch):
+    """find_peaks and _segment_peaks label the pixels above threshold themselves when they are few
+    (_SPARSE_FRACTION) and the whole frame otherwise: the same peaks either way."""
+    import pipeline.detect.filter as filt
+
+    image, var, mask, *_ = _field(seed=3)
+    snr = matched_filter(image, var, mask, gaussian_psf(3.5)).snr
+    expect = filt.find_peaks(snr, 5.0, 3, min_separation=0), filt._segment_peaks(snr, snr > 5.0)
+    monkeypatch.setattr(filt, "_SPARSE_FRACTION", fraction)
+    got = filt.find_peaks(snr, 5.0, 3, min_separation=0), filt._segment_peaks(snr, snr > 5.0)
+    for a, b in zip(expect[0] + expect[1], got[0] + got[1]):
+        assert np.array_equal(a, b)
+    assert expect[0][0].size > 5
