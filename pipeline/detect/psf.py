@@ -84,9 +84,15 @@ def _pixel_snr(image: np.ndarray, variance: np.ndarray, method: str = "fast", bl
 
     if method == "reference":
         return snr(image, variance)
-    out = np.empty(image.shape, np.float32)
-    for y0 in range(0, image.shape[0], block):
-        out[y0 : y0 + block] = snr(image[y0 : y0 + block], variance[y0 : y0 + block])
+    out = np.zeros(image.shape, np.float32)
+    root = np.empty((min(block, image.shape[0]), image.shape[1]), np.result_type(variance, np.float32))
+    for y0 in range(0, image.shape[0], block):  # in place, in cache: the same arithmetic as ``snr``
+        img, var = image[y0 : y0 + block], variance[y0 : y0 + block]
+        good = var > 0
+        good &= np.isfinite(img)
+        r = root[: len(var)]
+        np.sqrt(var, out=r, where=good)
+        np.divide(img, r, out=out[y0 : y0 + block], where=good, casting="same_kind")
     return out
 
 
