@@ -371,8 +371,8 @@ def _windowed_centroid(image: np.ndarray, mask: np.ndarray, xx: np.ndarray, yy: 
                        y0: np.ndarray, fwhm: float, iterations: int = 20) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian-windowed centroids of sources near ``(x0, y0)``, one per window of a stack.
 
-    ``image`` and ``mask`` are ``(n, h, w)`` windows, ``xx`` and ``yy`` their pixel coordinates (broadcast
-    to the same shape), ``x0`` and ``y0`` the ``n`` starting points.  Iterates ``x += 2 sum(w I (x_i - x))
+    ``image`` and ``mask`` are ``(n, h, w)`` windows, ``xx`` and ``yy`` their pixel coordinates (``(n, 1, w)``
+    and ``(n, h, 1)``, or broadcast to the windows' shape), ``x0`` and ``y0`` the ``n`` starting points.  Iterates ``x += 2 sum(w I (x_i - x))
     / sum(w I)`` with ``w`` a Gaussian of the PSF's width: the fixed point is the centre of any symmetric
     profile, unbiased by the pixel phase even for an undersampled (binned) image, and a neighbour a few
     FWHM away barely weighs.  ``I`` is the window minus its median; flagged pixels are left out.  A
@@ -384,8 +384,6 @@ def _windowed_centroid(image: np.ndarray, mask: np.ndarray, xx: np.ndarray, yy: 
     sigma = max(float(fwhm), 1.0) / 2.3548
     x0, y0 = np.asarray(x0, float), np.asarray(y0, float)
     x, y = x0.copy(), y0.copy()
-    xx = np.broadcast_to(xx, data.shape)
-    yy = np.broadcast_to(yy, data.shape)
     running = np.ones(len(data), bool)
     fallback = np.zeros(len(data), bool)
     for _ in range(iterations):
@@ -690,27 +688,29 @@ def _is_identity(search: Exposure, template: Exposure, tolerance: float) -> bool
 _POLE = np.sqrt(3.0) - 2.0  # the cubic B-spline's prefilter pole
 
 
-def _filter_axis0(a: np.ndarray) -> np.ndarray:
+def _filter_axis0(a: np.ndarray, overwrite: bool = False) -> np.ndarray:
     """Cubic B-spline coefficients along axis 0 (mirror boundaries), float32, as scipy's ``spline_filter1d``.
 
     A row-at-a-time recursion: scipy filters columns one by one through a strided copy,
-    ~10x slower on a C-ordered frame.
+    ~10x slower on a C-ordered frame.  ``overwrite``: filter a float32 ``a`` in place.
     """
     n = a.shape[0]
     if n < 32:
         return ndimage.spline_filter1d(a, 3, axis=0, mode="mirror", output=np.float32)
-    c = a * np.float32(6.0)  # gain (1 - z)(1 - 1/z)
+    c = np.multiply(a, np.float32(6.0), out=a if overwrite else None)  # gain (1 - z)(1 - 1/z)
     z = np.float32(_POLE)
     powers = (_POLE ** np.arange(32)).astype(np.float32)  # mirror init, truncated where z**k < 1e-18
     c[0] = powers @ c[:32]
     tmp = np.empty(a.shape[1:], np.float32)
-    for i in range(1, n):
-        np.multiply(c[i - 1], z, out=tmp)
-        c[i] += tmp
+    rows = list(c)  # the row views once: the recursion is ~4 n calls on short rows, indexing would cost as much
+    multiply, add, subtract = np.multiply, np.add, np.subtract
+    for prev, row in zip(rows[:-1], rows[1:]):
+        multiply(prev, z, out=tmp)
+        add(row, tmp, out=row)
     c[n - 1] = (z / (z * z - 1)) * (z * c[n - 2] + c[n - 1])
-    for i in range(n - 2, -1, -1):
-        np.subtract(c[i + 1], c[i], out=tmp)
-        np.multiply(tmp, z, out=c[i])
+    for row, nxt in zip(rows[-2::-1], rows[:0:-1]):
+        subtract(nxt, row, out=tmp)
+        multiply(tmp, z, out=row)
     return c
 
 
@@ -1029,8 +1029,11 @@ def _fast_plan(coef: np.ndarray, out_shape, in_shape, config: AlignConfig) -> st
 
 
 def _align_fast(image_in: np.ndarray, var_in: np.ndarray, mask_in: np.ndarray, coef: np.ndarray,
-                out_shape: tuple[int, int], cubic: bool, tol: float):
-    """Resample image, variance and mask with the affine ``coef`` in two 1-D passes (rows, then columns)."""
+                out_shape: tuple[int, int], cubic: bool, tol: float, bits: int | None = None):
+    """Resample image, variance and mask with the affine ``coef`` in two 1-D passes (rows, then columns).
+
+    ``bits``: the OR of all of ``mask_in`` when known.
+    """
     (a, b, c), (d, e, f) = coef
     ny_in, nx_in = image_in.shape
     ny, nx = out_shape
@@ -1048,7 +1051,9 @@ def _align_fast(image_in: np.ndarray, var_in: np.ndarray, mask_in: np.ndarray, c
     n_mid = r1 - r0
     mask_src = mask_in[r0:r1]
     # bits that fit in a byte (all of MaskBits) are ORed as bytes: a quarter of the mask's memory traffic
-    narrow = mask_src.dtype.itemsize > 1 and 0 <= int(np.bitwise_or.reduce(mask_src, axis=None)) <= 255
+    if bits is None:
+        bits = int(np.bitwise_or.reduce(mask_src, axis=None))
+    narrow = mask_src.dtype.itemsize > 1 and 0 <= bits <= 255
     if narrow:
         mask_src = mask_src.astype(np.uint8)
     img1 = np.empty((n_mid, nx), np.float32)
@@ -1057,7 +1062,7 @@ def _align_fast(image_in: np.ndarray, var_in: np.ndarray, mask_in: np.ndarray, c
     _resample_1d(src, var_in[r0:r1], mask_src, img1, var1, mask1, shear1 * rows + const1, slope1 - 1, tol, cubic)
     del src, mask_src
     if cubic:
-        img1 = _filter_axis0(img1)
+        img1 = _filter_axis0(img1, overwrite=True)
     image = np.empty((ny, nx), np.float32)
     variance = np.empty((ny, nx), np.float32)
     mask = np.empty((ny, nx), mask1.dtype)
@@ -1100,8 +1105,9 @@ def align_pair(search: Exposure, template: Exposure, config: AlignConfig = Align
         )
     registration = check_registration(search, template, config)  # before the costly resampling
     shape = search.shape
-    bad_in = (template.mask & int(MaskBits.NO_DATA)) != 0
-    any_bad = bool(bad_in.any())
+    bits = int(np.bitwise_or.reduce(template.mask, axis=None))  # every mask bit set somewhere
+    any_bad = bool(bits & int(MaskBits.NO_DATA))
+    bad_in = (template.mask & int(MaskBits.NO_DATA)) != 0 if any_bad else None
     method = config.method
     if _is_identity(search, template, config.identity_tolerance):
         image = np.where(bad_in, np.float32(0.0), template.image) if any_bad else template.image.copy()
@@ -1126,7 +1132,7 @@ def align_pair(search: Exposure, template: Exposure, config: AlignConfig = Align
             method = "grid"
     if method == "fast":
         image, variance, mask = _align_fast(image_in, var_in, template.mask, coef, shape, config.order == "bicubic",
-                                            config.fast_tolerance / 4)
+                                            config.fast_tolerance / 4, bits)
         lo, hi = _row_intervals(coef, shape, template.shape)
         fill_var = _interval_max(variance, lo, hi) if (lo <= hi).any() else 1.0
         if grow:
