@@ -371,21 +371,19 @@ def _windowed_centroid(image: np.ndarray, mask: np.ndarray, xx: np.ndarray, yy: 
                        y0: np.ndarray, fwhm: float, iterations: int = 20) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian-windowed centroids of sources near ``(x0, y0)``, one per window of a stack.
 
-    ``image`` and ``mask`` are ``(n, h, w)`` windows, ``xx`` and ``yy`` their pixel coordinates (broadcast
-    to the same shape), ``x0`` and ``y0`` the ``n`` starting points.  Iterates ``x += 2 sum(w I (x_i - x))
-    / sum(w I)`` with ``w`` a Gaussian of the PSF's width: the fixed point is the centre of any symmetric
-    profile, unbiased by the pixel phase even for an undersampled (binned) image, and a neighbour a few
-    FWHM away barely weighs.  ``I`` is the window minus its median; flagged pixels are left out.  A
-    window falls back to its ``(x0, y0)`` when its windowed flux is not positive or the centroid wanders
-    more than 2 FWHM; each stops when it moves less than 1e-3 px.
+    ``image`` and ``mask`` are ``(n, h, w)`` windows, ``xx`` and ``yy`` their pixel coordinates (``(n, 1, w)`` and
+    ``(n, h, 1)``, or broadcast to the windows' shape), ``x0`` and ``y0`` the ``n`` starting points. Iterates ``x +=
+    2 sum(w I (x_i - x)) / sum(w I)`` with ``w`` a Gaussian of the PSF's width: the fixed point is the centre of any
+    symmetric profile, unbiased by the pixel phase even for an undersampled (binned) image, and a neighbour a few
+    FWHM away barely weighs. ``I`` is the window minus its median; flagged pixels are left out. A window falls back
+    to its ``(x0, y0)`` when its windowed flux is not positive or the centroid wanders more than 2 FWHM; each stops
+    when it moves less than 1e-3 px.
     """
     good = ((mask & int(BAD_FOR_FIT)) == 0) & np.isfinite(image)
     data = np.where(good, image - _masked_median(image, good)[:, None, None], 0.0)
     sigma = max(float(fwhm), 1.0) / 2.3548
     x0, y0 = np.asarray(x0, float), np.asarray(y0, float)
     x, y = x0.copy(), y0.copy()
-    xx = np.broadcast_to(xx, data.shape)
-    yy = np.broadcast_to(yy, data.shape)
     running = np.ones(len(data), bool)
     fallback = np.zeros(len(data), bool)
     for _ in range(iterations):
@@ -690,27 +688,29 @@ def _is_identity(search: Exposure, template: Exposure, tolerance: float) -> bool
 _POLE = np.sqrt(3.0) - 2.0  # the cubic B-spline's prefilter pole
 
 
-def _filter_axis0(a: np.ndarray) -> np.ndarray:
+def _filter_axis0(a: np.ndarray, overwrite: bool = False) -> np.ndarray:
     """Cubic B-spline coefficients along axis 0 (mirror boundaries), float32, as scipy's ``spline_filter1d``.
 
     A row-at-a-time recursion: scipy filters columns one by one through a strided copy,
-    ~10x slower on a C-ordered frame.
+    ~10x slower on a C-ordered frame.  ``overwrite``: filter a float32 ``a`` in place.
     """
     n = a.shape[0]
     if n < 32:
         return ndimage.spline_filter1d(a, 3, axis=0, mode="mirror", output=np.float32)
-    c = a * np.float32(6.0)  # gain (1 - z)(1 - 1/z)
+    c = np.multiply(a, np.float32(6.0), out=a if overwrite else None)  # gain (1 - z)(1 - 1/z)
     z = np.float32(_POLE)
     powers = (_POLE ** np.arange(32)).astype(np.float32)  # mirror init, truncated where z**k < 1e-18
     c[0] = powers @ c[:32]
     tmp = np.empty(a.shape[1:], np.float32)
-    for i in range(1, n):
-        np.multiply(c[i - 1], z, out=tmp)
-        c[i] += tmp
+    rows = list(c)  # the row views once: the recursion is ~4 n calls on short rows, indexing would cost as much
+    multiply, add, subtract = np.multiply, np.add, np.subtract
+    for prev, row in zip(rows[:-1], rows[1:]):
+        multiply(prev, z, out=tmp)
+        add(row, tmp, out=row)
     c[n - 1] = (z / (z * z - 1)) * (z * c[n - 2] + c[n - 1])
-    for i in range(n - 2, -1, -1):
-        np.subtract(c[i + 1], c[i], out=tmp)
-        np.multiply(tmp, z, out=c[i])
+    for row, nxt in zip(rows[-2::-1], rows[:0:-1]):
+        subtract(nxt, row, out=tmp)
+        multiply(tmp, z, out=row)
     return c
 
 
@@ -742,7 +742,8 @@ def _edge_taps(src_img, src_var, src_mask, rows, cols, base, f, w, cubic):
     """Per-pixel interpolation where the 1-D taps leave the source row (mirror for the spline, drop for linear).
 
     ``rows`` (R,) and ``cols`` (C,) index the output block; the sampled position of
-    output ``(r, c)`` is ``c + base + f[r]`` along axis 1 of the source.
+    output ``(r, c)`` is ``c + base + f[r]`` along axis 1 of the source (``base``: an integer, or one per row
+    as an ``(R, 1)`` array).
     """
     width = src_img.shape[1]
     r = rows[:, None]
@@ -771,43 +772,111 @@ def _edge_taps(src_img, src_var, src_mask, rows, cols, base, f, w, cubic):
     return img, var, mask
 
 
-_CHUNK = 16384  # elements per block operation: the block and its temporaries stay in the CPU cache
+_CHUNK = 65536  # elements per block operation: few numpy calls, the block and its temporaries still in the L2 cache
 
 
-def _chunks(a: int, b: int, lo: int, hi: int, row_major: bool):
-    """Split the block ``[a:b, lo:hi]`` into cache-sized pieces along its outer memory axis."""
+def _pieces(lo: int, hi: int, length: int, n_rows: int, row_major: bool):
+    """Split output columns ``lo:hi`` into ``(p, q, s, n_seg)``: ``n_seg`` whole segments of ``length`` columns
+    from segment ``s``, or part of segment ``s`` (``n_seg = 1``); each piece of ``n_rows`` rows is about
+    ``_CHUNK`` elements or fewer where the outer memory axis is the column (transposed views), the caller
+    splitting the rows otherwise."""
+    pieces = []
+    body0 = min(-(-lo // length) * length, hi)
+    body1 = max(hi // length * length, body0)
+    if body0 > lo:
+        pieces.append((lo, body0, lo // length, 1))
     if row_major:
-        step = max(1, _CHUNK // (hi - lo))
-        return [(slice(i, min(i + step, b)), slice(lo, hi)) for i in range(a, b, step)]
-    step = max(1, _CHUNK // (b - a))
-    return [(slice(a, b), slice(j, min(j + step, hi))) for j in range(lo, hi, step)]
+        if body1 > body0:
+            pieces.append((body0, body1, body0 // length, (body1 - body0) // length))
+    elif body1 > body0:
+        per = _CHUNK // (n_rows * length)
+        if per >= 1:
+            pieces.extend((p, min(p + per * length, body1), p // length, (min(p + per * length, body1) - p) // length)
+                          for p in range(body0, body1, per * length))
+        else:  # a segment is more than a chunk: parts of it
+            step = max(1, _CHUNK // n_rows)
+            pieces.extend((p, min(p + step, (p // length + 1) * length), p // length, 1)
+                          for s in range(body0, body1, length) for p in range(s, s + length, step))
+    if hi > body1:
+        pieces.append((body1, hi, body1 // length, 1))
+    return pieces
 
 
-def _interior(src_img, src_var, src_mask, out_img, out_var, out_mask, rows, cols, k, w, lin, take, cubic):
-    """One block of :func:`_resample_1d` whose taps all lie inside the source rows (integer shift ``k``)."""
-    def at(src, t):  # source columns of output columns ``cols`` for tap offset t
-        return src[rows, cols.start + k + t:cols.stop + k + t]
+def _interior(src_img, src_var, src_mask, out_img, out_var, out_mask, rows, p, q, s, n_seg, k, w, lin, sel, cubic):
+    """Output columns ``p:q`` (``n_seg`` segments from ``s``) of ``rows``, whose taps all lie inside the source
+    rows (integer shift ``k``), as ``(rows, segment, column)`` views with per-(row, segment) weights.
 
-    o = out_img[rows, cols]
+    ``sel`` is None when both linear taps of the mask are taken in every row, else the per-(segment, row)
+    all-bits / no-bits masks of each tap.
+    """
+    shape = (-1, n_seg, (q - p) // n_seg)
+
+    def at(src, t):  # source columns of output columns ``p:q`` for tap offset t
+        return src[rows, p + k + t:q + k + t].reshape(shape)
+
+    def per_row(table):  # (rows, segments, 1) view of a (segment, row) table
+        return table[s:s + n_seg, rows].T[:, :, None]
+
+    o = out_img[rows, p:q].reshape(shape)
     tmp = np.empty_like(o)
     if cubic:
-        np.multiply(at(src_img, -1), w[0][rows, None], out=o)
+        np.multiply(at(src_img, -1), per_row(w[0]), out=o)
         for t in (1, 2, 3):
-            np.multiply(at(src_img, t - 1), w[t][rows, None], out=tmp)
+            np.multiply(at(src_img, t - 1), per_row(w[t]), out=tmp)
             o += tmp
     else:
-        np.multiply(at(src_img, 0), lin[0][rows, None], out=o)
-        np.multiply(at(src_img, 1), lin[1][rows, None], out=tmp)
+        np.multiply(at(src_img, 0), per_row(lin[0]), out=o)
+        np.multiply(at(src_img, 1), per_row(lin[1]), out=tmp)
         o += tmp
-    ov = out_var[rows, cols]
-    np.multiply(at(src_var, 0), lin[0][rows, None], out=ov)
-    np.multiply(at(src_var, 1), lin[1][rows, None], out=tmp)
+    ov = out_var[rows, p:q].reshape(shape)
+    np.multiply(at(src_var, 0), per_row(lin[0]), out=ov)
+    np.multiply(at(src_var, 1), per_row(lin[1]), out=tmp)
     ov += tmp
-    m0, m1 = at(src_mask, 0), at(src_mask, 1)
-    if take[0][rows].all() and take[1][rows].all():
-        np.bitwise_or(m0, m1, out=out_mask[rows, cols])
-    else:
-        out_mask[rows, cols] = np.where(take[0][rows, None], m0, 0) | np.where(take[1][rows, None], m1, 0)
+    om = out_mask[rows, p:q].reshape(shape)
+    if sel is None:
+        np.bitwise_or(at(src_mask, 0), at(src_mask, 1), out=om)
+    else:  # a tap of weight <= 1e-3 does not flag: its bits are ANDed away
+        np.bitwise_and(at(src_mask, 0), per_row(sel[0]), out=om)
+        other = np.bitwise_and(at(src_mask, 1), per_row(sel[1]))
+        om |= other
+
+
+def _shifted(src, out, rows: slice, k: int, tables, length: int, cubic: bool, row_major: bool) -> None:
+    """Output ``rows`` of :func:`_resample_1d`, integer shift ``k`` throughout: every column whose taps all lie inside
+    the source row, in cache-sized :func:`_interior` blocks.  ``src`` and ``out`` are the (image, variance, mask)
+    triples, ``tables`` the per-(segment, row) cubic weights, linear weights and mask selections."""
+    width, n_out = src[0].shape[1], out[0].shape[1]
+    lo, hi = max(0, 1 - k), min(n_out, width - 2 - k)
+    if hi <= lo:
+        return
+    w, lin, sel = tables
+    every = sel[0][:, rows].all() and sel[1][:, rows].all()
+    for p, q, s, n_seg in _pieces(lo, hi, length, rows.stop - rows.start, row_major):
+        step = max(1, _CHUNK // (q - p)) if row_major else rows.stop - rows.start
+        for r in range(rows.start, rows.stop, step):
+            _interior(*src, *out, slice(r, min(r + step, rows.stop)), p, q, s, n_seg, k, w, lin, None if every else sel,
+                      cubic)
+
+
+def _mixed(src, out, rows: slice, base: np.ndarray, tables, length: int, cubic: bool) -> None:
+    """Output ``rows`` of :func:`_resample_1d` along which the integer shift changes (``base``: per segment and row).
+
+    Each shift present is applied to the whole rows, in contiguous copies, and its pixels selected: the same
+    operations as everywhere else, pixel by pixel.  The pixels whose taps leave the source row are left to
+    :func:`_edge_taps`.
+    """
+    n = rows.stop - rows.start
+    strips = [np.ascontiguousarray(x[rows]) for x in src]  # (copies of a transposed view's rows)
+    temps = [np.empty((n, x.shape[1]), x.dtype) for x in out]
+    w, lin, sel = tables
+    part = ([t[:, rows] for t in w] if cubic else None, tuple(t[:, rows] for t in lin), tuple(t[:, rows] for t in sel))
+    shifts = base[:, rows]
+    per_pixel = shifts.T[:, np.arange(out[0].shape[1]) // length]
+    for k in np.unique(shifts).tolist():
+        _shifted(strips, temps, slice(0, n), k, part, length, cubic, True)
+        here = per_pixel == k
+        for o, t in zip(out, temps):
+            np.copyto(o[rows], t, where=here)
 
 
 def _resample_1d(src_img, src_var, src_mask, out_img, out_var, out_mask, row_shift, drift, tol, cubic):
@@ -816,33 +885,47 @@ def _resample_1d(src_img, src_var, src_mask, out_img, out_var, out_mask, row_shi
     ``src_img`` holds cubic B-spline coefficients along axis 1 (``cubic``) or pixel values
     (linear); ``src_var`` is interpolated linearly and ``src_mask`` ORed over the two linear
     taps with weight > 1e-3.  The drift is taken constant over segments of the output row
-    (position error <= ``tol``), so each (segment, run of rows with the same integer shift)
-    block is a few whole-array operations with per-row weights.  Views of transposed arrays
-    work as well (the second pass).
+    (position error <= ``tol``), so the weights are per (segment, row); a run of rows with
+    one integer shift in every segment is a few whole-array operations on ``(row, segment,
+    column)`` views, in cache-sized pieces (:func:`_shifted`), and the few rows at each step
+    of the shift from one segment to the next are done shift by shift (:func:`_mixed`).
+    Views of transposed arrays work as well (the second pass).
     """
+    src, out = (src_img, src_var, src_mask), (out_img, out_var, out_mask)
     width = src_img.shape[1]
     n_out = out_img.shape[1]
     row_major = out_img.strides[0] >= out_img.strides[1]
-    for s0, s1, centre in _segments(n_out, drift, tol):
-        shift = row_shift + drift * centre
-        base = np.floor(shift)
-        f = shift - base
-        base = base.astype(np.int64)
-        w = _cubic_weights(f) if cubic else None
-        lin = ((1.0 - f).astype(np.float32), f.astype(np.float32))
-        take = (lin[0] > 1e-3, lin[1] > 1e-3)
-        for a, b in _runs(base):
-            k = int(base[a])
-            lo, hi = max(s0, 1 - k), min(s1, width - 2 - k)  # all four spline taps inside the row
-            if hi > lo:
-                for rows, cols in _chunks(a, b, lo, hi, row_major):
-                    _interior(src_img, src_var, src_mask, out_img, out_var, out_mask, rows, cols, k, w, lin, take,
-                              cubic)
-            for e0, e1 in ((s0, min(max(lo, s0), s1)), (max(min(hi, s1), s0), s1)) if hi > lo else ((s0, s1),):
-                if e1 > e0:
-                    img, var, mask = _edge_taps(src_img, src_var, src_mask, np.arange(a, b), np.arange(e0, e1), k, f,
-                                                w, cubic)
-                    out_img[a:b, e0:e1], out_var[a:b, e0:e1], out_mask[a:b, e0:e1] = img, var, mask
+    segments = _segments(n_out, drift, tol)
+    length = segments[0][1]  # of every segment but the last
+    shift = row_shift + (drift * np.array([centre for _, _, centre in segments]))[:, None]  # (segment, row)
+    base = np.floor(shift)
+    f = shift - base
+    base = base.astype(np.int64)
+    w = _cubic_weights(f) if cubic else None
+    lin = ((1.0 - f).astype(np.float32), f.astype(np.float32))
+    every, none = ~src_mask.dtype.type(0), src_mask.dtype.type(0)
+    sel = tuple(np.where(t > 1e-3, every, none) for t in lin)
+    uniform = (base == base[0]).all(axis=0)  # rows with one integer shift in every segment
+    for a, b in _runs(np.where(uniform, base[0], base.min() - 1)):  # (the mixed rows share one code)
+        if uniform[a]:
+            _shifted(src, out, slice(a, b), int(base[0, a]), (w, lin, sel), length, cubic, row_major)
+            continue
+        step = max(1, _CHUNK // n_out)
+        for r in range(a, b, step):
+            _mixed(src, out, slice(r, min(r + step, b)), base, (w, lin, sel), length, cubic)
+    # the pixels whose taps leave the source row (u < 1 - k or u >= width - 2 - k), segment by segment, all rows at once
+    for s, ((c0, c1, _), k_lo, k_hi) in enumerate(zip(segments, base.min(axis=1).tolist(), base.max(axis=1).tolist())):
+        left, right = min(c1, max(c0, 1 - k_lo)), max(c0, min(c1, width - 2 - k_hi))
+        for e0, e1 in ((c0, left), (max(right, left), c1)):
+            if e1 > e0:
+                cols = np.arange(e0, e1)
+                edge = (cols < 1 - base[s][:, None]) | (cols >= width - 2 - base[s][:, None])
+                rows = np.flatnonzero(edge.any(axis=1))
+                img, var, mask = _edge_taps(src_img, src_var, src_mask, rows, cols, base[s][rows, None], f[s],
+                                            [wt[s] for wt in w] if cubic else None, cubic)
+                rr, cc = np.nonzero(edge[rows])
+                out_img[rows[rr], cols[cc]], out_var[rows[rr], cols[cc]] = img[rr, cc], var[rr, cc]
+                out_mask[rows[rr], cols[cc]] = mask[rr, cc]
 
 
 def _row_intervals(coef: np.ndarray, out_shape: tuple[int, int], in_shape: tuple[int, int]):
@@ -888,6 +971,45 @@ def _dilate_intervals(lo: np.ndarray, hi: np.ndarray, nx: int, k: int):
     return np.where(empty, nx, new_lo), np.where(empty, -1, new_hi)
 
 
+_BAND = 64  # rows per band of :func:`_interval_max` and :func:`_fill_outside_intervals`
+
+
+def _interval_max(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
+    """Largest of ``values[v, lo[v]:hi[v] + 1]`` over the rows (NaN if any is NaN, -inf if all are empty).
+
+    Band by band, the columns that all the band's intervals cover in one slice and the ragged ends as two
+    narrow masked strips: no frame-sized mask.
+    """
+    nx = values.shape[1]
+    cols = np.arange(nx)
+    best = [-np.inf]
+    for r0 in range(0, lo.size, _BAND):
+        sub, lo_b, hi_b = values[r0:r0 + _BAND], lo[r0:r0 + _BAND, None], hi[r0:r0 + _BAND, None]
+        inner0, inner1 = int(lo_b.max()), int(hi_b.min()) + 1
+        if inner0 >= inner1:  # a row without data, or no column common to the band's intervals
+            best.append(np.max(sub, where=(cols >= lo_b) & (cols <= hi_b), initial=-np.inf))
+            continue
+        best += [np.max(sub[:, inner0:inner1]),
+                 np.max(sub[:, :inner0], where=cols[:inner0] >= lo_b, initial=-np.inf),
+                 np.max(sub[:, inner1:], where=cols[inner1:] <= hi_b, initial=-np.inf)]
+    return float(np.max(best))
+
+
+def _fill_outside_intervals(image, variance, mask, lo, hi, fill_var: float) -> None:
+    """Flag ``NO_DATA`` (image 0, variance ``fill_var``) outside the row intervals ``[lo[v], hi[v]]`` (none when
+    ``lo > hi``), band by band: a left and a right strip as wide as the band's widest margins, each masked."""
+    nx = image.shape[1]
+    cols = np.arange(nx)
+    bit = mask.dtype.type(MaskBits.NO_DATA)
+    for r0 in range(0, lo.size, _BAND):
+        rows, lo_b, hi_b = slice(r0, r0 + _BAND), lo[r0:r0 + _BAND, None], hi[r0:r0 + _BAND, None]
+        left, right = min(int(lo_b.max()), nx), max(int(hi_b.min()) + 1, 0)
+        for strip, outside in ((slice(0, left), cols[:left] < lo_b), (slice(right, nx), cols[right:] > hi_b)):
+            np.copyto(image[rows, strip], np.float32(0.0), where=outside)
+            np.copyto(variance[rows, strip], np.float32(fill_var), where=outside)
+            np.bitwise_or(mask[rows, strip], bit, out=mask[rows, strip], where=outside)
+
+
 def _fast_plan(coef: np.ndarray, out_shape, in_shape, config: AlignConfig) -> str | None:
     """Why the two-pass path cannot take this affine mapping (None when it can)."""
     (a, b, _), (d, e, _) = coef
@@ -907,8 +1029,11 @@ def _fast_plan(coef: np.ndarray, out_shape, in_shape, config: AlignConfig) -> st
 
 
 def _align_fast(image_in: np.ndarray, var_in: np.ndarray, mask_in: np.ndarray, coef: np.ndarray,
-                out_shape: tuple[int, int], cubic: bool, tol: float):
-    """Resample image, variance and mask with the affine ``coef`` in two 1-D passes (rows, then columns)."""
+                out_shape: tuple[int, int], cubic: bool, tol: float, bits: int | None = None):
+    """Resample image, variance and mask with the affine ``coef`` in two 1-D passes (rows, then columns).
+
+    ``bits``: the OR of all of ``mask_in`` when known.
+    """
     (a, b, c), (d, e, f) = coef
     ny_in, nx_in = image_in.shape
     ny, nx = out_shape
@@ -924,20 +1049,26 @@ def _align_fast(image_in: np.ndarray, var_in: np.ndarray, mask_in: np.ndarray, c
     else:
         src = image_in[r0:r1]
     n_mid = r1 - r0
+    mask_src = mask_in[r0:r1]
+    # bits that fit in a byte (all of MaskBits) are ORed as bytes: a quarter of the mask's memory traffic
+    if bits is None:
+        bits = int(np.bitwise_or.reduce(mask_src, axis=None))
+    narrow = mask_src.dtype.itemsize > 1 and 0 <= bits <= 255
+    if narrow:
+        mask_src = mask_src.astype(np.uint8)
     img1 = np.empty((n_mid, nx), np.float32)
     var1 = np.empty((n_mid, nx), np.float32)
-    mask1 = np.empty((n_mid, nx), mask_in.dtype)
-    _resample_1d(src, var_in[r0:r1], mask_in[r0:r1], img1, var1, mask1, shear1 * rows + const1, slope1 - 1, tol,
-                 cubic)
-    del src
+    mask1 = np.empty((n_mid, nx), mask_src.dtype)
+    _resample_1d(src, var_in[r0:r1], mask_src, img1, var1, mask1, shear1 * rows + const1, slope1 - 1, tol, cubic)
+    del src, mask_src
     if cubic:
-        img1 = _filter_axis0(img1)
+        img1 = _filter_axis0(img1, overwrite=True)
     image = np.empty((ny, nx), np.float32)
     variance = np.empty((ny, nx), np.float32)
-    mask = np.empty((ny, nx), mask_in.dtype)
+    mask = np.empty((ny, nx), mask1.dtype)
     # output (u, v) sits at y = e v + d u + f: along each column, row (v (1 + (e - 1)) + d u + f - r0) of img1
     _resample_1d(img1.T, var1.T, mask1.T, image.T, variance.T, mask.T, d * np.arange(nx) + f - r0, e - 1, tol, cubic)
-    return image, variance, mask
+    return image, variance, mask.astype(mask_in.dtype, copy=False)
 
 
 def align_pair(search: Exposure, template: Exposure, config: AlignConfig = AlignConfig()) -> AlignedPair:
@@ -974,8 +1105,9 @@ def align_pair(search: Exposure, template: Exposure, config: AlignConfig = Align
         )
     registration = check_registration(search, template, config)  # before the costly resampling
     shape = search.shape
-    bad_in = (template.mask & int(MaskBits.NO_DATA)) != 0
-    any_bad = bool(bad_in.any())
+    bits = int(np.bitwise_or.reduce(template.mask, axis=None))  # every mask bit set somewhere
+    any_bad = bool(bits & int(MaskBits.NO_DATA))
+    bad_in = (template.mask & int(MaskBits.NO_DATA)) != 0 if any_bad else None
     method = config.method
     if _is_identity(search, template, config.identity_tolerance):
         image = np.where(bad_in, np.float32(0.0), template.image) if any_bad else template.image.copy()
@@ -1000,18 +1132,13 @@ def align_pair(search: Exposure, template: Exposure, config: AlignConfig = Align
             method = "grid"
     if method == "fast":
         image, variance, mask = _align_fast(image_in, var_in, template.mask, coef, shape, config.order == "bicubic",
-                                            config.fast_tolerance / 4)
+                                            config.fast_tolerance / 4, bits)
         lo, hi = _row_intervals(coef, shape, template.shape)
-        cols = np.arange(shape[1])
-        valid0 = (cols >= lo[:, None]) & (cols <= hi[:, None])
-        fill_var = float(np.max(variance, where=valid0, initial=-np.inf)) if valid0.any() else 1.0
+        fill_var = _interval_max(variance, lo, hi) if (lo <= hi).any() else 1.0
         if grow:
             lo, hi = _dilate_intervals(lo, hi, shape[1], grow)
-        nodata = (cols < lo[:, None]) | (cols > hi[:, None])
-        np.copyto(image, np.float32(0.0), where=nodata)
-        np.copyto(variance, np.float32(fill_var), where=nodata)
-        np.bitwise_or(mask, mask.dtype.type(MaskBits.NO_DATA), out=mask, where=nodata)
-        covered = float(np.clip(hi - lo + 1, 0, None).sum()) / nodata.size
+        _fill_outside_intervals(image, variance, mask, lo, hi, fill_var)
+        covered = float(np.clip(hi - lo + 1, 0, None).sum()) / image.size
     else:
         if method == "reproject":
             from reproject import reproject_interp

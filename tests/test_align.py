@@ -253,6 +253,116 @@ def test_fast_path_helpers_match_scipy():
                                       ndimage.binary_dilation(nodata, iterations=k))
 
 
+def _same_bits(a, b):
+    return a.dtype == b.dtype and np.array_equal(np.ascontiguousarray(a).view(np.uint8),
+                                                 np.ascontiguousarray(b).view(np.uint8))
+
+
+def _resample_1d_pixel_by_pixel(src_img, src_var, src_mask, row_shift, drift, tol, cubic, n_out):
+    """What ``_resample_1d`` computes, one output pixel at a time: the segment's weights, the interior formula
+    (float32 products summed in tap order) where the taps lie inside the row, ``_edge_taps`` elsewhere."""
+    from pipeline.align import _cubic_weights, _edge_taps, _segments
+
+    n_rows, width = src_img.shape
+    img = np.empty((n_rows, n_out), np.float32)
+    var = np.empty((n_rows, n_out), np.float32)
+    mask = np.empty((n_rows, n_out), src_mask.dtype)
+    for s0, s1, centre in _segments(n_out, drift, tol):
+        shift = row_shift + drift * centre
+        base = np.floor(shift)
+        f = shift - base
+        base = base.astype(np.int64)
+        w = _cubic_weights(f)
+        lin = ((1.0 - f).astype(np.float32), f.astype(np.float32))
+        for i in range(n_rows):
+            k = int(base[i])
+            for u in range(s0, s1):
+                if not 1 - k <= u < width - 2 - k:
+                    e = _edge_taps(src_img, src_var, src_mask, np.array([i]), np.array([u]), k, f,
+                                   w if cubic else None, cubic)
+                    img[i, u], var[i, u], mask[i, u] = (a[0, 0] for a in e)
+                    continue
+                x = u + k
+                if cubic:
+                    acc = src_img[i, x - 1] * w[0][i]
+                    for t in (1, 2, 3):
+                        acc = acc + src_img[i, x + t - 1] * w[t][i]
+                else:
+                    acc = src_img[i, x] * lin[0][i] + src_img[i, x + 1] * lin[1][i]
+                img[i, u] = acc
+                var[i, u] = src_var[i, x] * lin[0][i] + src_var[i, x + 1] * lin[1][i]
+                mask[i, u] = ((src_mask[i, x] if lin[0][i] > 1e-3 else 0)
+                              | (src_mask[i, x + 1] if lin[1][i] > 1e-3 else 0))
+    return img, var, mask
+
+
+@pytest.mark.parametrize("cubic", [True, False])
+@pytest.mark.parametrize("shear, drift, offset", [(0.0, 0.0, 0.3), (0.013, 4e-4, -2.6), (-0.021, -7e-4, 3.4),
+                                                  (0.4, 2e-3, 0.0)])
+def test_resample_1d_blocks_equal_pixel_by_pixel_evaluation(cubic, shear, drift, offset):
+    """The whole-array blocks (runs of rows with one shift, the rows where it steps between segments, the edges)
+    give every pixel bit for bit what its own evaluation gives, row-major and through transposed views."""
+    from pipeline.align import _resample_1d
+
+    rng = np.random.default_rng(7)
+    n_rows, width, n_out = 48, 70, 66
+    src_img = rng.standard_normal((n_rows, width)).astype(np.float32)
+    src_var = rng.uniform(0.5, 2.0, (n_rows, width)).astype(np.float32)
+    src_mask = np.where(rng.random((n_rows, width)) < 0.2, rng.integers(1, 64, (n_rows, width)), 0).astype(np.int32)
+    # rows whose fractional shift is ~0 or ~1 leave a linear tap out of the mask
+    row_shift = shear * np.arange(n_rows) + offset
+    row_shift[5], row_shift[6] = np.floor(row_shift[5]) + 1e-5, np.floor(row_shift[6]) + 1 - 1e-5
+    ref = _resample_1d_pixel_by_pixel(src_img, src_var, src_mask, row_shift, drift, 5e-4, cubic, n_out)
+    out = [np.empty((n_rows, n_out), a.dtype) for a in ref]
+    _resample_1d(src_img, src_var, src_mask, *out, row_shift, drift, 5e-4, cubic)
+    for got, want in zip(out, ref):
+        assert _same_bits(got, want)
+    # the second pass reads and writes transposed views
+    src_t = [np.ascontiguousarray(a.T) for a in (src_img, src_var, src_mask)]
+    out_t = [np.empty((n_out, n_rows), a.dtype) for a in ref]
+    _resample_1d(*(a.T for a in src_t), *(a.T for a in out_t), row_shift, drift, 5e-4, cubic)
+    for got, want in zip(out_t, ref):
+        assert _same_bits(got.T, want)
+
+
+def test_fast_path_masks_as_bytes_or_as_they_come():
+    from pipeline.align import _align_fast
+
+    rng = np.random.default_rng(11)
+    image = rng.standard_normal((120, 90)).astype(np.float32)
+    variance = rng.uniform(1.0, 2.0, image.shape).astype(np.float32)
+    mask = np.where(rng.random(image.shape) < 0.05, 32, 0).astype(np.int32)
+    coef = np.array([[0.9999, 0.012, 3.3], [-0.012, 1.0002, -2.7]])
+    narrow = _align_fast(image, variance, mask, coef, (110, 85), True, 5e-4)
+    wide = _align_fast(image, variance, mask | 256, coef, (110, 85), True, 5e-4)  # a bit past a byte
+    assert narrow[2].dtype == np.int32 and narrow[2].any()
+    np.testing.assert_array_equal(narrow[0], wide[0])
+    np.testing.assert_array_equal(narrow[2], wide[2] & 255)
+
+
+def test_interval_max_and_fill_equal_the_frame_masks():
+    from pipeline.align import _fill_outside_intervals, _interval_max
+
+    rng = np.random.default_rng(5)
+    ny, nx = 150, 40
+    lo = np.clip(rng.integers(-5, 25, ny) + np.arange(ny) // 10, 0, None)
+    hi = np.minimum(lo + rng.integers(-3, 30, ny), nx - 1)
+    empty = lo > hi
+    lo[empty], hi[empty] = nx, -1
+    lo[:20], hi[:20] = nx, -1  # whole bands without data
+    cols = np.arange(nx)
+    inside = (cols >= lo[:, None]) & (cols <= hi[:, None])
+    values = rng.standard_normal((ny, nx)).astype(np.float32)
+    assert _interval_max(values, lo, hi) == np.max(values, where=inside, initial=-np.inf)
+    image, variance = values.copy(), values.copy()
+    mask = rng.integers(0, 4, (ny, nx)).astype(np.int32)
+    expected_mask = np.where(inside, mask, mask | int(MaskBits.NO_DATA))
+    _fill_outside_intervals(image, variance, mask, lo, hi, 9.5)
+    np.testing.assert_array_equal(image, np.where(inside, values, 0))
+    np.testing.assert_array_equal(variance, np.where(inside, values, 9.5))
+    np.testing.assert_array_equal(mask, expected_mask)
+
+
 def test_align_config_rejects_unknown_method():
     with pytest.raises(ValueError, match="method"):
         AlignConfig(method="lanczos")

@@ -232,6 +232,19 @@ def test_bright_isolated_stars_and_psf_model_unchanged(sim_pair):
     assert m_fast.correction == pytest.approx(m_ref.correction, rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pixel_snr_fast_equals_reference_bit_for_bit(dtype):
+    from pipeline.detect.psf import _pixel_snr
+
+    rng = np.random.default_rng(4)
+    image = (100 * rng.standard_normal((150, 77))).astype(dtype)
+    variance = rng.uniform(-1.0, 50.0, image.shape).astype(dtype)  # some not positive
+    image[3, 3], image[4, 4], variance[5, 5], variance[6, 6], variance[7, 7] = np.nan, np.inf, np.nan, 0.0, np.inf
+    fast, ref = _pixel_snr(image, variance), _pixel_snr(image, variance, method="reference")
+    assert fast.dtype == ref.dtype == np.float32
+    np.testing.assert_array_equal(fast.view(np.uint32), ref.view(np.uint32))
+
+
 def test_method_is_validated():
     with pytest.raises(ValueError, match="DetectConfig.method"):
         DetectConfig(method="quick")
