@@ -325,7 +325,8 @@ def _first_test_by_definition(image, var, skip, sigclip):
     return (lap > np.sqrt(np.maximum(noise, 0)) * np.float32(8.0 * sigclip)) & ~skip
 
 
-@pytest.mark.parametrize("case", ["scene", "near-zero variance", "nan variance", "one row", "small bands"])
+@pytest.mark.parametrize("case", ["scene", "uneven variance", "near-zero variance", "nan variance", "one row",
+                                  "small bands"])
 def test_first_test_screen_finds_exactly_the_pixels_of_the_definition(case):
     """pipeline.cosmics._candidate_pixels screens each band with a necessary condition and tests only the pixels that
     pass it: the same pixels as the test on every pixel, in row-major order, also where the screen cannot help
@@ -338,8 +339,11 @@ def test_first_test_screen_finds_exactly_the_pixels_of_the_definition(case):
     skip = np.zeros(image.shape, bool)
     skip[100:110, 20:40] = True
     block = 256
-    if case == "near-zero variance":
-        var[70, 70] = 1e-6  # the band's floor is useless: the band is tested pixel by pixel
+    if case == "uneven variance":  # each pixel's noise from a different one of its cross: each of the five counts
+        var *= np.random.default_rng(4).uniform(0.5, 2.0, var.shape).astype(np.float32)
+    elif case == "near-zero variance":
+        var[70, :] = var[:, 130] = 1e-6  # the band's floor is useless: the band is tested pixel by pixel (and
+        # every pixel next to these lines takes its noise from one neighbour: each of the four counts)
     elif case == "nan variance":
         var[130, 5] = np.nan
     elif case == "one row":
