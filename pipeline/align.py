@@ -37,7 +37,7 @@ from pipeline.io import Exposure, InputError
 
 __all__ = ["AlignConfig", "AlignedPair", "PixelMap", "align_pair", "resample_cutouts", "overlap_fraction",
            "template_coverage", "template_has_data", "RegistrationCheck", "check_registration",
-           "pixel_scale_ratio", "fit_affine_mapping"]
+           "pixel_scale_ratio", "fit_affine_mapping", "template_pixels"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +184,17 @@ class AlignedPair:
     ``grid`` (also when ``fast`` fell back) or ``reproject``."""
 
 
-def _template_pixels(search_wcs: WCS, template_wcs: WCS, xs: np.ndarray, ys: np.ndarray):
-    """Template pixel coordinates of search pixel coordinates (any shape), exact through both WCSs."""
+def template_pixels(search_wcs: WCS, template_wcs: WCS, xs: np.ndarray, ys: np.ndarray):
+    """Template pixel coordinates of search pixel coordinates (any shape), exact through both WCSs.
+
+    Through the WCSs' low-level ``*_values`` methods (no sky-coordinate objects); swap the two WCSs for the
+    inverse mapping.
+
+    Returns
+    -------
+    tx, ty : ndarray
+        Shaped as ``xs``.
+    """
     world = search_wcs.pixel_to_world_values(np.ravel(xs), np.ravel(ys))
     tx, ty = template_wcs.world_to_pixel_values(*world)
     return np.asarray(tx).reshape(np.shape(xs)), np.asarray(ty).reshape(np.shape(xs))
@@ -217,7 +226,7 @@ class PixelMap:
         if gy.size < 4:
             gy = np.linspace(gy[0], gy[-1] + 3 * step, 4)
         xx, yy = np.meshgrid(gx, gy)
-        tx, ty = _template_pixels(search_wcs, template_wcs, xx, yy)
+        tx, ty = template_pixels(search_wcs, template_wcs, xx, yy)
         return cls(RectBivariateSpline(gy, gx, tx, kx=3, ky=3), RectBivariateSpline(gy, gx, ty, kx=3, ky=3))
 
     def grid(self, ny: int, nx: int) -> tuple[np.ndarray, np.ndarray]:
@@ -250,7 +259,7 @@ def pixel_scale_ratio(search: Exposure, template: Exposure) -> float:
     cx, cy = (nx - 1) / 2.0, (ny - 1) / 2.0
     xs = np.array([cx - 1.0, cx + 1.0, cx, cx])
     ys = np.array([cy, cy, cy - 1.0, cy + 1.0])
-    tx, ty = _template_pixels(search.wcs, template.wcs, xs, ys)
+    tx, ty = template_pixels(search.wcs, template.wcs, xs, ys)
     jac = np.array([[tx[1] - tx[0], tx[3] - tx[2]], [ty[1] - ty[0], ty[3] - ty[2]]]) / 2.0
     det = abs(float(np.linalg.det(jac)))
     if not np.isfinite(det) or det <= 0:
@@ -268,7 +277,7 @@ def template_has_data(search_wcs: WCS, template: Exposure, x, y, *, bits: int = 
     (``bits=0``: the footprint alone).  The one rule behind :func:`overlap_fraction`,
     :func:`template_coverage`, :func:`check_registration` and the direct mode's candidate filter.
     """
-    tx, ty = _template_pixels(search_wcs, template.wcs, np.asarray(x, float), np.asarray(y, float))
+    tx, ty = template_pixels(search_wcs, template.wcs, np.asarray(x, float), np.asarray(y, float))
     tny, tnx = template.shape
     with np.errstate(invalid="ignore"):
         ix, iy = np.rint(tx), np.rint(ty)
@@ -538,7 +547,7 @@ def check_registration(search: Exposure, template: Exposure, config: AlignConfig
                                           max(1.0, 0.5 * t_fwhm), t_fwhm)
         ok = np.isfinite(tx) & (t_peak >= config.registration_found_snr)
         tx, ty, t_peak = tx[ok], ty[ok], t_peak[ok]
-        sx, sy = _template_pixels(template.wcs, search.wcs, tx, ty)  # template -> search pixels
+        sx, sy = template_pixels(template.wcs, search.wcs, tx, ty)  # template -> search pixels
         # usable: on the search's data, far enough from its border for the window, core not saturated / bad
         usable = template_has_data(template.wcs, search, tx, ty, bits=int(MaskBits.NO_DATA), margin=margin)
         for i in np.flatnonzero(usable):
@@ -635,7 +644,7 @@ def _mapping_samples(search_wcs: WCS, template_wcs: WCS, shape: tuple[int, int],
     gx = np.unique(np.r_[np.arange(0, nx, step), nx - 1]).astype(float)
     gy = np.unique(np.r_[np.arange(0, ny, step), ny - 1]).astype(float)
     xx, yy = np.meshgrid(gx, gy)
-    tx, ty = _template_pixels(search_wcs, template_wcs, xx, yy)
+    tx, ty = template_pixels(search_wcs, template_wcs, xx, yy)
     return xx.ravel(), yy.ravel(), tx.ravel(), ty.ravel()
 
 
@@ -1200,7 +1209,7 @@ def _interpolation_variance_factor(search: Exposure, template: Exposure, config:
     ny, nx = search.shape
     y0, x0 = max(0, ny // 2 - size // 2), max(0, nx // 2 - size // 2)
     ys, xs = np.mgrid[y0 : y0 + size, x0 : x0 + size].astype(float)
-    tx, ty = _template_pixels(search.wcs, template.wcs, xs, ys)
+    tx, ty = template_pixels(search.wcs, template.wcs, xs, ys)
     bx0, by0 = int(np.floor(tx.min())) - 4, int(np.floor(ty.min())) - 4
     w = int(np.ceil(tx.max())) - bx0 + 5
     h = int(np.ceil(ty.max())) - by0 + 5
@@ -1271,7 +1280,7 @@ def resample_cutouts(
         pmap = PixelMap.build(search_wcs, template.wcs, (xs.min(), xs.max()), (ys.min(), ys.max()))
         tx, ty = pmap.boxes(xs[:, 0, 0], ys[:, 0, 0], size)
     else:
-        tx, ty = _template_pixels(search_wcs, template.wcs, xs, ys)
+        tx, ty = template_pixels(search_wcs, template.wcs, xs, ys)
     order = _ORDERS[config.order]
     tny, tnx = template.shape
     finite = np.isfinite(tx) & np.isfinite(ty)

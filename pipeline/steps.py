@@ -30,6 +30,7 @@ from pipeline.align import (
     resample_cutouts,
     template_coverage,
     template_has_data,
+    template_pixels,
 )
 from pipeline.config import RunConfig
 from pipeline.detect import (
@@ -335,8 +336,6 @@ def sky_levels(search: Exposure, template: Exposure, x, y) -> tuple[np.ndarray, 
         (template, search).
     noise : ndarray (N,) float32
     """
-    from pipeline.align import _template_pixels
-
     x, y = np.asarray(x, float), np.asarray(y, float)
 
     def pixels(shape, px, py):  # the nearest pixel of an image of this shape, inside it
@@ -344,7 +343,7 @@ def sky_levels(search: Exposure, template: Exposure, x, y) -> tuple[np.ndarray, 
         return np.clip(np.rint(px).astype(np.intp), 0, nx - 1), np.clip(np.rint(py).astype(np.intp), 0, ny - 1)
 
     on_search = pixels(search.shape, x, y)
-    on_template = pixels(template.shape, *_template_pixels(search.wcs, template.wcs, x, y))
+    on_template = pixels(template.shape, *template_pixels(search.wcs, template.wcs, x, y))
     sky = np.stack([estimate_background(template.image, template.mask, at=on_template) * _zp_scale(search, template),
                     estimate_background(search.image, search.mask, at=on_search)], axis=1).astype(np.float32)
     return sky, _sky_noise(search, at=on_search).astype(np.float32)

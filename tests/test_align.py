@@ -457,12 +457,12 @@ def test_cutouts_equal_whole_frame_spline_interpolation_at_the_exact_mapping(sim
     in the interior, at the frame's edges and on a stamp that runs off the template."""
     from scipy import ndimage
 
-    from pipeline.align import _template_pixels
+    from pipeline.align import template_pixels
 
     t = sim_pair.template
     tny, tnx = t.shape
     # search positions of the template's first and last pixels: stamps straddling the template's edges
-    cx, cy = _template_pixels(t.wcs, sim_pair.search.wcs, np.array([1.0, tnx - 2.0]), np.array([2.0, tny - 3.0]))
+    cx, cy = template_pixels(t.wcs, sim_pair.search.wcs, np.array([1.0, tnx - 2.0]), np.array([2.0, tny - 3.0]))
     x = np.array([200.3, 512.0, cx[0], cx[1], -300.0])
     y = np.array([300.6, 512.2, cy[0], cy[1], -300.0])
     size = 21
@@ -471,7 +471,7 @@ def test_cutouts_equal_whole_frame_spline_interpolation_at_the_exact_mapping(sim
     xs = np.rint(x)[:, None, None] + offs[None, None, :]
     ys = np.rint(y)[:, None, None] + offs[None, :, None]
     xs, ys = np.broadcast_arrays(xs, ys)
-    tx, ty = _template_pixels(sim_pair.search.wcs, t.wcs, xs, ys)
+    tx, ty = template_pixels(sim_pair.search.wcs, t.wcs, xs, ys)
     frame = np.where((t.mask & MaskBits.NO_DATA) != 0, 0, t.image).astype(np.float32)
     spline_order = {"bicubic": 3, "biquadratic": 2, "bilinear": 1}[order]
     expect = ndimage.map_coordinates(frame, [ty, tx], order=spline_order, mode="constant", cval=np.nan)
