@@ -459,12 +459,33 @@ def find_peaks(snr: np.ndarray, threshold: float, n_pixels: int, max_peaks: int 
     return x, y, peak
 
 
+def _plateau_firsts(peaks: np.ndarray, nx: int) -> np.ndarray:
+    """Of local maxima with ties kept (sorted flat indices into rows of ``nx``), those with no other maximum
+    among their earlier 8 neighbours in raster order: two neighbouring maxima are equal, so a plateau of equal
+    cells -- one window seen again at the next cells, e.g. a network whose units are all off over blank sky -- is
+    one peak, not one per cell."""
+    if peaks.size < 2:
+        return peaks
+    py, px = np.divmod(peaks, nx)
+    first = np.ones(peaks.size, bool)
+    for dy, dx in ((-1, -1), (-1, 0), (-1, 1), (0, -1)):
+        qy, qx = py + dy, px + dx
+        inside = (qy >= 0) & (qx >= 0) & (qx < nx)
+        q = qy[inside] * nx + qx[inside]
+        at = np.minimum(np.searchsorted(peaks, q), peaks.size - 1)
+        hit = np.zeros(peaks.size, bool)
+        hit[inside] = peaks[at] == q
+        first &= ~hit
+    return peaks[first]
+
+
 def map_peaks(logits: np.ndarray, threshold: float, spacing: float = 1.0,
               refine: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Local maxima of a logit map (a classifier's score map) whose probability is >= ``threshold``.
 
     The same local-maximum test and sub-pixel refinement as :func:`find_peaks` (every pixel the highest of
-    its 8 neighbours, ties kept; a 3-point parabola per axis), on the cells at or above the threshold.
+    its 8 neighbours; a 3-point parabola per axis), on the cells at or above the threshold.  Of neighbouring
+    cells of equal value (a plateau) only the first in raster order is a peak.
 
     Parameters
     ----------
@@ -490,7 +511,7 @@ def map_peaks(logits: np.ndarray, threshold: float, spacing: float = 1.0,
     cut = np.log(threshold / (1 - threshold))
     with np.errstate(invalid="ignore"):
         flat = np.flatnonzero(logits >= cut)
-    peaks = _sparse_local_maxima(logits, flat, 1.0, 1)
+    peaks = _plateau_firsts(_sparse_local_maxima(logits, flat, 1.0, 1), logits.shape[1])
     iy, ix = np.unravel_index(peaks, logits.shape)
     score = 1.0 / (1.0 + np.exp(-logits[iy, ix].astype(float)))
     x, y = _refine_peaks(logits, ix, iy) if refine else (ix, iy)
