@@ -33,8 +33,9 @@ every candidate of that run and counts the union.  Writes ``report.json`` and ``
 are all centred on search-image peaks), from ``--ccds`` simulated CCDs: every transient moved by up
 to 2 px (real); the ``--model``'s own map peaks >= 0.5 more than 5 px from any transient (the 100
 best and 50 of the rest per CCD) and random points 3-12 px from stars, galaxies and variables
-brighter than mag 22 (bogus).  The last ``--val-ccds`` CCDs go to the ``val`` split, the others to
-``train``.  Train on it with ``pipeline train --model pair --data OUT.npz``.
+brighter than mag 22 (bogus); with ``--random N``, N random points per CCD more than 5 px from any
+transient (bogus: mostly blank sky, the bulk of a map's windows).  The last ``--val-ccds`` CCDs go to
+the ``val`` split, the others to ``train``.  Train on it with ``pipeline train --model pair --data OUT.npz``.
 """
 
 from __future__ import annotations
@@ -127,6 +128,13 @@ def _mine(args, config) -> int:
         fy = np.rint(np.asarray(src["y"], float)[j] + r * np.sin(angle))
         keep = _inside(fx, fy, shape_k) & away(fx, fy)
         fx, fy, fkind = fx[keep], fy[keep], np.char.add("flank_", np.asarray(src["kind"])[j][keep].astype(str))
+        # bogus (--random N): points anywhere on the CCD, mostly blank sky and faint sources, the bulk of the map's
+        # windows (drawn after the rest, so that N = 0 leaves the other stamps as they were)
+        qx = np.rint(rng.uniform(0, shape_k[1] - 1, args.random))
+        qy = np.rint(rng.uniform(0, shape_k[0] - 1, args.random))
+        keep = _inside(qx, qy, shape_k) & away(qx, qy)
+        fx, fy = np.concatenate([fx, qx[keep]]), np.concatenate([fy, qy[keep]])
+        fkind = np.concatenate([fkind, np.full(int(keep.sum()), "random")])
         x, y = np.concatenate([rx, mx, fx]), np.concatenate([ry, my, fy])
         labels = np.concatenate([np.ones(rx.size), np.zeros(mx.size + fx.size)]).astype(np.int8)
         kind = np.concatenate([np.full(rx.size, "transient"), np.full(mx.size, "map_peak"), fkind])
@@ -137,7 +145,8 @@ def _mine(args, config) -> int:
         sets.append(StampSet(stamps.data, labels, meta, stamps.channels,
                              {"stream": "direct", "source": "simulated", "simulation_seeds": [int(args.seed)],
                               "offpeak": {"model": str(args.model), "ccds": args.ccds, "shape": list(shape),
-                                          "density_factor": args.density_factor, "val_ccds": args.val_ccds}}))
+                                          "density_factor": args.density_factor, "val_ccds": args.val_ccds,
+                                          "random": args.random}}))
         print(f"{name}: {rx.size} real, {mx.size} map peaks, {fx.size} flanks ({time.perf_counter() - t0:.1f} s)",
               flush=True)
     mined = StampSet.concatenate(sets)
@@ -166,6 +175,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="2048x2048", help="--mine: CCD shape (default 2048x2048)")
     ap.add_argument("--density-factor", type=float, default=12.0, help="--mine: transient density factor (12)")
     ap.add_argument("--val-ccds", type=int, default=5, help="--mine: last CCDs in the val split (default 5)")
+    ap.add_argument("--random", type=int, default=0,
+                    help="--mine: random points per CCD as bogus, away from transients (default 0)")
     args = ap.parse_args(argv)
     if (args.input is None) == (args.mine is None):
         ap.error("give --input (measure) or --mine (make training stamps)")

@@ -121,9 +121,11 @@ class StampNet(nn.Module):
         Number of stamps (3 for the triplet, 2 for the pair).
     width : int
         Filters of the first stage (doubled at the second and third).
+    hidden : int
+        Units of the head's hidden layer.
     """
 
-    def __init__(self, in_channels: int, width: int = 16) -> None:
+    def __init__(self, in_channels: int, width: int = 16, hidden: int = 64) -> None:
         super().__init__()
         w1, w2, w3 = width, 2 * width, 4 * width
         # one convolution at full resolution (cost), two at 25 x 25, one at 12 x 12
@@ -132,8 +134,8 @@ class StampNet(nn.Module):
             *_block(w1, w2), *_block(w2, w2), nn.MaxPool2d(2),            # 25 -> 12
             *_block(w2, w3), nn.MaxPool2d(2),                             # 12 -> 6
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(w3 * 36, 64),
-                                  nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(64, 2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(w3 * 36, hidden),
+                                  nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(hidden, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -207,6 +209,9 @@ MODELS: dict[str, ModelSpec] = {
     # the direct mode's dense detector: our pair network on stamps in sky units, the normalisation its score map
     # gives every window (classifier.normalize, scheme "sky")
     "pair-sky": ModelSpec("pair-sky", ("template", "search"), "sky", "channels", (), True, lambda: StampNet(2)),
+    # the same with half the filters at every stage and half the head: ~1/4 of the dense map's arithmetic
+    "pair-sky-lite": ModelSpec("pair-sky-lite", ("template", "search"), "sky", "channels", (), True,
+                               lambda: StampNet(2, width=8, hidden=32)),
 }
 
 

@@ -12,7 +12,7 @@ from classifier.dense import STRIDE, dense_network
 from classifier.models import build_model
 
 
-@pytest.mark.parametrize("name", ["pair", "triplet"])
+@pytest.mark.parametrize("name", ["pair", "triplet", "pair-sky-lite"])
 def test_dense_network_gives_the_stamp_logits_on_a_stamp(name):
     torch.manual_seed(0)
     model = build_model(name).eval()
@@ -108,6 +108,25 @@ def test_map_peaks_and_normalized_planes():
     assert np.all(bad["search"] == 0)
 
 
+def test_map_peaks_gives_one_peak_per_plateau():
+    """Neighbouring cells of equal value (what a network gives where all its units are off) are one peak, the
+    first cell in raster order, not one per cell; separate plateaus and strict peaks stay separate."""
+    from pipeline.detect import map_peaks
+
+    logits = np.full((9, 14), -4.0, np.float32)
+    logits[2:4, 3:6] = 2.0  # a 2 x 3 plateau
+    logits[6, 1:4] = 2.0  # a row plateau with a diagonal step up to the next row
+    logits[7, 4] = 2.0
+    logits[1, 10] = 3.0  # a strict peak beside a lower shoulder
+    logits[1, 11] = 2.0
+    logits[6:8, 8:10] = 1.5  # a 2 x 2 plateau, not touching the others
+    x, y, p = map_peaks(logits, 0.5, 1.0, refine=False)
+    assert sorted(zip(y.tolist(), x.tolist())) == [(1, 10), (2, 3), (6, 1), (6, 8)]
+    assert np.allclose(sorted(p), sorted(1 / (1 + np.exp(-np.array([3.0, 2.0, 2.0, 1.5])))))
+    flat = np.full((5, 5), 1.0, np.float32)  # the whole map one plateau
+    assert map_peaks(flat, 0.5, 1.0, refine=False)[0].tolist() == [0.0]
+
+
 def test_dense_logit_map_shares_the_trunk_between_phases():
     """The trunk of classifier.dense.DenseStampNet runs once for the four phases: away from the frame's edges
     (where each phase's layers see their own zero padding) the map equals four separate passes."""
@@ -157,3 +176,34 @@ def test_dense_map_in_bfloat16_is_the_float32_map_to_its_precision():
     assert np.abs(got - ref).max() > 0  # it did run in bfloat16
     with pytest.raises(ValueError, match="map_precision"):
         DirectDetectConfig(map_precision="float16")
+
+
+def test_mining_adds_random_bogus_points_and_leaves_the_rest(tmp_path):
+    """``benchmarks.dense_detector --mine --random N``: N random points per CCD, bogus, more than 5 px from every
+    transient and inside the stamp margin, appended to the stamps mined without them, which stay the same."""
+    import dataclasses
+
+    from benchmarks.dense_detector import main
+    from classifier.data import StampSet
+    from pipeline.simulate import SimulationConfig, simulate_pair
+
+    common = ["--ccds", "1", "--shape", "320x320", "--seed", "7", "--val-ccds", "0", "--model", "pair-dense-lite",
+              "--threads", "1"]
+    assert main(["--mine", str(tmp_path / "plain.npz"), *common]) == 0
+    assert main(["--mine", str(tmp_path / "random.npz"), "--random", "1000", *common]) == 0
+    plain, more = StampSet.load(tmp_path / "plain.npz"), StampSet.load(tmp_path / "random.npz")
+    kind = np.asarray(more.meta["kind"])
+    added = kind == "random"
+    assert 500 <= added.sum() <= 1000 and not np.any(np.asarray(plain.meta["kind"]) == "random")
+    np.testing.assert_array_equal(more.stamps[~added], plain.stamps)
+    np.testing.assert_array_equal(more.labels[~added], plain.labels)
+    assert np.all(more.labels[added] == 0)
+    x, y = np.asarray(more.meta["x"])[added], np.asarray(more.meta["y"])[added]
+    assert np.all((x >= 26) & (x < 320 - 26) & (y >= 26) & (y < 320 - 26))
+    config = SimulationConfig()
+    sim = simulate_pair(dataclasses.replace(config, shape=(320, 320), transient_density=config.transient_density * 12),
+                        7, 0)
+    tt = sim.truth[(sim.truth["kind"] == "transient") & ~sim.truth["flagged"]]
+    assert len(tt) > 0
+    d = np.hypot(x[:, None] - np.asarray(tt["x"])[None], y[:, None] - np.asarray(tt["y"])[None]).min(axis=1)
+    assert d.min() > 5

@@ -82,6 +82,22 @@ q1=$!
   pipeline evaluate --model "$work/pair-dense" --data "$work/data-direct/dense.npz" --split test \
       --out "$work/pair-dense/test" --threads "$threads"
   cp "$work/pair-dense/model.pt" "$here/pair-dense.pt"
+  # pair-dense-lite: the dense map at ~1/3 of pair-dense's arithmetic (pair-sky-lite: half the filters at every
+  # stage, half the head), in two rounds: (1) on pair-dense's set; (2) on that set plus what round 1 gets wrong
+  # over whole frames -- its own map peaks away from transients and 150 random points per CCD (mostly blank
+  # sky, which round 1 called real on flat, all-units-off plateaus of its map), transients moved by up to 2 px,
+  # flanks -- mined on 40 new CCDs (seed 1600, ~4 min); 16 epochs each (two threads: ~25 and ~35 s per epoch)
+  pipeline train --model pair-sky-lite --data "$work/data-direct/dense.npz" --out "$work/pair-dense-lite-r1" \
+      --epochs "$epochs_dense" --max-train 50000 --threads "$THREADS_DENSE" --no-progress --seed 0
+  if [ ! -f "$work/data-direct/dense-lite.npz" ]; then
+      python -m benchmarks.dense_detector --mine "$work/data-direct/dense-lite.npz" --seed 1600 --random 150 \
+          --merge "$work/data-direct/dense.npz" --model "$work/pair-dense-lite-r1/model.pt" --threads 2
+  fi
+  pipeline train --model pair-sky-lite --data "$work/data-direct/dense-lite.npz" --out "$work/pair-dense-lite" \
+      --epochs "$epochs_dense" --max-train 80000 --threads "$THREADS_DENSE" --no-progress --seed 0
+  pipeline evaluate --model "$work/pair-dense-lite" --data "$work/data-direct/dense-lite.npz" --split test \
+      --out "$work/pair-dense-lite/test" --threads "$threads"
+  cp "$work/pair-dense-lite/model.pt" "$here/pair-dense-lite.pt"
   # the paper's two-image CNN by the paper's recipe on the same direct stream: the paper's comparison repeated
   # on direct-mode candidates (stopped early after epoch 81, best 76, ~15 s per epoch on one core)
   train pair-paper ../data-direct/direct "$epochs_pair_paper" pair-paper-direct 24000 ) &

@@ -26,7 +26,7 @@ def load_stamp_data(path: str | Path, seed: int = 0):
 
 def _models() -> list[str]:
     # the keys of classifier.models.MODELS, listed here so `pipeline --help` does not import torch
-    return ["triplet-paper", "pair-paper", "triplet", "pair", "pair-sky"]
+    return ["triplet-paper", "pair-paper", "triplet", "pair", "pair-sky", "pair-sky-lite"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
