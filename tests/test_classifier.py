@@ -49,7 +49,8 @@ def test_models_forward_shapes(name):
     x = prepare_input(stamps, name)
     spec = get_spec(name)
     expected = {"triplet-paper": (3, 1, 51, 153), "pair-paper": (3, 1, 51, 102),
-                "triplet": (3, 3, 51, 51), "pair": (3, 2, 51, 51), "pair-sky": (3, 2, 51, 51)}[name]
+                "triplet": (3, 3, 51, 51), "pair": (3, 2, 51, 51), "pair-sky": (3, 2, 51, 51),
+                "pair-sky-lite": (3, 2, 51, 51)}[name]
     assert x.shape == expected
     with torch.no_grad():
         assert build_model(name).eval()(torch.from_numpy(x)).shape == (3, 2)
@@ -376,7 +377,8 @@ _PANELS = {"triplet-paper": {"template": (0, slice(102, 153)), "search": (0, sli
            "pair-paper": {"template": (0, slice(51, 102)), "search": (0, slice(0, 51))},  # [search | template]
            "triplet": {"template": (0, slice(0, 51)), "search": (1, slice(0, 51))},
            "pair": {"template": (0, slice(0, 51)), "search": (1, slice(0, 51))},
-           "pair-sky": {"template": (0, slice(0, 51)), "search": (1, slice(0, 51))}}
+           "pair-sky": {"template": (0, slice(0, 51)), "search": (1, slice(0, 51))},
+           "pair-sky-lite": {"template": (0, slice(0, 51)), "search": (1, slice(0, 51))}}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
