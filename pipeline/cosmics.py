@@ -32,6 +32,9 @@ context, which covers the reach of the algorithm's median filters, and the image
 its border (unpadded, L.A.Cosmic flagged the core of a star cut by the edge of a real DECam stack).
 On the simulated DECam CCDs the mask is the same pixel for pixel as one full-frame call
 (``method = "full"``) at a seventh to a twelfth of the cost: a CCD is mostly empty sky.
+The tiles go through :func:`pipeline.lacosmic.lacosmic_stack` (``engine = "numpy"``): tiles of one shape
+as one stack, the algorithm as whole-stack array operations, the same mask as astroscrappy's call on each tile
+(tested pixel for pixel) at about a quarter of its time per pixel.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ __all__ = ["CosmicRayConfig", "CosmicRayResult", "mask_cosmic_rays", "noise_scal
 SKIP_BITS = int(MaskBits.BAD | MaskBits.SAT | MaskBits.NO_DATA | MaskBits.CR | MaskBits.SUSPECT)
 
 _METHODS = ("tiled", "full")
+_ENGINES = ("numpy", "astroscrappy")
 _SQUARE = np.ones((3, 3), bool)
 #: ``noise_check`` scales the variance when the measured noise exceeds its prediction by more than this factor.
 _NOISE_TOLERANCE = 1.1
@@ -125,10 +129,17 @@ class CosmicRayConfig:
     tile_margin: int = 12
     """Pixels of context around each tile (``"tiled"``); it must cover the reach of the median filters
     (~8 px) plus the growth of each further iteration."""
+    engine: str = "numpy"
+    """What runs L.A.Cosmic on the tiles (``"tiled"``): ``"numpy"`` (default), :func:`pipeline.lacosmic.lacosmic_stack`
+    on stacks of equal-shape tiles (each tile widened with real pixels to the next multiple of 8 px), the same mask
+    as astroscrappy's per tile and 3-5x faster on a CCD; ``"astroscrappy"``, one ``detect_cosmics`` call per tile.
+    ``"numpy"`` implements ``sepmed = True``, ``fsmode = "median"`` and ``cleantype = "meanmask"``; other settings
+    use astroscrappy.  ``method = "full"`` (the reference) always calls astroscrappy."""
 
     def __post_init__(self) -> None:
         for name, value, choices in (("template", self.template, _TEMPLATE_POLICIES),
                                      ("method", self.method, _METHODS),
+                                     ("engine", self.engine, _ENGINES),
                                      ("cleantype", self.cleantype, _CLEANTYPES),
                                      ("fsmode", self.fsmode, _FSMODES)):
             if value not in choices:
@@ -428,10 +439,22 @@ def mask_cosmic_rays(image: np.ndarray, mask: np.ndarray | None = None, variance
         # earlier flags, and then the flags grow: a tile holds every pixel within 2 niter + 1 + grow px of its seeds
         boxes = _seed_boxes(ys, xs, (ny, nx), 2 * int(config.niter) + 1 + int(config.grow))
     margin = int(config.tile_margin)
+    if config.method == "tiled" and _numpy_engine(config):
+        for rows, cols, inner, tile_data, tile_skip, crmask in _stacked_lacosmic(data, var, skip, boxes, margin, config,
+                                                                                   gain, saturation):
+            flagged[rows, cols] |= crmask[inner]
+            ty, tx = np.nonzero(crmask[inner])
+            keys.append((ty + rows.start) * nx + (tx + cols.start))
+            if cleaned is not None and crmask[inner].any():
+                fill = _masked_mean(tile_data, crmask | tile_skip, crmask)
+                np.copyto(cleaned[rows, cols], fill[inner], where=crmask[inner])
+        boxes_run = ()
+    else:
+        boxes_run = boxes
     # astroscrappy's OpenMP loops cost more than they save on small tiles and spin on a busy host (a run's workers
     # already use the cores): one thread
     with threadpool_limits(limits=1, user_api="openmp"):
-        for rows, cols in boxes:
+        for rows, cols in boxes_run:
             tile, pads, inner = _tile(rows, cols, margin, (ny, nx))
             tile_data, tile_skip = _reflect(data[tile], pads), _reflect(skip[tile], pads)
             crmask, _ = astroscrappy.detect_cosmics(tile_data, inmask=tile_skip, invar=_reflect(var[tile], pads),
@@ -448,6 +471,70 @@ def mask_cosmic_rays(image: np.ndarray, mask: np.ndarray | None = None, variance
     keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)  # tiles may overlap
     return CosmicRayResult(mask=flagged, cleaned=cleaned, n_pixels=int(keys.size),
                            n_cosmic_rays=label_pixels(keys, (ny, nx))[1], n_tiles=len(boxes), noise_scale=scale)
+
+
+def _numpy_engine(config: CosmicRayConfig) -> bool:
+    """Whether :func:`pipeline.lacosmic.lacosmic_stack` implements these settings (else astroscrappy runs)."""
+    return (config.engine == "numpy" and config.sepmed and config.fsmode == "median"
+            and config.cleantype == "meanmask")
+
+
+def _stacked_lacosmic(data, var, skip, boxes, margin: int, config: CosmicRayConfig, gain: float, saturation: float,
+                      multiple: int = 8):
+    """L.A.Cosmic on the tiles around ``boxes``, stacked: each tile (its box plus ``margin``) is widened with the
+    image's own pixels (reflected beyond its border, as :func:`_reflect`) to the next multiple of ``multiple`` px on
+    each axis, tiles of one shape form one stack for :func:`pipeline.lacosmic.lacosmic_stack`.  A wider tile only
+    gives the box more real context than ``margin``.
+
+    Yields, per box: its rows and columns, where it lies in its tile, the tile's image and skip planes and the
+    tile's flags (grown by ``config.grow``, never on a skipped pixel).
+    """
+    from pipeline.lacosmic import lacosmic_stack
+
+    ny, nx = data.shape
+    if not boxes:
+        return
+    y0 = np.array([r.start for r, _ in boxes])
+    h = np.array([r.stop - r.start for r, _ in boxes])
+    x0 = np.array([c.start for _, c in boxes])
+    w = np.array([c.stop - c.start for _, c in boxes])
+    th = -(-(h + 2 * margin) // multiple) * multiple  # tile shape
+    tw = -(-(w + 2 * margin) // multiple) * multiple
+    top = y0 - margin - (th - h - 2 * margin) // 2  # first row and column of each tile (may lie off the image)
+    left = x0 - margin - (tw - w - 2 * margin) // 2
+    shapes = np.stack([th, tw], axis=1)
+    for shape in np.unique(shapes, axis=0):
+        members = np.flatnonzero((shapes == shape).all(axis=1))
+        rows = _reflected(top[members, None] + np.arange(shape[0]), ny)[:, :, None]
+        cols = _reflected(left[members, None] + np.arange(shape[1]), nx)[:, None, :]
+        tile_data, tile_var, tile_skip = data[rows, cols], var[rows, cols], skip[rows, cols]
+        crmask = lacosmic_stack(tile_data, tile_var, tile_skip, sigclip=config.sigclip, sigfrac=config.sigfrac,
+                                objlim=config.objlim, gain=gain, saturation=float(saturation) * float(gain),
+                                niter=config.niter)
+        if config.grow:  # ``grow`` 3 x 3 dilations are one (2 grow + 1)-pixel box, nothing beyond a tile's edge
+            crmask = _grow_stack(crmask, int(config.grow))
+        crmask &= ~tile_skip
+        for k, i in enumerate(members.tolist()):
+            r0, c0 = int(y0[i] - top[i]), int(x0[i] - left[i])
+            inner = (slice(r0, r0 + int(h[i])), slice(c0, c0 + int(w[i])))
+            yield boxes[i][0], boxes[i][1], inner, tile_data[k], tile_skip[k], crmask[k]
+
+
+def _grow_stack(flags: np.ndarray, half_width: int) -> np.ndarray:
+    """Every pixel within a ``(2 hw + 1)``-pixel box of a flagged one, in each slice of an ``(n, ny, nx)`` stack
+    (nothing beyond a slice's edge is flagged): a maximum filter along the rows, then the columns."""
+    out = flags.copy()
+    for axis in (2, 1):
+        grown = out.copy()
+        size = out.shape[axis]
+        for shift in range(1, min(half_width, size - 1) + 1):
+            lo = [slice(None)] * 3
+            hi = [slice(None)] * 3
+            lo[axis], hi[axis] = slice(0, size - shift), slice(shift, size)
+            grown[tuple(lo)] |= out[tuple(hi)]
+            grown[tuple(hi)] |= out[tuple(lo)]
+        out = grown
+    return out
 
 
 def noise_scale(image: np.ndarray, variance: np.ndarray, skip: np.ndarray | None = None, step: int = 8) -> float:

@@ -1,0 +1,126 @@
+"""pipeline/lacosmic.py: L.A.Cosmic on stacks of tiles, against astroscrappy on the same tiles, pixel for pixel."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from pipeline.cosmics import CosmicRayConfig, _grow_stack, mask_cosmic_rays
+from pipeline.lacosmic import _laplacian, _laplacian_literal, lacosmic_stack, median_network, separable_median
+
+astroscrappy = pytest.importorskip("astroscrappy")
+from astroscrappy.utils import sepmedfilt5, sepmedfilt7, sepmedfilt9  # noqa: E402
+
+
+def _tiles(seed: int, n: int = 10):
+    """A stack of tiles: sky and noise, stars (some saturated), cosmic-ray tracks 1-2 px wide, a few 6-px-wide
+    bands (whose middle pixels have no good neighbour in their 5 x 5 box), bad rows and pixels."""
+    rng = np.random.default_rng(seed)
+    ny, nx = (int(v) for v in rng.integers(20, 60, 2))
+    yy, xx = np.mgrid[:ny, :nx]
+    image = rng.normal(200, 10, (n, ny, nx)).astype(np.float32)
+    variance = np.full((n, ny, nx), 100, np.float32) * rng.uniform(0.8, 1.2, (n, 1, 1)).astype(np.float32)
+    bad = np.zeros((n, ny, nx), bool)
+    for i in range(n):
+        for _ in range(rng.integers(0, 3)):
+            x0, y0, flux = rng.uniform(0, nx), rng.uniform(0, ny), 10 ** rng.uniform(2.7, 6.5)
+            image[i] += (flux / (8 * np.pi) * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / 8)).astype(np.float32)
+        for _ in range(rng.integers(0, 4)):
+            y0, x0 = rng.integers(0, ny), rng.integers(0, nx)
+            dy, dx = rng.choice([-1, 0, 1], 2)
+            for t in range(rng.integers(1, 8)):
+                y, x = y0 + t * dy, x0 + t * dx
+                if 0 <= y < ny and 0 <= x < nx:
+                    image[i, y, x] += rng.uniform(100, 3000)
+                    if rng.random() < 0.3 and x + 1 < nx:
+                        image[i, y, x + 1] += rng.uniform(50, 1000)
+        if rng.random() < 0.3:
+            bad[i, rng.integers(0, ny), :] = True
+        if rng.random() < 0.3:
+            bad[i, rng.integers(0, ny, 5), rng.integers(0, nx, 5)] = True
+        if rng.random() < 0.2:
+            y0 = rng.integers(3, ny - 8)
+            image[i, y0 : y0 + 6, 5 : min(30, nx)] += 2000
+        variance[i] += np.clip(image[i] - 200, 0, None) / 1.5
+    return image, variance, bad
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_each_slice_equals_astroscrappy_on_it(seed):
+    image, variance, bad = _tiles(seed)
+    rng = np.random.default_rng(100 + seed)
+    gain = float(rng.choice([1.0, 1.7, 4.0]))
+    saturation = float(rng.choice([np.inf, 3e4]))  # in ADU: stars up to ~1.3e5 ADU at their peak
+    niter = int(rng.integers(1, 4))
+    kwargs = dict(sigclip=5.0, sigfrac=0.3, objlim=5.0, niter=niter)
+    got = lacosmic_stack(image, variance, bad, gain=gain, saturation=saturation * gain, **kwargs)
+    flagged = 0
+    for i in range(len(image)):
+        want, _ = astroscrappy.detect_cosmics(image[i], inmask=bad[i], invar=variance[i], gain=gain, readnoise=5.0,
+                                              satlevel=saturation * gain, sepmed=True, fsmode="median",
+                                              cleantype="meanmask", verbose=False, **kwargs)
+        assert np.array_equal(got[i], want), (seed, i, int(got[i].sum()), int(want.sum()))
+        flagged += int(want.sum())
+    assert flagged > 0  # the comparison saw cosmic rays
+
+
+def test_median_networks_and_separable_medians_equal_the_reference():
+    rng = np.random.default_rng(0)
+    for n in (3, 5, 7, 9):
+        for perm in itertools.islice(itertools.permutations(range(n)), 3000):  # a sorting network sorts these
+            wires = [np.array([v], np.float32) for v in perm]
+            from pipeline.lacosmic import _median_of
+
+            assert _median_of(wires)[0] == n // 2
+        ties = rng.integers(0, 3, (n, 5000)).astype(np.float32)
+        assert np.array_equal(_median_of(list(ties)), np.median(ties, axis=0).astype(np.float32))
+        assert len(median_network(n)) <= n * n
+    stack = rng.normal(100, 10, (4, 31, 26)).astype(np.float32)
+    stack[:, 10, 10] = 1e4
+    for size, reference in ((5, sepmedfilt5), (7, sepmedfilt7), (9, sepmedfilt9)):
+        assert np.array_equal(separable_median(stack, size), np.stack([reference(s) for s in stack]))
+    with pytest.raises(ValueError, match="odd"):
+        median_network(4)
+
+
+def test_laplacian_at_pixel_resolution_equals_the_sub_sampled_one():
+    rng = np.random.default_rng(1)
+    for shape in [(3, 3, 3), (2, 4, 7), (4, 40, 40), (3, 17, 5), (1, 2, 9)]:
+        x = (rng.normal(100, 30, shape) * rng.choice([1, 1e-3, 1e3], shape)).astype(np.float32)
+        assert np.array_equal(_laplacian(x), _laplacian_literal(x)), shape
+
+
+def test_grown_stack_equals_a_box_dilation_slice_by_slice():
+    rng = np.random.default_rng(2)
+    for half in (1, 2, 3):
+        flags = rng.random((3, 23, 17)) < 0.02
+        box = np.ones((1, 2 * half + 1, 2 * half + 1), bool)
+        assert np.array_equal(_grow_stack(flags, half), ndimage.binary_dilation(flags, structure=box))
+
+
+def test_both_engines_give_the_same_mask_and_the_numpy_one_finds_the_tracks():
+    from tests.test_cosmics import GAIN, READ_NOISE, SATURATION, _scene
+
+    stars = [(40.3, 40.7, 2e5), (150.2, 60.6, 2e4), (160.4, 160.2, 5e5)]
+    image, var, tracks, _ = _scene(seed=21, shape=(220, 260), n_tracks=15, stars=stars)
+    mask = np.zeros(image.shape, np.int32)
+    mask[100, :] = 1  # a bad row (BAD) across two tracks' tiles
+    results = {}
+    for engine in ("numpy", "astroscrappy"):
+        config = CosmicRayConfig(engine=engine, replace=True)
+        results[engine] = mask_cosmic_rays(image, mask, var, config, gain=GAIN, read_noise=READ_NOISE,
+                                           saturation=SATURATION)
+    numpy_result, reference = results["numpy"], results["astroscrappy"]
+    assert np.array_equal(numpy_result.mask, reference.mask)
+    assert np.array_equal(numpy_result.cleaned, reference.cleaned)
+    assert numpy_result.n_cosmic_rays == reference.n_cosmic_rays >= 15
+    labels, n_tracks = ndimage.label(tracks, np.ones((3, 3), bool))
+    found = np.unique(labels[numpy_result.mask & tracks])
+    assert set(found[found > 0]) == set(range(1, n_tracks + 1))  # every track
+    # most of their pixels: L.A.Cosmic leaves the middles of 3-px-wide tracks and the pixels next to the bad row
+    assert (numpy_result.mask & tracks).sum() >= 0.7 * tracks.sum()
+    with pytest.raises(ValueError, match="engine"):
+        CosmicRayConfig(engine="fortran")
