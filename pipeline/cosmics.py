@@ -537,12 +537,18 @@ def _grow_stack(flags: np.ndarray, half_width: int) -> np.ndarray:
     return out
 
 
-def noise_scale(image: np.ndarray, variance: np.ndarray, skip: np.ndarray | None = None, step: int = 8) -> float:
+def noise_scale(image: np.ndarray, variance: np.ndarray, skip: np.ndarray | None = None,
+                step: int | None = None) -> float:
     """Robust standard deviation of ``(I[y, x+1] - I[y, x]) / sqrt(V[y, x+1] + V[y, x])`` over every ``step``-th row.
 
     1 when the variance plane describes the pixel noise; sources and cosmic rays are few enough for the median
     absolute deviation to ignore.  NaN when fewer than 100 pixel pairs are usable (neither in ``skip``).
+    ``step`` defaults to the one that leaves about 2^18 pixel pairs (every 32nd row of a DECam CCD, every row of
+    a 512 x 512 frame): the MAD of that many Gaussian values is within 0.3% of the truth, and the check acts only
+    beyond 10%.
     """
+    if step is None:
+        step = max(1, int(image.size) >> 18)
     rows = slice(None, None, step)
     diff = np.diff(image[rows], axis=1)
     total = variance[rows][:, 1:] + variance[rows][:, :-1]
