@@ -88,9 +88,10 @@ def test_median_networks_and_separable_medians_equal_the_reference():
 
 def test_laplacian_at_pixel_resolution_equals_the_sub_sampled_one():
     rng = np.random.default_rng(1)
-    for shape in [(3, 3, 3), (2, 4, 7), (4, 40, 40), (3, 17, 5), (1, 2, 9)]:
-        x = (rng.normal(100, 30, shape) * rng.choice([1, 1e-3, 1e3], shape)).astype(np.float32)
-        assert np.array_equal(_laplacian(x), _laplacian_literal(x)), shape
+    for shape in [(30, 3, 3), (20, 4, 7), (8, 40, 40), (9, 17, 5), (7, 2, 9), (5, 1, 6), (5, 6, 1), (3, 1, 1)]:
+        for scale in (1.0, 1e-3, 1e5):  # values whose float32 rounding differs between the orders of subtraction
+            x = (rng.normal(100, 30, shape) * rng.choice([1, 1e-3, 1e3, -1], shape) * scale).astype(np.float32)
+            assert np.array_equal(_laplacian(x), _laplacian_literal(x)), (shape, scale)
 
 
 def test_grown_stack_equals_a_box_dilation_slice_by_slice():
