@@ -425,6 +425,7 @@ def _stage_detect(state: CcdState, config: RunConfig, out_dir: Path) -> None:
         _decide(state, "detect", noise_scale=round(float(state.candidates.meta.get("NOISESCL", 1.0)), 4))
     else:
         check = steps.check_direct_pair(state.pair, config)
+        state.pair = dataclasses.replace(state.pair, template=check.template)  # its WCS refined when measured off
         _decide(state, "detect", template_coverage=round(check.coverage, 4),
                 registration=check.registration.as_dict() if check.registration is not None else None)
         state.candidates, dropped = steps.drop_without_template(
@@ -557,9 +558,12 @@ def run_stage(stage: str, state: CcdState, config: RunConfig, out_dir: str, chas
     # give the heap pages back before this stage allocates its own
     release_free_memory()
     clock = _cpu_clock(cpu_clock)
+    try:  # before the clock starts: the first call in a process may import distributed (~0.7 s)
+        state.worker = _worker_name()
+    except Exception:  # a name is bookkeeping: never a reason to fail the CCD
+        state.worker = f"pid{os.getpid()}"
     t0, c0 = time.perf_counter(), clock()
     try:
-        state.worker = _worker_name()
         _STAGE_FUNCS[stage](state, config, Path(out_dir))
     except Exception as exc:  # isolate the CCD: record and let the others go on
         _fail(state, stage, exc)

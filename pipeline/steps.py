@@ -27,6 +27,7 @@ from pipeline.align import (
     RegistrationCheck,
     align_pair,
     check_registration,
+    refine_registration,
     resample_cutouts,
     template_coverage,
     template_has_data,
@@ -166,6 +167,8 @@ class DirectPairCheck:
 
     coverage: float
     registration: RegistrationCheck | None
+    template: Exposure | None = None
+    """The template, its WCS corrected by the measured shift when :func:`refine_registration` applied one."""
 
 
 def check_direct_pair(pair: LoadedPair, config: RunConfig) -> DirectPairCheck:
@@ -175,7 +178,9 @@ def check_direct_pair(pair: LoadedPair, config: RunConfig) -> DirectPairCheck:
     ------
     InputError
         The template covers less than ``align.min_overlap`` of the search image with data (far
-        away, or mostly NaN), or its pixels do not match its WCS (:func:`check_registration`).
+        away, or mostly NaN), or its pixels do not match its WCS (:func:`check_registration`).  A shift of
+        the template against its WCS that the check measures is corrected as dia's alignment corrects it
+        (:func:`refine_registration`): use ``DirectPairCheck.template``.
     """
     s, t = pair.search, pair.template
     coverage = template_coverage(s, t)
@@ -185,7 +190,8 @@ def check_direct_pair(pair: LoadedPair, config: RunConfig) -> DirectPairCheck:
             f"(need >= {config.align.min_overlap:.0%}, align.min_overlap); check the WCS of both files "
             f"and the template's NaN / zero-weight pixels"
         )
-    return DirectPairCheck(coverage=coverage, registration=check_registration(s, t, config.align))
+    template, registration = refine_registration(t, check_registration(s, t, config.align), config.align)
+    return DirectPairCheck(coverage=coverage, registration=registration, template=template)
 
 
 def drop_without_template(candidates: Table, pair: LoadedPair) -> tuple[Table, int]:

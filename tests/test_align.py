@@ -512,3 +512,59 @@ def test_peaks_near_find_injected_stars_as_one_stack_and_window_by_window():
     for i in range(len(qx)):
         one = _find_peaks_near(exposure, qx[i:i + 1], qy[i:i + 1], radius=5.0, fwhm=3.2)
         np.testing.assert_allclose([one[0][0], one[1][0], one[2][0]], [px[i], py[i], peak[i]], rtol=0, atol=1e-9)
+
+
+def _wcs_off_by(template, shift):
+    """The template with its WCS's reference pixel moved by ``-shift``: its stars then sit ``shift`` template
+    pixels from where the WCS puts them (the zero-point error of a real astrometric solution)."""
+    wrong = template.wcs.deepcopy()
+    wrong.wcs.crpix = wrong.wcs.crpix - np.asarray(shift, float)
+    wrong.wcs.set()
+    return dataclasses.replace(template, wcs=wrong, name="off.fits")
+
+
+def test_registration_refinement_corrects_a_subpixel_wcs_zero_point():
+    from pipeline.align import check_registration, refine_registration
+
+    search, template, _ = _star_pair()
+    shift = np.array([0.35, -0.25])
+    off = _wcs_off_by(template, shift)
+    check = check_registration(search, off)
+    assert check.checked and check.n_shift >= 10
+    assert check.shift_x_px == pytest.approx(shift[0], abs=0.05)
+    assert check.shift_y_px == pytest.approx(shift[1], abs=0.05)
+    assert check.shift_err_px < 0.03
+    crpix = off.wcs.wcs.crpix.copy()
+    fixed, applied = refine_registration(off, check)
+    assert applied.applied and "registration" in fixed.provenance
+    np.testing.assert_allclose(fixed.wcs.wcs.crpix, template.wcs.wcs.crpix, atol=0.05)
+    np.testing.assert_array_equal(off.wcs.wcs.crpix, crpix)  # the input is left as it was
+    assert abs(check_registration(search, fixed).shift_x_px) < 0.05
+    # align_pair applies it: the template resampled through the corrected WCS is the one through the true WCS
+    true = align_pair(search, template)
+    refined = align_pair(search, off)
+    kept = align_pair(search, off, AlignConfig(registration_refine=False))
+    assert refined.registration.applied and not kept.registration.applied
+    assert not true.registration.applied and np.hypot(true.registration.shift_x_px, true.registration.shift_y_px) < 0.05
+    assert refined.registration.as_dict()["applied"] is True
+    good = ((true.template.mask | refined.template.mask | kept.template.mask) & MaskBits.NO_DATA) == 0
+
+    def rms(aligned):
+        return float(np.sqrt(np.mean((aligned.template.image - true.template.image)[good] ** 2)))
+
+    assert rms(refined) < 0.1 * rms(kept)
+
+
+def test_direct_mode_gets_the_refined_template_too():
+    from pipeline.config import RunConfig
+    from pipeline.steps import LoadedPair, check_direct_pair
+
+    search, template, _ = _star_pair()
+    off = _wcs_off_by(template, (-0.3, 0.4))
+    check = check_direct_pair(LoadedPair("ccd", search, off, None), RunConfig())
+    assert check.registration.applied
+    np.testing.assert_allclose(check.template.wcs.wcs.crpix, template.wcs.wcs.crpix, atol=0.05)
+    exact = check_direct_pair(LoadedPair("ccd", search, template, None), RunConfig())
+    assert not exact.registration.applied and exact.template is template
+    with pytest.raises(ValueError, match="registration_refine_min_stars"):
+        AlignConfig(registration_refine_min_stars=1)
