@@ -480,11 +480,13 @@ def _numpy_engine(config: CosmicRayConfig) -> bool:
 
 
 def _stacked_lacosmic(data, var, skip, boxes, margin: int, config: CosmicRayConfig, gain: float, saturation: float,
-                      multiple: int = 8):
+                      multiple: int = 8, stack_pixels: int = 1 << 20):
     """L.A.Cosmic on the tiles around ``boxes``, stacked: each tile (its box plus ``margin``) is widened with the
     image's own pixels (reflected beyond its border, as :func:`_reflect`) to the next multiple of ``multiple`` px on
-    each axis, tiles of one shape form one stack for :func:`pipeline.lacosmic.lacosmic_stack`.  A wider tile only
-    gives the box more real context than ``margin``.
+    each axis, tiles of one shape form stacks of at most ``stack_pixels`` pixels (or one tile) for
+    :func:`pipeline.lacosmic.lacosmic_stack`, so that its ~25 temporaries stay small whatever the frame holds (a
+    CCD's 200-300 tiles make stacks of 0.1-0.3 Mpx).  A wider tile only gives the box more real context than
+    ``margin``.
 
     Yields, per box: its rows and columns, where it lies in its tile, the tile's image and skip planes and the
     tile's flags (grown by ``config.grow``, never on a skipped pixel).
@@ -503,8 +505,12 @@ def _stacked_lacosmic(data, var, skip, boxes, margin: int, config: CosmicRayConf
     top = y0 - margin - (th - h - 2 * margin) // 2  # first row and column of each tile (may lie off the image)
     left = x0 - margin - (tw - w - 2 * margin) // 2
     shapes = np.stack([th, tw], axis=1)
+    chunks = []  # tiles of one shape, at most ``stack_pixels`` per stack (memory bounded)
     for shape in np.unique(shapes, axis=0):
         members = np.flatnonzero((shapes == shape).all(axis=1))
+        per_stack = max(1, stack_pixels // int(shape[0] * shape[1]))
+        chunks += [(shape, members[i : i + per_stack]) for i in range(0, members.size, per_stack)]
+    for shape, members in chunks:
         rows = _reflected(top[members, None] + np.arange(shape[0]), ny)[:, :, None]
         cols = _reflected(left[members, None] + np.arange(shape[1]), nx)[:, None, :]
         tile_data, tile_var, tile_skip = data[rows, cols], var[rows, cols], skip[rows, cols]
@@ -561,14 +567,18 @@ def noise_scale(image: np.ndarray, variance: np.ndarray, skip: np.ndarray | None
     return robust_std(z)
 
 
-def _seed_boxes(ys: np.ndarray, xs: np.ndarray, shape: tuple[int, int], reach: int) -> list[tuple[slice, slice]]:
+def _seed_boxes(ys: np.ndarray, xs: np.ndarray, shape: tuple[int, int], reach: int,
+                max_box: int = 256) -> list[tuple[slice, slice]]:
     """Boxes that hold every pixel within ``reach`` pixels of a seed (rows ``ys``, columns ``xs`` of an image of
     ``shape``), seeds closer than about ``2 reach`` sharing one.
 
     Seeds are grouped on a grid of ``reach`` x ``reach`` cells (the cells holding seeds and their 8 neighbours,
     in 8-connected groups: a few thousand seeds cost far less than a full-frame dilation); each group's box is
     the bounding box of its own seeds grown by ``reach`` and clipped to the image, not the cells' (which would
-    add up to a cell on each side: ~30% more tile pixels for the 1-3 pixel seeds of most cosmic rays).
+    add up to a cell on each side: ~30% more tile pixels for the 1-3 pixel seeds of most cosmic rays).  A box
+    longer than ``max_box`` px (a satellite trail, a crowded region) is cut into parts of at most that size, and the
+    parts with no seed within ``reach`` are dropped: every pixel within ``reach`` of a seed is still in a box, and
+    no tile grows with the frame.
     """
     if ys.size == 0:
         return []
@@ -587,8 +597,23 @@ def _seed_boxes(ys: np.ndarray, xs: np.ndarray, shape: tuple[int, int], reach: i
     np.minimum.at(lo_x, group, xs)
     np.maximum.at(hi_y, group, ys)
     np.maximum.at(hi_x, group, xs)
-    return [(slice(max(y0 - reach, 0), min(y1 + reach + 1, ny)), slice(max(x0 - reach, 0), min(x1 + reach + 1, nx)))
-            for y0, x0, y1, x1 in zip(lo_y.tolist(), lo_x.tolist(), hi_y.tolist(), hi_x.tolist())]
+    boxes = []
+    for g, (y0, x0, y1, x1) in enumerate(zip(lo_y.tolist(), lo_x.tolist(), hi_y.tolist(), hi_x.tolist())):
+        r0, r1 = max(y0 - reach, 0), min(y1 + reach + 1, ny)
+        c0, c1 = max(x0 - reach, 0), min(x1 + reach + 1, nx)
+        if r1 - r0 <= max_box and c1 - c0 <= max_box:
+            boxes.append((slice(r0, r1), slice(c0, c1)))
+            continue
+        # a long trail or a crowded region: parts of at most max_box px a side, each its own tile with its margin,
+        # those with no seed within reach left out (a diagonal trail's bounding box is mostly empty)
+        gy, gx = ys[group == g], xs[group == g]
+        for a in range(r0, r1, max_box):
+            for b in range(c0, c1, max_box):
+                a1, b1 = min(a + max_box, r1), min(b + max_box, c1)
+                near = (gy >= a - reach) & (gy < a1 + reach) & (gx >= b - reach) & (gx < b1 + reach)
+                if near.any():
+                    boxes.append((slice(a, a1), slice(b, b1)))
+    return boxes
 
 
 def _masked_mean(data: np.ndarray, bad: np.ndarray, need: np.ndarray, size: int = 5) -> np.ndarray:

@@ -125,3 +125,23 @@ def test_both_engines_give_the_same_mask_and_the_numpy_one_finds_the_tracks():
     assert (numpy_result.mask & tracks).sum() >= 0.7 * tracks.sum()
     with pytest.raises(ValueError, match="engine"):
         CosmicRayConfig(engine="fortran")
+
+
+def test_long_groups_of_seeds_are_cut_into_bounded_boxes_that_cover_their_reach():
+    from pipeline.cosmics import _seed_boxes
+
+    shape, reach = (3000, 2000), 6
+    t = np.arange(0, 1800)
+    ys = np.concatenate([200 + t, [50]])  # a diagonal trail 1800 px long, and one lone seed
+    xs = np.concatenate([100 + t, [1900]])
+    boxes = _seed_boxes(ys, xs, shape, reach, max_box=256)
+    covered = np.zeros(shape, bool)
+    for rows, cols in boxes:
+        assert rows.stop - rows.start <= 256 and cols.stop - cols.start <= 256
+        covered[rows, cols] = True
+    near = np.zeros(shape, bool)
+    near[ys, xs] = True
+    near = ndimage.binary_dilation(near, np.ones((2 * reach + 1, 2 * reach + 1), bool))
+    assert covered[near].all()  # every pixel within reach of a seed is in a box
+    assert covered.sum() < 0.25 * (1800 + 2 * reach) ** 2  # not the trail's whole bounding box
+    assert len(_seed_boxes(ys, xs, shape, reach, max_box=1 << 20)) == 2  # uncut: one box per group
