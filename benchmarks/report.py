@@ -666,7 +666,8 @@ def build_blocks(data: dict) -> list:
                             f"CCDs / core-hour (run wall x {k} cores)", "peak RSS per worker (MB)"], rows))
     warm = data.get("warm_up") or {}
     if warm:
-        b.append(("p", "Warm-up (imports and loading both CNNs once per worker, not counted above): "
+        b.append(("p", "Warm-up (imports and loading the mode's CNN once per worker of each mode's own cluster, not "
+                       "counted above): "
                        + "; ".join(f"{key}: {v['wall_s']:.1f} s" for key, v in warm.items()) + "."))
     fails = {r["key"]: r["failures"] for r in data["runs"] if r["failures"]}
     if fails:
