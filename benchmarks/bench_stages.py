@@ -14,7 +14,7 @@ What it does:
    ``pipeline run``) on a LocalCluster of ``--workers`` one-thread workers, a fresh cluster per mode
    so that each worker's peak resident memory belongs to that mode; while a mode runs, each worker's
    resident memory is sampled (psutil, through ``client.run``) besides the peak the runner records
-   (``ru_maxrss``, in ``run.json``);
+   (the worker's high-water mark, ``VmHWM``, in ``run.json``);
 3. with ``--baseline REV``, extracts ``REV`` (``git archive``, no change to the repository) into a
    temporary folder and runs the very same measurement with that tree first on ``PYTHONPATH``;
    the baseline and the working tree run alternately, ``--repeats`` times each, every run in a
@@ -87,7 +87,7 @@ TARGETS: tuple[tuple[str, tuple[str, ...], float], ...] = (
 )
 #: Issue #12's dia total per DECam CCD (wall s, one-thread workers).
 TOTAL_TARGET_S = 3.0
-#: Issue #12's peak resident memory per worker (1 GB, taken as 1024 MiB: ru_maxrss and psutil report MiB).
+#: Issue #12's peak resident memory per worker (1 GB, taken as 1024 MiB: the runner and psutil report MiB).
 RSS_TARGET_MB = 1024.0
 #: An LSST visit every 40 s (189 science CCDs of 4096 x 4096).
 LSST_VISIT_S = 40.0
@@ -283,7 +283,7 @@ def summarize_run(mode_result: Mapping[str, Any]) -> dict[str, Any]:
     dict
         ``stages`` (stage -> {``wall_s``, ``cpu_s``} per CCD), ``wall_per_ccd``, ``cpu_per_ccd``,
         ``core_s_per_ccd``, ``run_wall_s``, ``n_done``, ``n_failed``, ``peak_rss_mb`` (worker ->
-        the larger of the sampled peak and the runner's ``ru_maxrss``) and ``peak_rss_mb_max``.
+        the larger of the sampled peak and the runner's high-water mark) and ``peak_rss_mb_max``.
     """
     from benchmarks.metrics import cost_summary
 

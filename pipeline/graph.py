@@ -47,6 +47,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import traceback
@@ -600,10 +601,23 @@ def _worker_name() -> str:
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident memory of this (worker) process so far, in MB."""
+    """Peak resident memory of this (worker) process so far, in MiB.
+
+    Linux: the address space's high-water mark (``VmHWM`` of ``/proc/self/status``).  ``ru_maxrss`` is not used
+    there because Linux carries it over ``exec``: a Dask worker spawned by a process that had reached 1 GB
+    reported 1 GB whatever it used itself.  Elsewhere ``ru_maxrss`` (bytes on macOS, KiB on other systems).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
 
 
 def _json_default(obj):

@@ -308,3 +308,28 @@ def test_reuse_memory_is_an_execution_setting_that_reaches_the_workers():
         assert trimmed == {"reuse": "False", "trim": "True"}
     else:  # no glibc: nothing to tune, nothing trimmed
         assert set(trimmed.values()) == {"False"}
+
+
+def _child_peak(queue) -> None:  # module level: a spawned process imports it
+    queue.put(graph._peak_rss_mb())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the carried-over ru_maxrss is Linux's")
+def test_a_spawned_worker_reports_its_own_peak_not_its_parents():
+    """Linux carries ``ru_maxrss`` over exec: a Dask worker spawned by a process that had reached 1 GB reported 1 GB
+    (both modes of `pipeline benchmark` showed the parent's 1068 MB).  The peak is the worker's own high-water mark."""
+    import multiprocessing
+    import resource
+
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MiB touched in this (parent) process
+    ballast += 1.0
+    parent_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    assert parent_peak > 400
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_peak, args=(queue,))
+    child.start()
+    peak = queue.get(timeout=120)
+    child.join(timeout=60)
+    assert 0 < peak < parent_peak - 250  # the child imported numpy and the pipeline, far less than 400 MiB
+    del ballast
