@@ -1296,7 +1296,7 @@ def _summary_cards(obj, prefix: str, max_items: int = 16) -> list[tuple[str, Any
 
 
 def write_difference(difference, search: Exposure, path: str | Path, *, template_fwhm: float | None = None,
-                     template_fwhm_source: str | None = None) -> Path:
+                     template_fwhm_source: str | None = None, registration=None) -> Path:
     """Write a difference image (IMAGE, VARIANCE, MASK on the search WCS) with the kernel summary.
 
     The header carries the search exposure's metadata, which image was convolved and the
@@ -1315,6 +1315,9 @@ def write_difference(difference, search: Exposure, path: str | Path, *, template
     template_fwhm_source : str, optional
         Where the template's FWHM came from (its ``provenance["fwhm"]``); written as ``TFWHMSRC``
         beside ``SFWHMSRC``, the search's.
+    registration : pipeline.align.RegistrationCheck, optional
+        The alignment's registration check: the template's measured shift against its WCS and whether
+        it was applied (``REGSHFTX``, ``REGSHFTY``, ``REGSHFTE``, ``REGAPPLD``, ``REGNSTAR``).
     """
     diff = difference.to_numpy() if hasattr(difference, "to_numpy") else difference
     exposure = dataclasses.replace(
@@ -1333,6 +1336,12 @@ def write_difference(difference, search: Exposure, path: str | Path, *, template
         if np.isfinite(value):
             hdr[key] = (value, comment)
     hdr["DECORREL"] = (bool(getattr(diff, "decorrelated", False)), "noise decorrelation applied")
+    if registration is not None and registration.n_shift:
+        hdr["REGSHFTX"] = (round(float(registration.shift_x_px), 4), "[pix] template shift vs its WCS, x")
+        hdr["REGSHFTY"] = (round(float(registration.shift_y_px), 4), "[pix] template shift vs its WCS, y")
+        hdr["REGSHFTE"] = (round(float(registration.shift_err_px), 4), "[pix] standard error of the shift")
+        hdr["REGNSTAR"] = (int(registration.n_shift), "stars the shift was measured on")
+        hdr["REGAPPLD"] = (bool(registration.applied), "shift added to the template WCS CRPIX")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fits.verify.VerifyWarning)  # long keys become HIERARCH cards
         for key, source, comment in (("SFWHMSRC", search.provenance.get("fwhm"), "SFWHM source"),

@@ -353,3 +353,27 @@ def test_weight_and_variance_of_one_image_are_refused(foreign, tmp_path, capsys)
     assert exc.value.code == 2
     assert "argument --search-variance: not allowed with argument --search-weight" in capsys.readouterr().err
     assert not (tmp_path / "d.fits").exists()
+
+
+def test_subtract_corrects_and_reports_a_template_off_its_wcs(swapped, through_cli, tmp_path, capsys):
+    """A template whose WCS reference pixel is 0.4 px off (its stars 0.4 px from where the WCS puts them): the
+    command measures the shift, corrects the WCS (align.registration_refine), says so and writes it in the header;
+    the exact simulated WCS is measured and left alone."""
+    sim, folder = swapped
+    template = read_exposure(folder / "template.fits")
+    wrong = template.wcs.deepcopy()
+    wrong.wcs.crpix = wrong.wcs.crpix - np.array([0.4, -0.3])
+    wrong.wcs.set()
+    write_exposure(dataclasses.replace(template, wcs=wrong), tmp_path / "template_off.fits")
+    capsys.readouterr()
+    out = tmp_path / "diff_off.fits"
+    assert cli(["subtract", str(folder / "search.fits"), str(tmp_path / "template_off.fits"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "the template's WCS was shifted by (+0.4" in printed and "align.registration_refine" in printed
+    with fits.open(out) as hdul:
+        header = next(h.header for h in hdul if "REGSHFTX" in h.header)
+    assert header["REGAPPLD"] is True and header["REGNSTAR"] >= 3
+    assert header["REGSHFTX"] == pytest.approx(0.4, abs=0.08) and header["REGSHFTY"] == pytest.approx(-0.3, abs=0.08)
+    with fits.open(through_cli) as hdul:
+        exact = next(h.header for h in hdul if "REGSHFTX" in h.header)
+    assert exact["REGAPPLD"] is False and abs(exact["REGSHFTX"]) < 0.05 and abs(exact["REGSHFTY"]) < 0.05

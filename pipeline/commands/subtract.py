@@ -180,7 +180,7 @@ def main(args: argparse.Namespace) -> int:
         diff = difference_image(aligned, config, device)
         t3 = time.perf_counter()
         write_difference(diff, search, args.out, template_fwhm=aligned.template.fwhm,
-                         template_fwhm_source=template.provenance.get("fwhm"))
+                         template_fwhm_source=template.provenance.get("fwhm"), registration=aligned.registration)
     except (InputError, StarSelectionError, ValueError, FileNotFoundError, RuntimeError, ImportError,
             OutputError) as exc:
         print(f"pipeline subtract: {exc}", file=sys.stderr)
@@ -196,6 +196,11 @@ def main(args: argparse.Namespace) -> int:
           f"match+subtract {t3 - t2:.2f} s ({device})")
     if stats.fallback:
         print(f"note: {stats.fallback}")
+    reg = aligned.registration
+    if reg is not None and reg.applied:
+        print(f"note: the template's WCS was shifted by ({reg.shift_x_px:+.3f}, {reg.shift_y_px:+.3f}) px "
+              f"+- {reg.shift_err_px:.3f}, measured on {reg.n_shift} stars (align.registration_refine); "
+              "header REGSHFTX / REGSHFTY")
     for label, exposure in (("search", search), ("template", template)):
         noise = str(exposure.provenance.get("variance", ""))
         if noise.startswith("sky only"):
