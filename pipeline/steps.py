@@ -194,16 +194,27 @@ def check_direct_pair(pair: LoadedPair, config: RunConfig) -> DirectPairCheck:
     return DirectPairCheck(coverage=coverage, registration=registration, template=template)
 
 
-def drop_without_template(candidates: Table, pair: LoadedPair) -> tuple[Table, int]:
-    """Remove direct-mode candidates at positions where the template has no data.
+def drop_without_template(candidates: Table, pair: LoadedPair, radius: float | None = None) -> tuple[Table, int]:
+    """Remove direct-mode candidates where the template has no data over the core of their measurement.
 
     Without template pixels there is nothing to compare with, so such a position cannot be a
-    detection of change -- as in dia mode, where the difference has no data there.  Returns
+    detection of change -- as in dia mode, where the difference has no data there (the template's
+    no-data border grown by the kernel).  A candidate is kept when the template has data at its
+    position and at 8 points around it at ``radius`` search pixels (default: the search image's
+    FWHM), the core of the forced measurement and of the template stamp the CNN reads: at the
+    edge of a template's data (a border shifted by a registration correction, a chip gap) the
+    template's share of a source would otherwise be missing and read as a brightening.  Returns
     the kept candidates and how many were dropped.
     """
     if len(candidates) == 0:
         return candidates, 0
-    keep = template_has_data(pair.search.wcs, pair.template, candidates["x"], candidates["y"])
+    x, y = np.asarray(candidates["x"], float), np.asarray(candidates["y"], float)
+    fwhm = float(pair.search.fwhm)
+    r = float(radius) if radius is not None else (fwhm if np.isfinite(fwhm) and fwhm > 0 else 3.0)
+    angles = np.arange(8) * (np.pi / 4)
+    px = np.concatenate([x[:, None], x[:, None] + r * np.cos(angles)[None, :]], axis=1)
+    py = np.concatenate([y[:, None], y[:, None] + r * np.sin(angles)[None, :]], axis=1)
+    keep = template_has_data(pair.search.wcs, pair.template, px, py).all(axis=1)
     kept = candidates[keep]
     if "id" in kept.colnames:
         kept["id"] = np.arange(len(kept))

@@ -568,3 +568,25 @@ def test_direct_mode_gets_the_refined_template_too():
     assert not exact.registration.applied and exact.template is template
     with pytest.raises(ValueError, match="registration_refine_min_stars"):
         AlignConfig(registration_refine_min_stars=1)
+
+
+def test_direct_candidates_need_template_data_over_their_core():
+    """A candidate whose position has template data but whose measurement core reaches past the template's data
+    (here: the template's last 20 columns are no-data) is dropped, as dia cannot detect there; one a FWHM farther
+    in is kept, and so is one in the middle."""
+    from astropy.table import Table
+
+    from pipeline.steps import LoadedPair, drop_without_template
+
+    search, template, _ = _star_pair(rotation_deg=0.0, offset=(0.0, 0.0), scale=1.0)
+    mask = template.mask.copy()
+    mask[:, -20:] |= MaskBits.NO_DATA
+    template = dataclasses.replace(template, mask=mask)
+    edge = template.shape[1] - 20  # first no-data column (the two grids coincide)
+    fwhm = search.fwhm
+    candidates = Table({"id": np.arange(3), "x": [edge - 1.5, edge - fwhm - 2.0, 100.0], "y": [120.0, 120.0, 120.0]})
+    pair = LoadedPair("ccd", search, template, None)
+    kept, dropped = drop_without_template(candidates, pair)
+    assert dropped == 1 and list(kept["x"]) == [edge - fwhm - 2.0, 100.0] and list(kept["id"]) == [0, 1]
+    centre_only, none = drop_without_template(candidates, pair, radius=0.0)
+    assert none == 0 and len(centre_only) == 3  # its centre has data: the old rule kept it
