@@ -71,14 +71,15 @@ def window_or(a, length: int, axis: int):
 def grow_mask_box(xp, flagged, half_width: int, border: bool = True):
     """Pixels within a ``(2 hw + 1)`` box of a flagged pixel (and, with ``border``, of the image edge).
 
-    Equal to ``maximum_filter(flagged, size=2 hw + 1, mode="constant", cval=border)``.
+    Equal to ``maximum_filter(flagged, size=2 hw + 1, mode="constant", cval=border)`` over the last two
+    axes; leading axes (a stack of tiles) are independent images.
     """
-    ny, nx = flagged.shape
+    *lead, ny, nx = flagged.shape
     h = int(half_width)
     length = 2 * h + 1
-    padded = xp.full((ny + 2 * h, nx + 2 * h), bool(border), dtype=bool)
-    padded[h : h + ny, h : h + nx] = flagged
-    return window_or(window_or(padded, length, 0), length, 1)
+    padded = xp.full((*lead, ny + 2 * h, nx + 2 * h), bool(border), dtype=bool)
+    padded[..., h : h + ny, h : h + nx] = flagged
+    return window_or(window_or(padded, length, -2), length, -1)
 
 
 def band_layout(ny: int, band_rows: int | None, half_width: int) -> tuple[int, int]:

@@ -389,12 +389,11 @@ def mask_cosmic_rays(image: np.ndarray, mask: np.ndarray | None = None, variance
     ImportError
         astroscrappy is not installed (``pip install astroscrappy``).
     """
-    try:
-        import astroscrappy
+    try:  # here, for a clear error: the full-frame reference and other settings than the NumPy engine's need it
+        import astroscrappy  # noqa: F401
     except ImportError:
         raise ImportError("cosmic-ray masking needs astroscrappy (pip install astroscrappy), or turn it off: "
                           "cosmics.enabled = false ([run.cosmics] table), pipeline subtract --no-cosmics") from None
-    from threadpoolctl import threadpool_limits
 
     image = np.asarray(image)
     if image.ndim != 2:
@@ -440,37 +439,40 @@ def mask_cosmic_rays(image: np.ndarray, mask: np.ndarray | None = None, variance
         boxes = _seed_boxes(ys, xs, (ny, nx), 2 * int(config.niter) + 1 + int(config.grow))
     margin = int(config.tile_margin)
     if config.method == "tiled" and _numpy_engine(config):
-        for rows, cols, inner, tile_data, tile_skip, crmask in _stacked_lacosmic(data, var, skip, boxes, margin, config,
-                                                                                   gain, saturation):
-            flagged[rows, cols] |= crmask[inner]
-            ty, tx = np.nonzero(crmask[inner])
-            keys.append((ty + rows.start) * nx + (tx + cols.start))
-            if cleaned is not None and crmask[inner].any():
-                fill = _masked_mean(tile_data, crmask | tile_skip, crmask)
-                np.copyto(cleaned[rows, cols], fill[inner], where=crmask[inner])
-        boxes_run = ()
+        tiles = _stacked_lacosmic(data, var, skip, boxes, margin, config, gain, saturation)
     else:
-        boxes_run = boxes
+        tiles = _astroscrappy_tiles(data, var, skip, boxes, margin, config, kwargs)
+    for rows, cols, inner, tile_data, tile_skip, crmask in tiles:
+        flagged[rows, cols] |= crmask[inner]
+        ty, tx = np.nonzero(crmask[inner])
+        keys.append((ty + rows.start) * nx + (tx + cols.start))
+        if cleaned is not None and crmask[inner].any():
+            fill = _masked_mean(tile_data, crmask | tile_skip, crmask)
+            np.copyto(cleaned[rows, cols], fill[inner], where=crmask[inner])
+    keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)  # tiles may overlap
+    return CosmicRayResult(mask=flagged, cleaned=cleaned, n_pixels=int(keys.size),
+                           n_cosmic_rays=label_pixels(keys, (ny, nx))[1], n_tiles=len(boxes), noise_scale=scale)
+
+
+def _astroscrappy_tiles(data, var, skip, boxes, margin: int, config: CosmicRayConfig, kwargs: dict):
+    """astroscrappy's ``detect_cosmics`` on each box with ``margin`` px of context (reflected beyond the image);
+    yields what :func:`_stacked_lacosmic` yields, per box."""
+    import astroscrappy
+    from threadpoolctl import threadpool_limits
+
+    shape = data.shape
     # astroscrappy's OpenMP loops cost more than they save on small tiles and spin on a busy host (a run's workers
     # already use the cores): one thread
     with threadpool_limits(limits=1, user_api="openmp"):
-        for rows, cols in boxes_run:
-            tile, pads, inner = _tile(rows, cols, margin, (ny, nx))
+        for rows, cols in boxes:
+            tile, pads, inner = _tile(rows, cols, margin, shape)
             tile_data, tile_skip = _reflect(data[tile], pads), _reflect(skip[tile], pads)
             crmask, _ = astroscrappy.detect_cosmics(tile_data, inmask=tile_skip, invar=_reflect(var[tile], pads),
                                                     **kwargs)
             if config.grow:  # ``grow`` 3 x 3 dilations are one (2 grow + 1)-pixel box
                 crmask = grow_mask_box(np, crmask, int(config.grow), border=False)
             crmask &= ~tile_skip
-            flagged[rows, cols] |= crmask[inner]
-            ty, tx = np.nonzero(crmask[inner])
-            keys.append((ty + rows.start) * nx + (tx + cols.start))
-            if cleaned is not None and crmask[inner].any():
-                fill = _masked_mean(tile_data, crmask | tile_skip, crmask)
-                np.copyto(cleaned[rows, cols], fill[inner], where=crmask[inner])
-    keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)  # tiles may overlap
-    return CosmicRayResult(mask=flagged, cleaned=cleaned, n_pixels=int(keys.size),
-                           n_cosmic_rays=label_pixels(keys, (ny, nx))[1], n_tiles=len(boxes), noise_scale=scale)
+            yield rows, cols, inner, tile_data, tile_skip, crmask
 
 
 def _numpy_engine(config: CosmicRayConfig) -> bool:
@@ -518,29 +520,12 @@ def _stacked_lacosmic(data, var, skip, boxes, margin: int, config: CosmicRayConf
                                 objlim=config.objlim, gain=gain, saturation=float(saturation) * float(gain),
                                 niter=config.niter)
         if config.grow:  # ``grow`` 3 x 3 dilations are one (2 grow + 1)-pixel box, nothing beyond a tile's edge
-            crmask = _grow_stack(crmask, int(config.grow))
+            crmask = grow_mask_box(np, crmask, int(config.grow), border=False)
         crmask &= ~tile_skip
         for k, i in enumerate(members.tolist()):
             r0, c0 = int(y0[i] - top[i]), int(x0[i] - left[i])
             inner = (slice(r0, r0 + int(h[i])), slice(c0, c0 + int(w[i])))
             yield boxes[i][0], boxes[i][1], inner, tile_data[k], tile_skip[k], crmask[k]
-
-
-def _grow_stack(flags: np.ndarray, half_width: int) -> np.ndarray:
-    """Every pixel within a ``(2 hw + 1)``-pixel box of a flagged one, in each slice of an ``(n, ny, nx)`` stack
-    (nothing beyond a slice's edge is flagged): a maximum filter along the rows, then the columns."""
-    out = flags.copy()
-    for axis in (2, 1):
-        grown = out.copy()
-        size = out.shape[axis]
-        for shift in range(1, min(half_width, size - 1) + 1):
-            lo = [slice(None)] * 3
-            hi = [slice(None)] * 3
-            lo[axis], hi[axis] = slice(0, size - shift), slice(shift, size)
-            grown[tuple(lo)] |= out[tuple(hi)]
-            grown[tuple(hi)] |= out[tuple(lo)]
-        out = grown
-    return out
 
 
 def noise_scale(image: np.ndarray, variance: np.ndarray, skip: np.ndarray | None = None,

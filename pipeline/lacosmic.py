@@ -111,64 +111,10 @@ _BOX3 = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 _ROUND5 = tuple((dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if abs(dy) + abs(dx) < 4)
 
 
-def _laplacian_literal(clean: np.ndarray) -> np.ndarray:
-    """L.A.Cosmic's Laplacian: the 2x sub-sampled image convolved with ``[[0,-1,0],[-1,4,-1],[0,-1,0]]``,
-    clipped at zero and block-averaged back, with astroscrappy's arithmetic (float32, its order; its edge
-    rows and columns as it computes them), computed on the sub-sampled image itself: the reference of
-    :func:`_laplacian` in the tests."""
-    sub = np.repeat(np.repeat(clean, 2, axis=1), 2, axis=2)
-    n, ny2, nx2 = sub.shape
-    four = _F32(4.0)
-    out = np.empty_like(sub)
-    p = sub[:, 1:-1, 1:-1] * four
-    p -= sub[:, 1:-1, 2:]
-    p -= sub[:, 1:-1, :-2]
-    p -= sub[:, 2:, 1:-1]
-    p -= sub[:, :-2, 1:-1]
-    out[:, 1:-1, 1:-1] = p
-    # first sub-row: one double-precision expression; last sub-row, first and last sub-columns: float32 steps
-    out[:, 0, 1:-1] = _double(sub[:, 0, 1:-1], sub[:, 0, 2:], sub[:, 0, :-2], sub[:, 1, 1:-1])
-    p = sub[:, -1, 1:-1] * four
-    p -= sub[:, -1, 2:]
-    p -= sub[:, -1, :-2]
-    p -= sub[:, -2, 1:-1]
-    out[:, -1, 1:-1] = p
-    p = sub[:, 1:-1, 0] * four
-    p -= sub[:, 1:-1, 1]
-    p -= sub[:, 2:, 0]
-    p -= sub[:, :-2, 0]
-    out[:, 1:-1, 0] = p
-    p = sub[:, 1:-1, -1] * four
-    p -= sub[:, 1:-1, -2]
-    p -= sub[:, 2:, -1]
-    p -= sub[:, :-2, -1]
-    out[:, 1:-1, -1] = p
-    out[:, 0, 0] = _double(sub[:, 0, 0], sub[:, 0, 1], sub[:, 1, 0])
-    out[:, 0, -1] = _double(sub[:, 0, -1], sub[:, 0, -2], sub[:, 1, -1])
-    for col, near in ((0, 1), (-1, -2)):
-        p = sub[:, -1, col] * four
-        p -= sub[:, -1, near]
-        p -= sub[:, -2, col]
-        out[:, -1, col] = p
-    np.maximum(out, 0, out=out)
-    s = out[:, 0::2, 0::2].copy()
-    s += out[:, 1::2, 0::2]
-    s += out[:, 1::2, 1::2]
-    s += out[:, 0::2, 1::2]
-    s /= four
-    return s
-
-
-def _double(centre: np.ndarray, *neighbours: np.ndarray) -> np.ndarray:
-    """``4 centre - neighbours...`` in double precision, rounded to float32 (astroscrappy's first sub-row)."""
-    out = 4.0 * centre.astype(np.float64)
-    for n in neighbours:
-        out -= n
-    return out.astype(_F32)
-
-
 def _laplacian(clean: np.ndarray) -> np.ndarray:
-    """L.A.Cosmic's Laplacian of every slice (equal to :func:`_laplacian_literal`, at a fraction of the cost).
+    """L.A.Cosmic's Laplacian of every slice: the 2x sub-sampled image convolved with
+    ``[[0,-1,0],[-1,4,-1],[0,-1,0]]``, clipped at zero and block-averaged back, with astroscrappy's arithmetic
+    (``tests/test_lacosmic.py`` holds it to a literal transcription on the sub-sampled grid).
 
     The four sub-pixels of a pixel ``c`` with neighbours ``l, r, u, d`` are, in astroscrappy's order of
     subtraction (right, left, down, up on the sub-sampled grid, where two of the four are ``c`` itself),
@@ -206,12 +152,6 @@ def _laplacian(clean: np.ndarray) -> np.ndarray:
         out += part
     out /= _F32(4.0)
     return out
-
-
-def _lower_median(values: np.ndarray) -> np.float32:
-    """The ``(n - 1) // 2``-th smallest value (astroscrappy's quickselect median)."""
-    k = (values.size - 1) // 2
-    return np.partition(values, k)[k]
 
 
 def _clean_meanmask(planes: list[np.ndarray], crmask: np.ndarray, bad: np.ndarray, fills: list[list]) -> None:
@@ -326,6 +266,10 @@ def lacosmic_stack(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *, 
 
 
 def _lower_median_of(plane: np.ndarray, good: np.ndarray, i: int) -> np.float32:
-    """Lower median of slice ``i``'s good pixels (the fill of a mean with no good pixel; 0 with none)."""
+    """The ``(n - 1) // 2``-th smallest of slice ``i``'s ``n`` good pixels (astroscrappy's quickselect median, the
+    fill of a mean with no good pixel; 0 with none)."""
     values = plane[i][good[i]]
-    return _lower_median(values) if values.size else _F32(0)
+    if values.size == 0:
+        return _F32(0)
+    k = (values.size - 1) // 2
+    return np.partition(values, k)[k]
