@@ -310,6 +310,11 @@ def summarize_run(mode_result: Mapping[str, Any]) -> dict[str, Any]:
         "failures": {r["ccd"]: f"{r.get('failed_stage')}: {str(r.get('error'))[:300]}"
                      for r in run["ccds"] if r.get("status") == "failed"},
         "peak_rss_mb": dict(sorted(peak.items())), "peak_rss_mb_max": max(peak.values()) if peak else float("nan"),
+        "steady": {"stages": {s["stage"]: {"wall_s": s["wall_s"], "cpu_s": s["cpu_s"],
+                                           "first_wall_s": s["first_wall_s"], "n": s["n"]}
+                              for s in cost["steady"]["stages"]},
+                   "wall_per_ccd": cost["steady"]["wall_per_ccd"], "cpu_per_ccd": cost["steady"]["cpu_per_ccd"],
+                   "start_up_s": cost["steady"]["start_up_s"]},
     }
 
 
@@ -338,6 +343,7 @@ def aggregate(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     peaks = [s["peak_rss_mb_max"] for s in summaries if np.isfinite(s["peak_rss_mb_max"])]
     return {
         "stages": out_stages,
+        "steady": _aggregate_steady([s["steady"] for s in summaries if s.get("steady")], stages),
         "wall_per_ccd": float(np.median([s["wall_per_ccd"] for s in summaries])),
         "cpu_per_ccd": float(np.median([s["cpu_per_ccd"] for s in summaries])),
         "core_s_per_ccd": float(np.median([s["core_s_per_ccd"] for s in summaries])),
@@ -349,6 +355,26 @@ def aggregate(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "peak_rss_mb_max": float(max(peaks)) if peaks else float("nan"),
         "peak_rss_mb_per_repeat": [dict(s["peak_rss_mb"]) for s in summaries],
     }
+
+
+def _nanmedian(values: Sequence[float]) -> float:
+    values = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return float(np.median(values)) if values else float("nan")
+
+
+def _aggregate_steady(steady: Sequence[Mapping[str, Any]], stages: Sequence[str]) -> dict[str, Any] | None:
+    """Median over repeats of the steady-state costs (:func:`benchmarks.metrics.steady_state`); None without them
+    (runs recorded before the stages' start times were)."""
+    if not any(np.isfinite(_nanmedian([s.get("wall_per_ccd")])) for s in steady):
+        return None
+    out = {}
+    for st in stages:
+        rows = [s["stages"][st] for s in steady if st in s["stages"]]
+        out[st] = {k: _nanmedian([r[k] for r in rows]) for k in ("wall_s", "cpu_s", "first_wall_s")}
+        out[st]["n"] = int(sum(r["n"] for r in rows))
+    return {"stages": out, "wall_per_ccd": _nanmedian([s["wall_per_ccd"] for s in steady]),
+            "cpu_per_ccd": _nanmedian([s["cpu_per_ccd"] for s in steady]),
+            "start_up_s": _nanmedian([s["start_up_s"] for s in steady])}
 
 
 def _ratio(before: float | None, after: float | None) -> float | None:
@@ -382,6 +408,13 @@ def compare(after: Mapping[str, Any], before: Mapping[str, Any] | None) -> list[
     total["speedup_cpu"] = _ratio(total["before_cpu_s"], total["after_cpu_s"])
     rows.append(total)
     return rows
+
+
+def _steady_as_aggregate(agg: Mapping[str, Any]) -> dict[str, Any]:
+    """An :func:`aggregate` result whose stage costs and total are its steady-state ones (peak memory unchanged)."""
+    steady = agg["steady"]
+    return {"stages": steady["stages"], "wall_per_ccd": steady["wall_per_ccd"], "cpu_per_ccd": steady["cpu_per_ccd"],
+            "peak_rss_mb_max": agg["peak_rss_mb_max"]}
 
 
 def check_targets(agg: Mapping[str, Any], scale: float = 1.0) -> dict[str, Any]:
@@ -483,6 +516,8 @@ def build_report(after: Mapping[str, Sequence[Mapping[str, Any]]], before: Mappi
                                                              agg_b["cpu_per_ccd"])
         if mode == "dia":
             entry["targets"] = {"after": check_targets(agg_a, decam_scale)}
+            if agg_a.get("steady"):
+                entry["targets"]["steady"] = check_targets(_steady_as_aggregate(agg_a), decam_scale)
             if agg_b is not None:
                 entry["targets"]["before"] = check_targets(agg_b, decam_scale)
         data["modes"][mode] = entry
@@ -490,6 +525,10 @@ def build_report(after: Mapping[str, Sequence[Mapping[str, Any]]], before: Mappi
         data["dia_over_direct"] = {
             k: _ratio(data["modes"]["dia"][k]["wall_per_ccd"], data["modes"]["direct"][k]["wall_per_ccd"])
             for k in ("after", "before") if data["modes"]["dia"].get(k) and data["modes"]["direct"].get(k)}
+        steady = [(data["modes"][m].get("after") or {}).get("steady") for m in ("dia", "direct")]
+        if all(steady):
+            data["dia_over_direct"]["after, steady state"] = _ratio(steady[0]["wall_per_ccd"],
+                                                                    steady[1]["wall_per_ccd"])
     return data
 
 
@@ -545,7 +584,25 @@ def render_markdown(data: Mapping[str, Any]) -> str:
                          f"peak RSS per worker (MiB) {per}")
             for ccd, err in (agg.get("failures") or {}).items():
                 lines.append(f"  - {side} failed CCD {ccd}: {err}")
-        lines.append("")
+        steady = (entry.get("after") or {}).get("steady")
+        if steady:
+            lines.append(f"Steady state ({mode}, after): each worker's first run of each stage left out. It pays what "
+                         "a worker pays once (the pages its heap touches first, caches filled on first use); a long "
+                         "run's cost per CCD tends to the later runs' figure.")
+            lines.append("")
+            lines.append("| stage | all runs | later runs | first run on a worker | later runs measured |")
+            lines.append("|---|---|---|---|---|")
+            for r in entry["rows"]:
+                if r["stage"] == "total":
+                    continue
+                st = steady["stages"].get(r["stage"], {})
+                lines.append(f"| {r['name']} | {_f(r['after_wall_s'])} | {_f(st.get('wall_s'))} | "
+                             f"{_f(st.get('first_wall_s'))} | {st.get('n', 0)} |")
+            lines.append(f"| **total** | {_f(entry['after']['wall_per_ccd'])} | {_f(steady['wall_per_ccd'])} | - | - |")
+            lines.append("")
+            lines.append(f"Once per worker (first runs minus later runs, summed over the stages): "
+                         f"{_f(steady['start_up_s'], '{:.2f}')} s.")
+            lines.append("")
     if "dia_over_direct" in data:
         lines.append("dia / direct wall cost per CCD: " + ", ".join(
             f"{k} {_f(v, '{:.2f}')}" for k, v in data["dia_over_direct"].items()))
@@ -574,6 +631,15 @@ def render_markdown(data: Mapping[str, Any]) -> str:
         lines.append("")
         lines.append(f"All of issue #12's dia targets met: {_yes(t_after['all_met'])}.")
         lines.append("")
+        t_steady = dia["targets"].get("steady")
+        if t_steady:
+            lines.append("The same budget in steady state (each worker's first run of each stage left out):")
+            lines.append("")
+            lines.append("| budget row | target | after, steady state | met |")
+            lines.append("|---|---|---|---|")
+            for r in t_steady["rows"] + [t_steady["total"]]:
+                lines.append(f"| {r['name']} | <= {r['target_s']:g} | {_f(r['wall_s'])} | {_yes(r['met'])} |")
+            lines.append("")
     lines.append("## Extrapolation (per-CCD core-seconds scaled by pixel count; perfect parallelism)")
     lines.append("")
     ws = data.get("extrapolate_workers", [2, 16, 64])

@@ -52,6 +52,8 @@ __all__ = [
     "FOCAL_PLANES",
     "FocalPlane",
     "cost_summary",
+    "first_on_worker",
+    "steady_state",
     "cost_ratio",
     "extrapolate",
     "completeness_curves",
@@ -149,14 +151,17 @@ def cost_summary(run: Mapping[str, Any], threads_per_worker: int = 1) -> dict[st
         ``stages`` (rows of :data:`COST_STAGES` the mode has: mean wall and CPU s per CCD, and
         the run.json total), ``per_ccd`` (each done CCD's stage seconds and total),
         ``wall_per_ccd`` / ``cpu_per_ccd`` (means of the per-CCD totals), ``core_s_per_ccd``,
-        ``ccds_per_core_hour``, ``run_wall_s``, ``peak_rss_mb_per_worker``, ``n_done``, ``n_failed``.
+        ``ccds_per_core_hour``, ``run_wall_s``, ``peak_rss_mb_per_worker``, ``n_done``, ``n_failed``, and
+        ``steady`` (:func:`steady_state`: the same costs without each worker's first run of each stage).
     """
     done = [r for r in run["ccds"] if r.get("status") == "done" and not r.get("resumed")]
+    first = first_on_worker(run["ccds"])
     per_ccd = []
     for rec in done:
         c = _ccd_costs(rec)
         per_ccd.append({"ccd": rec["ccd"], "worker": rec.get("worker"), "wall_s": c["wall"], "cpu_s": c["cpu"],
-                        "wall_total": float(sum(c["wall"].values())), "cpu_total": float(sum(c["cpu"].values()))})
+                        "wall_total": float(sum(c["wall"].values())), "cpu_total": float(sum(c["cpu"].values())),
+                        "first": sorted(first.get(rec["ccd"], ()))})
     n = len(per_ccd)
     stages = []
     for stage in COST_STAGES:
@@ -182,7 +187,75 @@ def cost_summary(run: Mapping[str, Any], threads_per_worker: int = 1) -> dict[st
         "run_wall_s": float(run.get("wall_s", float("nan"))),
         "peak_rss_mb_per_worker": dict(sorted(peak.items())),
         "peak_rss_mb_max": max(peak.values()) if peak else float("nan"),
+        "steady": steady_state(per_ccd),
     }
+
+
+#: Cost rows of a run.json stage (the subtract stage is split in two rows by :func:`_ccd_costs`).
+_ROWS_OF_STAGE = {"subtract": ("psf_fit", "convolve")}
+
+
+def first_on_worker(records: Iterable[Mapping[str, Any]]) -> dict[str, set[str]]:
+    """Which stages of which CCD were the first run of that stage on their worker.
+
+    A worker's first run of a stage pays what the worker pays once: the pages its C heap touches for the
+    first time (a worker reuses them afterwards: :func:`pipeline.graph.tune_heap`) and caches filled on first
+    use.  From the records' ``stage_worker`` and ``stage_start_unix`` (run.json since 2026-12-02); records
+    without them give nothing.
+
+    Returns
+    -------
+    dict
+        CCD -> the cost rows (:data:`COST_STAGES` names) of its stages that ran first on their worker.
+    """
+    earliest: dict[tuple[str, str], tuple[float, str]] = {}
+    for rec in records:
+        workers, starts = rec.get("stage_worker") or {}, rec.get("stage_start_unix") or {}
+        for stage, t in starts.items():
+            key = (str(workers.get(stage)), stage)
+            if key not in earliest or float(t) < earliest[key][0]:
+                earliest[key] = (float(t), rec["ccd"])
+    out: dict[str, set[str]] = {}
+    for (_, stage), (_, ccd) in earliest.items():
+        out.setdefault(ccd, set()).update(_ROWS_OF_STAGE.get(stage, (stage,)))
+    return out
+
+
+def steady_state(per_ccd: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-stage cost without each worker's first run of each stage, and what those first runs cost more.
+
+    Parameters
+    ----------
+    per_ccd : list of dict
+        :func:`cost_summary`'s ``per_ccd`` rows (with their ``first`` stages).
+
+    Returns
+    -------
+    dict
+        ``stages`` (rows as :func:`cost_summary`'s: mean wall and CPU s of the later runs, ``n`` of them, and
+        ``first_wall_s``, the mean of the first runs), ``wall_per_ccd`` and ``cpu_per_ccd`` (sums of the
+        stage means; NaN when a stage has no later run: fewer CCDs than workers, or no start times) and
+        ``start_up_s`` (sum over stages of first minus later mean: the once-per-worker extra, NaN likewise).
+        A long run's cost per CCD tends to ``wall_per_ccd``; a run of N CCDs on W workers costs about
+        ``N x wall_per_ccd + W x start_up_s``.
+    """
+    stages = []
+    for stage in COST_STAGES:
+        later = [p for p in per_ccd if stage in p["wall_s"] and stage not in p.get("first", ())]
+        firsts = [p["wall_s"][stage] for p in per_ccd if stage in p["wall_s"] and stage in p.get("first", ())]
+        if not later and not firsts:
+            continue
+        nan = float("nan")
+        stages.append({"stage": stage, "n": len(later),
+                       "wall_s": float(np.mean([p["wall_s"][stage] for p in later])) if later else nan,
+                       "cpu_s": float(np.mean([p["cpu_s"][stage] for p in later])) if later else nan,
+                       "first_wall_s": float(np.mean(firsts)) if firsts else nan, "n_first": len(firsts)})
+    known = bool(stages) and any(p.get("first") for p in per_ccd)
+    wall = float(sum(s["wall_s"] for s in stages)) if known else float("nan")
+    cpu = float(sum(s["cpu_s"] for s in stages)) if known else float("nan")
+    extra = float(sum((s["first_wall_s"] if s["n_first"] else s["wall_s"]) - s["wall_s"] for s in stages)) \
+        if known else float("nan")
+    return {"stages": stages, "wall_per_ccd": wall, "cpu_per_ccd": cpu, "start_up_s": extra}
 
 
 def cost_ratio(dia: Mapping[str, Any], direct: Mapping[str, Any]) -> dict[str, Any]:

@@ -51,7 +51,7 @@ from dia.stats import robust_std
 from pipeline.detect.filter import label_pixels
 
 __all__ = ["CosmicRayConfig", "CosmicRayResult", "mask_cosmic_rays", "noise_scale", "single_exposure",
-           "clean_exposure", "mask_pair_cosmics", "SKIP_BITS"]
+           "clean_exposure", "mask_pair_cosmics", "engine_label", "SKIP_BITS"]
 
 #: Mask bits whose pixels L.A.Cosmic neither reads nor flags: bad, saturated, no data, already a
 #: cosmic ray, suspect.  ``EDGE`` is not among them: it says where a pixel is, not what it holds.
@@ -356,7 +356,7 @@ def _fine_structure_pass(image: np.ndarray, ys: np.ndarray, xs: np.ndarray,
 def mask_cosmic_rays(image: np.ndarray, mask: np.ndarray | None = None, variance: np.ndarray | None = None,
                      config: CosmicRayConfig = CosmicRayConfig(), *, gain: float, read_noise: float,
                      saturation: float = float("inf"), fwhm: float = float("nan")) -> CosmicRayResult:
-    """Find cosmic rays in one exposure with L.A.Cosmic (astroscrappy).
+    """Find cosmic rays in one exposure with L.A.Cosmic (:func:`engine_label` says which implementation runs).
 
     Parameters
     ----------
@@ -473,6 +473,13 @@ def _astroscrappy_tiles(data, var, skip, boxes, margin: int, config: CosmicRayCo
                 crmask = grow_mask_box(np, crmask, int(config.grow), border=False)
             crmask &= ~tile_skip
             yield rows, cols, inner, tile_data, tile_skip, crmask
+
+
+def engine_label(config: CosmicRayConfig) -> str:
+    """Which implementation of L.A.Cosmic :func:`mask_cosmic_rays` runs with these settings (for provenance)."""
+    if config.method == "tiled" and _numpy_engine(config):
+        return "NumPy tiles, pipeline.lacosmic"
+    return "astroscrappy" + (" tiles" if config.method == "tiled" else ", full frame")
 
 
 def _numpy_engine(config: CosmicRayConfig) -> bool:
@@ -686,8 +693,8 @@ def clean_exposure(exposure, config: CosmicRayConfig = CosmicRayConfig()):
     if result.cleaned is not None and result.n_pixels:  # a new plane: the image with the flagged pixels replaced
         image = result.cleaned.astype(exposure.image.dtype, copy=False)
     replaced = " (values replaced by the local mean)" if config.replace and result.n_pixels else ""
-    provenance = dict(exposure.provenance, cosmic_rays=f"L.A.Cosmic (astroscrappy): {result.n_pixels} pixels in "
-                                                      f"{result.n_cosmic_rays} groups flagged CR{replaced}")
+    provenance = dict(exposure.provenance, cosmic_rays=f"L.A.Cosmic ({engine_label(config)}): {result.n_pixels} "
+                                                      f"pixels in {result.n_cosmic_rays} groups flagged CR{replaced}")
     return dataclasses.replace(exposure, image=image, mask=mask, provenance=provenance), result
 
 

@@ -107,6 +107,12 @@ class CcdState:
     simulator's truth table -- which a survey's pipeline does not do: left out of ``wall`` and ``cpu``."""
     cpu_clock: str = "process"
     worker: str | None = None
+    stage_start_unix: dict = dataclasses.field(default_factory=dict)
+    """When each stage started (Unix seconds, comparable between the workers of one machine)."""
+    stage_worker: dict = dataclasses.field(default_factory=dict)
+    """Where each stage ran: a CCD's stages may run on different workers.  With ``stage_start_unix`` this tells
+    which stage ran first on its worker, whose cost includes the worker's one-time start-up (the pages its C heap
+    first touches, caches filled on first use; :func:`benchmarks.metrics.cost_summary`)."""
     shape: tuple | None = None
     decisions: dict = dataclasses.field(default_factory=dict)
     pair: Any = None
@@ -515,6 +521,8 @@ def status_record(state: CcdState, chash: str, score_threshold: float | None = N
         "peak_rss_mb": state.peak_rss_mb,
         "evaluation_s": state.evaluation_s,
         "worker": state.worker,
+        "stage_worker": state.stage_worker,
+        "stage_start_unix": state.stage_start_unix,
         "shape": list(state.shape) if state.shape else None,
         "n_candidates": state.n_candidates,
         "decisions": state.decisions,
@@ -552,7 +560,8 @@ def run_stage(stage: str, state: CcdState, config: RunConfig, out_dir: str, chas
     state = dataclasses.replace(state, wall=dict(state.wall), cpu=dict(state.cpu),
                                 peak_rss_mb=dict(state.peak_rss_mb), decisions=dict(state.decisions),
                                 evaluation_s=dict(state.evaluation_s),
-                                cpu_clock=cpu_clock)
+                                stage_start_unix=dict(state.stage_start_unix),
+                                stage_worker=dict(state.stage_worker), cpu_clock=cpu_clock)
     if state.status == "failed":
         return state
     # the frames the previous stage dropped were freed when its input state was released:
@@ -563,6 +572,8 @@ def run_stage(stage: str, state: CcdState, config: RunConfig, out_dir: str, chas
         state.worker = _worker_name()
     except Exception:  # a name is bookkeeping: never a reason to fail the CCD
         state.worker = f"pid{os.getpid()}"
+    state.stage_worker[stage] = state.worker
+    state.stage_start_unix[stage] = time.time()
     t0, c0 = time.perf_counter(), clock()
     try:
         _STAGE_FUNCS[stage](state, config, Path(out_dir))

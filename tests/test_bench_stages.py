@@ -55,6 +55,15 @@ def test_report_has_every_stage_of_both_modes(small_report):
     assert data["modes"]["dia"]["after"]["stages"]["detect"]["wall_s"] == pytest.approx(rec["wall_s"]["detect"])
     subtract = data["modes"]["dia"]["after"]["stages"]
     assert subtract["psf_fit"]["wall_s"] + subtract["convolve"]["wall_s"] == pytest.approx(rec["wall_s"]["subtract"])
+    # each stage's worker and start are recorded, in stage order; one CCD on one worker: every stage a first run,
+    # so there is no steady state to report
+    stages = list(rec["wall_s"])
+    assert set(rec["stage_worker"]) == set(rec["stage_start_unix"]) == set(stages)
+    assert [rec["stage_start_unix"][s] for s in stages] == sorted(rec["stage_start_unix"][s] for s in stages)
+    from benchmarks.metrics import first_on_worker
+    assert first_on_worker(run_json["ccds"]) == {rec["ccd"]: {"load", "align", "psf_fit", "convolve", "detect",
+                                                              "stamps", "score", "write"}}
+    assert data["modes"]["dia"]["after"]["steady"] is None and "Steady state" not in (out / "report.md").read_text()
     # the budget rows and the LSST cores follow from the table
     t = data["modes"]["dia"]["targets"]["after"]
     scale = 4096 * 2048 / (1024 * 1024)
@@ -300,3 +309,80 @@ def test_sep_comparison_finds_injected_point_sources_both_ways():
     for x, y in ((ox, oy), (sx, sy)):
         score = bench_sep.score_detections(x, y, truth, shape, edge=25)
         assert score["found"] == 12 and score["unmatched"] <= 2
+
+
+def _record(ccd: str, worker: str, t0: float, walls: dict[str, float], worker_of: dict[str, str] | None = None) -> dict:
+    """A run.json CCD record whose stages ran back to back from ``t0`` on ``worker``."""
+    starts, t = {}, t0
+    for stage, w in walls.items():
+        starts[stage], t = t, t + w
+    return {"ccd": ccd, "status": "done", "wall_s": dict(walls), "cpu_s": {k: 0.5 * v for k, v in walls.items()},
+            "worker": worker, "stage_worker": {k: (worker_of or {}).get(k, worker) for k in walls},
+            "stage_start_unix": starts, "peak_rss_mb": {"load": 100.0}}
+
+
+def test_steady_state_leaves_out_each_workers_first_run_of_each_stage():
+    """Two workers, three CCDs each: the first CCD on each costs 1 s more in load and 0.5 s more in detect.  The
+    steady state is the later CCDs' cost exactly, the once-per-worker extra 1.5 s; a stage that ran on another
+    worker is a first run there."""
+    from benchmarks.metrics import cost_summary, first_on_worker
+
+    later = {"load": 0.4, "detect": 0.8, "write": 0.1}
+    first = {"load": 1.4, "detect": 1.3, "write": 0.1}
+    records = []
+    for w, t0 in (("A", 100.0), ("B", 100.2)):
+        for k in range(3):
+            records.append(_record(f"{w}{k}", w, t0 + 10 * k, first if k == 0 else later))
+    # listed out of time order: the order of the records must not matter
+    records = records[::-1]
+    marks = first_on_worker(records)
+    assert marks == {"A0": {"load", "detect", "write"}, "B0": {"load", "detect", "write"}}
+    cost = cost_summary({"ccds": records, "n_failed": 0, "wall_s": 60.0})
+    steady = cost["steady"]
+    rows = {r["stage"]: r for r in steady["stages"]}
+    for stage, v in later.items():
+        assert rows[stage]["wall_s"] == pytest.approx(v) and rows[stage]["n"] == 4
+        assert rows[stage]["cpu_s"] == pytest.approx(0.5 * v)
+        assert rows[stage]["first_wall_s"] == pytest.approx(first[stage]) and rows[stage]["n_first"] == 2
+    assert steady["wall_per_ccd"] == pytest.approx(sum(later.values()))
+    assert steady["start_up_s"] == pytest.approx(1.5)
+    # the all-runs mean is higher by the two first runs' share
+    assert cost["wall_per_ccd"] == pytest.approx((2 * sum(first.values()) + 4 * sum(later.values())) / 6)
+    # a CCD whose detect ran on worker C: that is C's first detect, whatever came before on A
+    moved = _record("A3", "A", 200.0, later, worker_of={"detect": "C"})
+    assert first_on_worker(records + [moved])["A3"] == {"detect"}
+    # records without start times (run.json before 2026-12-02): no first runs known, no steady state
+    old = [{k: v for k, v in r.items() if k not in ("stage_worker", "stage_start_unix")} for r in records]
+    assert first_on_worker(old) == {}
+    assert math.isnan(cost_summary({"ccds": old, "n_failed": 0})["steady"]["wall_per_ccd"])
+
+
+def test_report_shows_the_steady_state_budget():
+    """The dia budget in steady state is computed from the later runs, and the markdown shows both tables."""
+    dia_first = {"load": 1.0, "align": 0.9, "psf_fit": 0.2, "convolve": 0.6, "detect": 0.5, "stamps": 0.05,
+                 "score": 0.1, "write": 0.15}
+    dia_later = {"load": 0.25, "align": 0.45, "psf_fit": 0.2, "convolve": 0.6, "detect": 0.4, "stamps": 0.05,
+                 "score": 0.1, "write": 0.08}
+    direct_later = {"load": 0.25, "detect": 0.7, "stamps": 0.2, "score": 0.1, "write": 0.05}
+
+    def summary(first, later_):
+        s = _summary({k: 0.5 * (first.get(k, v) + v) for k, v in later_.items()})
+        s["steady"] = {"stages": {k: {"wall_s": v, "cpu_s": v, "first_wall_s": first.get(k, v), "n": 2}
+                                  for k, v in later_.items()},
+                       "wall_per_ccd": sum(later_.values()), "cpu_per_ccd": sum(later_.values()),
+                       "start_up_s": sum(first.get(k, v) - v for k, v in later_.items())}
+        return s
+
+    after = {"dia": [summary(dia_first, dia_later)], "direct": [summary({}, direct_later)]}
+    data = bs.build_report(after, None, (4096, 2048), {"repeats": 1})
+    steady = {r["name"]: r for r in data["modes"]["dia"]["targets"]["steady"]["rows"]}
+    assert steady["load"]["wall_s"] == pytest.approx(0.25) and steady["load"]["met"] is True
+    assert steady["write"]["met"] is True and steady["align"]["met"] is True
+    assert data["modes"]["dia"]["targets"]["steady"]["total"]["wall_s"] == pytest.approx(sum(dia_later.values()))
+    plain = {r["name"]: r for r in data["modes"]["dia"]["targets"]["after"]["rows"]}
+    assert plain["load"]["met"] is False  # the mean over all runs, first ones included
+    assert data["dia_over_direct"]["after, steady state"] == pytest.approx(sum(dia_later.values())
+                                                                         / sum(direct_later.values()))
+    md = bs.render_markdown(data)
+    assert "The same budget in steady state" in md and "| load | <= 0.3 | 0.250 | yes |" in md
+    assert "Once per worker" in md

@@ -149,7 +149,13 @@ def test_clean_exposure_sets_cr_bit_and_template_policy():
     assert np.array_equal(exp.image, image) and not exp.mask.any()  # the input exposure is untouched
     assert np.array_equal(cleaned.image[~result.mask], image[~result.mask])
     assert not np.array_equal(cleaned.image[result.mask], image[result.mask])
-    assert "cosmic_rays" in cleaned.provenance
+    # provenance names the implementation that ran: the NumPy tiles by default, astroscrappy when asked for
+    assert cleaned.provenance["cosmic_rays"].startswith("L.A.Cosmic (NumPy tiles, pipeline.lacosmic): "
+                                                        f"{result.n_pixels} pixels in {result.n_cosmic_rays} groups")
+    by_astroscrappy, _ = clean_exposure(exp, CosmicRayConfig(engine="astroscrappy"))
+    assert by_astroscrappy.provenance["cosmic_rays"].startswith("L.A.Cosmic (astroscrappy tiles): ")
+    full, _ = clean_exposure(exp, CosmicRayConfig(method="full"))
+    assert full.provenance["cosmic_rays"].startswith("L.A.Cosmic (astroscrappy, full frame): ")
     kept, kept_result = clean_exposure(exp)  # the default keeps the values, as stamps keep masked pixels'
     assert kept_result.cleaned is None and kept.image is exp.image and np.array_equal(kept.mask, cleaned.mask)
 
