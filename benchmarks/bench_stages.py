@@ -544,8 +544,10 @@ def render_markdown(data: Mapping[str, Any]) -> str:
     rev = data.get("revisions", {})
     lines = ["# Per-stage speed of both modes", ""]
     lines.append(f"Made {data.get('created', '?')} on {data.get('machine', {}).get('cpu_model', '?')}, "
-                 f"{data.get('machine', {}).get('cores', '?')} cores; {data.get('n_ccds', '?')} simulated CCD pair(s) "
-                 f"of {data['ccd_shape'][0]} x {data['ccd_shape'][1]} px (seed {data.get('seed', '?')}), "
+                 f"{data.get('machine', {}).get('cores', '?')} cores; {data.get('n_ccds', '?')} CCD pair(s) "
+                 f"of {data['ccd_shape'][0]} x {data['ccd_shape'][1]} px ("
+                 + (f"simulated, seed {data.get('seed', '?')}" if data.get("simulated", True)
+                    else f"from {data.get('manifest', '?')}") + "), "
                  f"{data.get('workers', '?')} one-thread worker(s) ({data.get('scheduler', 'local')}), "
                  f"median of {data.get('repeats', '?')} run(s) of each revision"
                  + (", the two revisions alternating." if base else "."))
@@ -768,6 +770,13 @@ def _ccd_shape(manifest: Path) -> tuple[int, int]:
     return shape_of(read_manifest(manifest))
 
 
+def _n_ccds(manifest: Path) -> int:
+    """CCD pairs in the manifest (``--input``'s, not ``--ccds``)."""
+    from pipeline.io import read_manifest
+
+    return len(read_manifest(manifest))
+
+
 def _summaries(results: Sequence[Mapping[str, Any]]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for res in results:
@@ -809,12 +818,14 @@ def run(config: StageBenchConfig, out_dir: str | Path, manifest: str | Path | No
     t_start = time.perf_counter()
     machine = machine_info()
     load_start = _loadavg()
+    simulated = manifest is None
     if manifest is None:
         t0 = time.perf_counter()
         manifest = _simulate(out, config)
         log(f"simulated {config.n_ccds} DECam CCD pair(s), seed {config.seed} ({time.perf_counter() - t0:.0f} s)")
     manifest = Path(manifest).resolve()
     shape = _ccd_shape(manifest)
+    n_ccds = _n_ccds(manifest)
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()
@@ -860,9 +871,9 @@ def run(config: StageBenchConfig, out_dir: str | Path, manifest: str | Path | No
         "title": "Per-stage speed of both modes (issue #12)",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine, "load_average_start": load_start, "revisions": revisions,
-        "config": dataclasses.asdict(config), "n_ccds": config.n_ccds, "seed": config.seed,
+        "config": dataclasses.asdict(config), "n_ccds": n_ccds, "seed": config.seed,
         "workers": config.workers, "scheduler": config.scheduler, "repeats": config.repeats,
-        "extrapolate_workers": list(config.extrapolate_workers), "manifest": str(manifest),
+        "extrapolate_workers": list(config.extrapolate_workers), "manifest": str(manifest), "simulated": simulated,
         "runs": {"after": [_slim(r) for r in after_results], "before": [_slim(r) for r in before_results]},
         "summaries": {"after": after, "before": before},
     }

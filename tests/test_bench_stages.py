@@ -80,6 +80,7 @@ def test_report_has_every_stage_of_both_modes(small_report):
     assert reread["modes"]["direct"]["rows"][-1]["stage"] == "total"
     md = (out / "report.md").read_text()
     assert "| convolve/subtract |" in md and "## direct" in md and "Load average at start" in md
+    assert data["n_ccds"] == 1 and data["simulated"] and "1 CCD pair(s) of 1024 x 1024 px (simulated, seed 9000)" in md
 
 
 def test_ratio_against_a_synthetic_baseline_json(small_report, tmp_path):
@@ -355,6 +356,18 @@ def test_steady_state_leaves_out_each_workers_first_run_of_each_stage():
     old = [{k: v for k, v in r.items() if k not in ("stage_worker", "stage_start_unix")} for r in records]
     assert first_on_worker(old) == {}
     assert math.isnan(cost_summary({"ccds": old, "n_failed": 0})["steady"]["wall_per_ccd"])
+
+
+def test_a_given_manifest_sets_the_ccd_count(small_report, tmp_path):
+    """With ``--input`` the report counts the manifest's CCDs and names it (not ``--ccds`` and a seed)."""
+    out, _ = small_report
+    config = bs.StageBenchConfig(n_ccds=4, shape=(1024, 1024), workers=1, repeats=1, scheduler="threads",
+                                 modes=("direct",))
+    manifest = out / "input" / "manifest.ecsv"
+    data = bs.run(config, tmp_path / "given", manifest=manifest, in_process=True, log=lambda line: None)
+    assert data["n_ccds"] == 1 and not data["simulated"]
+    md = (tmp_path / "given" / "report.md").read_text()
+    assert f"1 CCD pair(s) of 1024 x 1024 px (from {manifest.resolve()})" in md
 
 
 def test_report_shows_the_steady_state_budget():
