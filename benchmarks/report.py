@@ -655,6 +655,14 @@ def build_blocks(data: dict) -> list:
         per = ", ".join(f"{c} {v:.2f}" for c, v in ratio["per_ccd"].items())
         b.append(("p", f"dia / direct cost per CCD: {per} (median {_fmt(ratio['median_per_ccd'], 2)}); "
                        f"ratio of the means: wall {_fmt(ratio['wall'], 2)}, CPU {_fmt(ratio['cpu'], 2)}."))
+        sd, sr = dia.get("steady") or {}, direct.get("steady") or {}
+        walls = (sd.get("wall_per_ccd"), sr.get("wall_per_ccd"))
+        if all(v is not None and math.isfinite(v) for v in walls) and walls[1] > 0:
+            b.append(("p", f"Steady state (each worker's first run of each stage left out: it pays what a worker "
+                           f"pays once, the pages its heap touches first and caches filled on first use; a long run's "
+                           f"cost per CCD tends to this): dia {_fmt(walls[0])}, direct {_fmt(walls[1])} s wall per "
+                           f"CCD, dia / direct {_fmt(walls[0] / walls[1], 2)}; once per worker "
+                           f"{_fmt(sd.get('start_up_s'), 2)} and {_fmt(sr.get('start_up_s'), 2)} s more."))
         rows = []
         for mode, c in (("dia", dia), ("direct", direct)):
             r = runs[f"{dev}-{mode}"]

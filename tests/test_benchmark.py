@@ -85,6 +85,16 @@ def test_costs_equal_run_json(bench):
         peak = max(v for r in rj["ccds"] for v in r["peak_rss_mb"].values())
         assert cost["peak_rss_mb_max"] == pytest.approx(peak)
         assert set(cost["peak_rss_mb_per_worker"]) == {r["worker"] for r in rj["ccds"]}
+        if run["workers"] == 1:  # 2 CCDs on one worker: the later run of each stage is the steady state
+            steady = {s["stage"]: s for s in cost["steady"]["stages"]}
+            for stage in rj["stage_wall_s"]:
+                times = sorted((r["stage_start_unix"][stage], r["wall_s"][stage]) for r in done)
+                rows = ("psf_fit", "convolve") if stage == "subtract" else (stage,)
+                assert all(steady[row]["n"] == 1 and steady[row]["n_first"] == 1 for row in rows)
+                if stage != "subtract":
+                    assert steady[stage]["wall_s"] == pytest.approx(times[1][1])
+                    assert steady[stage]["first_wall_s"] == pytest.approx(times[0][1])
+            assert cost["steady"]["wall_per_ccd"] == pytest.approx(sum(s["wall_s"] for s in steady.values()))
     main = {r["mode"]: r for r in data["runs"] if r["workers"] == 2}
     ratio = data["ratio"]["cpu"]
     assert ratio["wall"] == pytest.approx(main["dia"]["cost"]["wall_per_ccd"] / main["direct"]["cost"]["wall_per_ccd"])
