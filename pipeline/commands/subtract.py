@@ -153,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
     from dia import PsfMatchConfig, StarSelectionError
     from pipeline.align import AlignConfig, align_pair
     from pipeline.config import config_from_dict, load_toml, resolve_device, run_table
-    from pipeline.graph import tune_heap
+    from pipeline.graph import tune_heap, without_planes
     from pipeline.io import InputError, write_difference
     from pipeline.outdir import OutputError
     from pipeline.steps import difference_image, ensure_fwhm
@@ -176,6 +176,9 @@ def main(args: argparse.Namespace) -> int:
         search, template, _ = mask_pair_cosmics(search, template, CosmicRayConfig(enabled=not args.no_cosmics))
         t1 = time.perf_counter()
         aligned = align_pair(search, template, AlignConfig())
+        # the template on its own grid is done with (only its metadata is printed): its ~100 MB of pages are
+        # free for the difference, as pipeline run's align stage frees them
+        template = without_planes(template)
         t2 = time.perf_counter()
         diff = difference_image(aligned, config, device)
         t3 = time.perf_counter()
