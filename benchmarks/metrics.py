@@ -201,7 +201,7 @@ def first_on_worker(records: Iterable[Mapping[str, Any]]) -> dict[str, set[str]]
     A worker's first run of a stage pays what the worker pays once: the pages its C heap touches for the
     first time (a worker reuses them afterwards: :func:`pipeline.graph.tune_heap`) and caches filled on first
     use.  From the records' ``stage_worker`` and ``stage_start_unix`` (run.json since 2026-12-02); records
-    without them give nothing.
+    without them give nothing, and CCDs taken from an earlier run (``resumed``) are not this run's.
 
     Returns
     -------
@@ -210,6 +210,8 @@ def first_on_worker(records: Iterable[Mapping[str, Any]]) -> dict[str, set[str]]
     """
     earliest: dict[tuple[str, str], tuple[float, str]] = {}
     for rec in records:
+        if rec.get("resumed"):
+            continue
         workers, starts = rec.get("stage_worker") or {}, rec.get("stage_start_unix") or {}
         for stage, t in starts.items():
             key = (str(workers.get(stage)), stage)

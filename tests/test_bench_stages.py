@@ -352,6 +352,9 @@ def test_steady_state_leaves_out_each_workers_first_run_of_each_stage():
     # a CCD whose detect ran on worker C: that is C's first detect, whatever came before on A
     moved = _record("A3", "A", 200.0, later, worker_of={"detect": "C"})
     assert first_on_worker(records + [moved])["A3"] == {"detect"}
+    # a CCD resumed from an earlier run ran on that run's workers, whatever their names: not a first run here
+    earlier = dict(_record("A9", "A", 1.0, first), resumed=True)
+    assert first_on_worker(records + [earlier]) == marks
     # records without start times (run.json before 2026-12-02): no first runs known, no steady state
     old = [{k: v for k, v in r.items() if k not in ("stage_worker", "stage_start_unix")} for r in records]
     assert first_on_worker(old) == {}
