@@ -457,7 +457,8 @@ def answer(data: dict, device: str = "cpu") -> dict[str, Any]:
     dict
         ``text`` (the paragraph, Markdown) and the numbers it states: ``wall_s_per_ccd``
         ``{dia, direct}``, ``ratio``, ``saved_s_per_ccd``, ``saved_fraction``, ``cpu_s_per_ccd``,
-        ``ratio_cpu``, and when truth was
+        ``ratio_cpu``, ``steady_wall_s_per_ccd`` and ``steady_ratio`` (when the runs give a steady state:
+        :func:`benchmarks.metrics.steady_state`), and when truth was
         available ``completeness``, ``completeness_ci``, ``false_positives_per_ccd``,
         ``false_positives_per_ccd_ci`` (by mode), ``completeness_change`` (points, direct - dia)
         and its ``_ci``, ``fp_change`` and ``fp_ratio`` with intervals, ``m50`` (by mode),
@@ -496,6 +497,11 @@ def answer(data: dict, device: str = "cpu") -> dict[str, Any]:
                      + (" (wall and CPU ratios disagree by more than 25%: other load on the machine inflated the "
                         "wall times, see the load average below; the CPU ratio is the steadier measure)."
                         if r and abs(r / rc - 1) > 0.25 else "."))
+    steady = {m: (c.get("steady") or {}).get("wall_per_ccd") for m, c in (("dia", cd), ("direct", cr))}
+    if all(v is not None and math.isfinite(v) for v in steady.values()) and steady["direct"] > 0:
+        ans.update(steady_wall_s_per_ccd=steady, steady_ratio=steady["dia"] / steady["direct"])
+        parts.append(f"In steady state (each worker's first run of each stage left out, as in a long run): "
+                     f"{steady['direct']:.2f} against {steady['dia']:.2f} s per CCD, ratio {ans['steady_ratio']:.2f}.")
     cmp = (data.get("comparison") or {}).get(device)
     h = {m: runs[f"{device}-{m}"].get("end_to_end") for m in ("dia", "direct")}
     if not cmp or not all(h.values()):

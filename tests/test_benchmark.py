@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import re
 import subprocess
@@ -442,6 +443,18 @@ def test_answer_follows_the_numbers(bench):
     saving = f"saves {h['dia']['wall_s_per_ccd'] - h['direct']['wall_s_per_ccd']:.2f} s per CCD"
     per_ccd = list(data["ratio"]["cpu"]["per_ccd"].values())
     assert (saving in first) == (data["ratio"]["cpu"]["wall"] > 1 and min(per_ccd) > 1)
+    # the steady-state cost is stated when the runs give one, from their cost summaries
+    main_runs = {r["mode"]: r for r in data["runs"] if r["workers"] == 2}
+    steady = {m: (r["cost"].get("steady") or {}).get("wall_per_ccd") for m, r in main_runs.items()}
+    assert ("In steady state" in first) == all(v is not None and math.isfinite(v) for v in steady.values())
+    given = json.loads(json.dumps(data))
+    for r in given["runs"]:
+        if r["workers"] == 2:
+            r["cost"]["steady"] = {"wall_per_ccd": 2.0 if r["mode"] == "dia" else 1.25}
+    stated = answer(given)
+    assert stated["steady_ratio"] == pytest.approx(1.6)
+    assert ("In steady state (each worker's first run of each stage left out, as in a long run): 1.25 against "
+            "2.00 s per CCD, ratio 1.60.") in stated["text"]
     # the numbers in the first paragraph are those of report.json (the paired counts agree with the runs)
     assert cmp["completeness"]["k_a"] == direct["n_selected"] and cmp["completeness"]["k_b"] == dia["n_selected"]
     assert cmp["false_positives_per_ccd"]["k_a"] == direct["n_false_positives"]
