@@ -353,3 +353,83 @@ def test_stamp_sets_carry_the_frames_sky_for_sky_models():
         np.testing.assert_allclose(units[:, k["search"], 25, 25], search_sky[iy, ix], atol=0.1, rtol=0.02)
         np.testing.assert_allclose(units[:, k["template"], 25, 25], template_sky[iy, ix], atol=0.2, rtol=0.02)
         assert data.stamps_for("shared") is data.stamps
+
+
+# ----------------------------------------------------------------------------- shoulder peaks
+
+
+FLANK_HOST = (160.3, 150.6, 4.0e4, 3.0)  # x, y, total flux, intrinsic Gaussian sigma (px)
+FLANK = (168.3, 151.0, 2000.0)  # a transient 8 px (2.3 FWHM) out on the host's flank
+
+
+@pytest.fixture(scope="module")
+def flank_pair():
+    """Search and template at one seeing, a star and a resolved host in both; the search also has a transient on
+    the host's flank that makes no local maximum of the search's S/N map (the host's slope carries it)."""
+    s_wcs, t_wcs = _tan_wcs(), _tan_wcs((3.3, -2.1), 0.4)
+
+    def render(wcs, sky_sigma, seed, search):
+        hx, hy = (float(v) for v in wcs.world_to_pixel_values(*s_wcs.pixel_to_world_values(*FLANK_HOST[:2])))
+        img, var = render_gaussians(SHAPE, [60.2], [60.7], [2e4], S_FWHM, sky_sigma, seed=seed)
+        host_fwhm = 2.3548 * np.hypot(S_FWHM / 2.3548, FLANK_HOST[3])
+        img = img + _gaussians(SHAPE, [hx], [hy], [FLANK_HOST[2]], host_fwhm)
+        if search:
+            img = img + _gaussians(SHAPE, [FLANK[0]], [FLANK[1]], [FLANK[2]], S_FWHM)
+        return Exposure(img.astype(np.float32), var, np.zeros(SHAPE, np.int32), wcs, fwhm=S_FWHM, zero_point=30.0,
+                        name="search" if search else "template")
+
+    return render(s_wcs, 8.0, 1, True), render(t_wcs, 6.0, 2, False)
+
+
+def test_shoulder_peaks_find_a_transient_on_a_hosts_flank(flank_pair):
+    """Without shoulder peaks no candidate lies within 2 px of the flank transient, not even with every search peak
+    a candidate; with ``shoulder_sigma = 5`` the brightening cut keeps one there, its forced flux the injected one
+    within 10%, and nothing else changes."""
+    search, template = flank_pair
+    for selection in ("flux", "cnn"):
+        plain = detect_direct(search, template, DirectDetectConfig(selection=selection))
+        assert _nearest(plain, FLANK[0], FLANK[1])[1] > 7  # the host's peak, 8 px away, is the nearest
+    plain = detect_direct(search, template, DirectDetectConfig())
+    found = detect_direct(search, template, DirectDetectConfig(shoulder_sigma=5.0))
+    i, d = _nearest(found, FLANK[0], FLANK[1])
+    assert d < 0.3
+    assert float(found["flux"][i]) == pytest.approx(FLANK[2], rel=0.1)
+    assert float(found["delta_snr"][i]) > 10
+    others = np.delete(np.arange(len(found)), i)
+    assert len(others) == len(plain)  # the same candidates as without, and the transient
+    for k in others:
+        assert _nearest(plain, float(found["x"][k]), float(found["y"][k]))[1] < 1e-6
+    # with every search peak a candidate, the shoulder peak comes on top of the host's and the star's
+    every = detect_direct(search, template, DirectDetectConfig(selection="cnn", shoulder_sigma=5.0))
+    assert len(every) == len(detect_direct(search, template, DirectDetectConfig(selection="cnn"))) + 1
+
+
+def test_shoulder_peaks_on_blank_sky_and_on_lone_stars():
+    """Pure noise (1 Mpx) gives no shoulder peak at 5 sigma; a lone star's curvature peak is its own S/N peak; a point
+    source on a galaxy's flank is one.  Bad settings are refused."""
+    from pipeline.detect import find_peaks, gaussian_psf, matched_filter, shoulder_peaks
+
+    rng = np.random.default_rng(5)
+    fwhm = 4.0
+    noise = rng.normal(0.0, 1.0, (1000, 1000)).astype(np.float32)
+    ones = np.ones_like(noise)
+    maps = matched_filter(noise, ones, None, gaussian_psf(fwhm))
+    px, py, _ = find_peaks(maps.snr, 5.0, 3, None, min_separation=4)
+    assert shoulder_peaks(maps.snr, fwhm, 5.0, 5.0, px, py, 4)[0].size == 0
+    shape = (200, 200)
+    stars, var = render_gaussians(shape, [50.3, 140.6, 100.2], [60.1, 150.4, 100.7], [5e3, 4e4, 8e3], fwhm, 1.0,
+                                  seed=6)
+    galaxy = _gaussians(shape, [100.2], [100.7], [3e4], 2.3548 * np.hypot(fwhm / 2.3548, 3.0))
+    point = (108.4, 100.9)
+    image = (stars + galaxy + _gaussians(shape, [point[0]], [point[1]], [1500.0], fwhm)).astype(np.float32)
+    maps = matched_filter(image, var, None, gaussian_psf(fwhm))
+    px, py, _ = find_peaks(maps.snr, 5.0, 3, None, min_separation=4)
+    assert np.hypot(px - point[0], py - point[1]).min() > 7
+    sx, sy, s_snr = shoulder_peaks(maps.snr, fwhm, 5.0, 5.0, px, py, 4)
+    # the position from the curvature's parabola, pulled ~0.6 px outwards by the galaxy's own curvature: inside the
+    # 2 px within which a candidate finds its transient
+    assert sx.size == 1 and np.hypot(sx[0] - point[0], sy[0] - point[1]) < 1.0 and s_snr[0] > 5
+    with pytest.raises(ValueError, match="positive"):
+        shoulder_peaks(maps.snr, fwhm, 0.0, 5.0, px, py, 4)
+    with pytest.raises(ValueError, match="shoulder_sigma"):
+        DirectDetectConfig(shoulder_sigma=-1.0)

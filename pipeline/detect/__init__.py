@@ -30,6 +30,7 @@ from pipeline.detect.filter import (
     map_peaks,
     matched_filter,
     psf_filter,
+    shoulder_peaks,
 )
 from pipeline.detect.flags import edge_distance_ok_at, near_mask_at
 from pipeline.detect.photometry import annulus_median, aperture_fluxes, forced_psf_photometry
@@ -57,6 +58,7 @@ __all__ = [
     "gaussian_psf",
     "psf_filter",
     "find_peaks",
+    "shoulder_peaks",
     "map_peaks",
     "detect_difference",
     "forced_psf_photometry",

@@ -39,6 +39,7 @@ __all__ = [
     "label_pixels",
     "label_segments",
     "find_peaks",
+    "shoulder_peaks",
     "map_peaks",
     "filter_at",
 ]
@@ -457,6 +458,79 @@ def find_peaks(snr: np.ndarray, threshold: float, n_pixels: int, max_peaks: int 
         iy, ix, peak = iy[keep], ix[keep], peak[keep]
     x, y = _refine_peaks(snr, ix, iy, sign)
     return x, y, peak
+
+
+def shoulder_peaks(snr: np.ndarray, fwhm: float, sigma: float, threshold: float, peak_x: np.ndarray,
+                   peak_y: np.ndarray, min_separation: int, sample_step: int = 4):
+    """Compact sources on the flank of a brighter one: the local maxima of the S/N map's curvature that are
+    not near a peak of the map itself.
+
+    A point source on the flank of a galaxy or a star one or two FWHM away adds a bump to the matched
+    filter's S/N map but often no local maximum of its own: the brighter neighbour's slope carries it.  The
+    curvature ``c = snr - mean(snr at the four pixels h = FWHM / 2 away)`` removes a slope (linear terms
+    cancel) and keeps a bump of the PSF's size.  Its noise is the robust standard deviation of ``c`` over
+    the frame (sampled every ``sample_step`` pixels: blank sky dominates), so the test holds whatever
+    the noise correlation of the map.  A pixel is a shoulder peak when ``c`` exceeds ``sigma`` times that
+    noise, the S/N there exceeds ``threshold``, it is the highest ``c`` of those pixels within
+    ``min_separation`` px, and no peak ``(peak_x, peak_y)`` of the map lies within ``min_separation`` px.
+    Pixels within ``h`` of the border are not tested.
+
+    Parameters
+    ----------
+    snr : ndarray (ny, nx)
+        S/N map of the matched filter (:class:`FilterMaps`).
+    fwhm : float
+        PSF FWHM of the image (pixels).
+    sigma : float
+        Least curvature, in units of its noise (> 0).
+    threshold : float
+        Least S/N at the pixel.
+    peak_x, peak_y : ndarray
+        The map's peaks (:func:`find_peaks`).
+    min_separation : int
+        Radius (pixels) of the local-maximum test and of the distance to the peaks.
+    sample_step : int
+        Stride of the pixels the noise of ``c`` is measured on.
+
+    Returns
+    -------
+    x, y : ndarray
+        Sub-pixel positions (3-point parabola through ``c``).
+    peak : ndarray
+        S/N at the pixel.
+    """
+    from dia.stats import robust_std
+
+    empty = (np.zeros(0), np.zeros(0), np.zeros(0))
+    if not (np.isfinite(fwhm) and fwhm > 0 and sigma > 0):
+        raise ValueError(f"shoulder_peaks: fwhm and sigma must be positive, got {fwhm} and {sigma}")
+    ny, nx = snr.shape
+    h = max(1, int(round(fwhm / 2)))
+    if ny <= 2 * h or nx <= 2 * h:
+        return empty
+    curv = np.zeros(snr.shape, np.float32)
+    inner = curv[h:-h, h:-h]
+    for dy, dx in ((-h, 0), (h, 0), (0, -h), (0, h)):
+        inner += snr[h + dy : ny - h + dy, h + dx : nx - h + dx]
+    inner *= np.float32(-0.25)
+    inner += snr[h:-h, h:-h]
+    sample = inner[::sample_step, ::sample_step]
+    noise = robust_std(sample[np.isfinite(sample)].ravel()) if sample.size else 0.0
+    if not (np.isfinite(noise) and noise > 0):
+        return empty
+    with np.errstate(invalid="ignore"):
+        flat = np.flatnonzero((curv > np.float32(sigma * noise)) & (snr > threshold))
+    if flat.size == 0:
+        return empty
+    flat = _sparse_local_maxima(curv, flat, 1.0, min_separation)
+    iy, ix = np.divmod(flat, nx)
+    if np.size(peak_x):
+        from scipy.spatial import cKDTree
+
+        dist, _ = cKDTree(np.column_stack([peak_x, peak_y])).query(np.column_stack([ix, iy]))
+        iy, ix = iy[dist > min_separation], ix[dist > min_separation]
+    x, y = _refine_peaks(curv, ix, iy)
+    return x, y, snr[iy, ix].astype(float)
 
 
 def _plateau_firsts(peaks: np.ndarray, nx: int) -> np.ndarray:
