@@ -387,10 +387,10 @@ def test_shoulder_peaks_find_a_transient_on_a_hosts_flank(flank_pair):
     within 10%, and nothing else changes."""
     search, template = flank_pair
     for selection in ("flux", "cnn"):
-        plain = detect_direct(search, template, DirectDetectConfig(selection=selection))
+        plain = detect_direct(search, template, DirectDetectConfig(selection=selection, shoulder_sigma=0.0))
         assert _nearest(plain, FLANK[0], FLANK[1])[1] > 7  # the host's peak, 8 px away, is the nearest
-    plain = detect_direct(search, template, DirectDetectConfig())
-    found = detect_direct(search, template, DirectDetectConfig(shoulder_sigma=5.0))
+    plain = detect_direct(search, template, DirectDetectConfig(shoulder_sigma=0.0))
+    found = detect_direct(search, template, DirectDetectConfig())  # shoulder_sigma = 5 by default
     i, d = _nearest(found, FLANK[0], FLANK[1])
     assert d < 0.3
     assert float(found["flux"][i]) == pytest.approx(FLANK[2], rel=0.1)
@@ -400,8 +400,9 @@ def test_shoulder_peaks_find_a_transient_on_a_hosts_flank(flank_pair):
     for k in others:
         assert _nearest(plain, float(found["x"][k]), float(found["y"][k]))[1] < 1e-6
     # with every search peak a candidate, the shoulder peak comes on top of the host's and the star's
-    every = detect_direct(search, template, DirectDetectConfig(selection="cnn", shoulder_sigma=5.0))
-    assert len(every) == len(detect_direct(search, template, DirectDetectConfig(selection="cnn"))) + 1
+    every = detect_direct(search, template, DirectDetectConfig(selection="cnn"))
+    assert len(every) == len(detect_direct(search, template, DirectDetectConfig(selection="cnn",
+                                                                               shoulder_sigma=0.0))) + 1
 
 
 def test_shoulder_peaks_on_blank_sky_and_on_lone_stars():
