@@ -374,9 +374,11 @@ def _peak_per_label(values_flat: np.ndarray, flat: np.ndarray, lab: np.ndarray) 
     return flat[at_top[first]]
 
 
-def _sparse_local_maxima(snr: np.ndarray, flat: np.ndarray, sign: float, radius: int) -> np.ndarray:
+def _sparse_local_maxima(snr: np.ndarray, flat: np.ndarray, sign: float, radius: int,
+                         values: np.ndarray | None = None) -> np.ndarray:
     """The pixels of ``flat`` that are the highest of ``sign * snr`` over the pixels of ``flat`` within
-    ``radius`` (a square window clipped to the image), in the order of ``flat``.
+    ``radius`` (a square window clipped to the image), in the order of ``flat``.  ``values``: the map at ``flat``
+    when the caller has them and no full map (``snr`` then gives only the shape).
 
     The same answer as a full-frame maximum filter of the map with -inf outside ``flat``, computed at
     those pixels only: first against the 8 neighbours, then the whole window of what survives.  The
@@ -389,7 +391,7 @@ def _sparse_local_maxima(snr: np.ndarray, flat: np.ndarray, sign: float, radius:
     padded = np.full((ny + 2 * r) * wide, -np.inf, np.float32 if snr.dtype == np.float32 else float)
     iy, ix = np.divmod(flat, nx)
     at = (iy + r) * wide + (ix + r)
-    value = (sign * snr.ravel()[flat]).astype(padded.dtype, copy=False)
+    value = (sign * (snr.ravel()[flat] if values is None else values)).astype(padded.dtype, copy=False)
     padded[at] = value
     cand = np.ones(flat.size, bool)
     for reach in ((1, r) if r > 1 else (1,)):
@@ -508,29 +510,59 @@ def shoulder_peaks(snr: np.ndarray, fwhm: float, sigma: float, threshold: float,
     h = max(1, int(round(fwhm / 2)))
     if ny <= 2 * h or nx <= 2 * h:
         return empty
-    curv = np.zeros(snr.shape, np.float32)
-    inner = curv[h:-h, h:-h]
-    for dy, dx in ((-h, 0), (h, 0), (0, -h), (0, h)):
-        inner += snr[h + dy : ny - h + dy, h + dx : nx - h + dx]
-    inner *= np.float32(-0.25)
-    inner += snr[h:-h, h:-h]
-    sample = inner[::sample_step, ::sample_step]
+
+    def curvature(rows: slice, cols: slice, step: int = 1) -> np.ndarray:
+        """``c`` over ``snr[h:-h, h:-h][rows, cols]`` (with ``step``), in float32 as the map."""
+        def at(dy: int, dx: int) -> np.ndarray:
+            return snr[h + dy : ny - h + dy, h + dx : nx - h + dx][rows, cols][::step, ::step]
+
+        around = at(-h, 0) + at(h, 0)
+        around += at(0, -h)
+        around += at(0, h)
+        around *= np.float32(-0.25)
+        around += at(0, 0)
+        return around
+
+    sample = curvature(slice(None), slice(None), sample_step)
     noise = robust_std(sample[np.isfinite(sample)].ravel()) if sample.size else 0.0
     if not (np.isfinite(noise) and noise > 0):
         return empty
-    with np.errstate(invalid="ignore"):
-        flat = np.flatnonzero((curv > np.float32(sigma * noise)) & (snr > threshold))
+    level = np.float32(sigma * noise)
+    found, values = [], []
+    for r0 in range(0, ny - 2 * h, _BLOCK_ROWS):  # in row blocks that stay in the cache; no frame-sized map
+        rows = slice(r0, min(r0 + _BLOCK_ROWS, ny - 2 * h))
+        c = curvature(rows, slice(None))
+        with np.errstate(invalid="ignore"):
+            hit = np.flatnonzero((c > level) & (snr[h + rows.start : h + rows.stop, h : nx - h] > threshold))
+        by, bx = np.divmod(hit, nx - 2 * h)
+        found.append((by + rows.start + h) * nx + (bx + h))
+        values.append(c.ravel()[hit])
+    flat = np.concatenate(found)
     if flat.size == 0:
         return empty
-    flat = _sparse_local_maxima(curv, flat, 1.0, min_separation)
+    flat = _sparse_local_maxima(snr, flat, 1.0, min_separation, values=np.concatenate(values))
     iy, ix = np.divmod(flat, nx)
     if np.size(peak_x):
         from scipy.spatial import cKDTree
 
         dist, _ = cKDTree(np.column_stack([peak_x, peak_y])).query(np.column_stack([ix, iy]))
         iy, ix = iy[dist > min_separation], ix[dist > min_separation]
-    x, y = _refine_peaks(curv, ix, iy)
-    return x, y, snr[iy, ix].astype(float)
+    if ix.size == 0:
+        return empty
+    # the parabola through c at the peak and its 4 neighbours (a 3 x 3 patch of c around each peak)
+    patch = np.zeros((3, 3, ix.size), np.float32)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if abs(dy) + abs(dx) < 2:
+                yy, xx = iy + dy, ix + dx
+                inner = (yy >= h) & (yy < ny - h) & (xx >= h) & (xx < nx - h)
+                yy, xx = np.clip(yy, h, ny - h - 1), np.clip(xx, h, nx - h - 1)
+                around = 0.25 * (snr[yy - h, xx] + snr[yy + h, xx] + snr[yy, xx - h] + snr[yy, xx + h])
+                patch[dy + 1, dx + 1] = np.where(inner, snr[yy, xx] - around, 0.0)
+    tiles = patch.transpose(0, 2, 1).reshape(3, 3 * ix.size)  # the patches side by side, each peak at its centre
+    centre = 3 * np.arange(ix.size) + 1
+    x, y = _refine_peaks(tiles, centre, np.ones(ix.size, int))
+    return ix + (x - centre), iy + (y - 1), snr[iy, ix].astype(float)
 
 
 def _plateau_firsts(peaks: np.ndarray, nx: int) -> np.ndarray:
