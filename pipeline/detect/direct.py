@@ -48,9 +48,9 @@ class DirectDetectConfig:
     only peaks whose calibrated point-source flux rose by ``brightening_sigma``
     are kept.  With ``selection="cnn"`` every such peak is a candidate and the
     two-image CNN that scores the stamps decides, with no flux-difference cut in
-    front of it.  Measured with ``pipeline run --mode direct`` and the shipped ``pair-direct``
-    (a transient is found when a candidate within 2 px scores >= the threshold; found / false
-    positives per CCD at thresholds 0.5 and 0.95):
+    front of it.  Measured with ``pipeline run --mode direct`` and the shipped ``pair-direct``, before shoulder
+    peaks (``shoulder_sigma``) were added (a transient is found when a candidate within 2 px scores >= the
+    threshold; found / false positives per CCD at thresholds 0.5 and 0.95):
 
     - benchmark field (4 DECam CCDs, 160 transients): ``"flux"`` 127 / 12.0 and 120 / 2.5,
       ``"cnn"`` 127 / 22.5 and 120 / 3.5;
