@@ -434,3 +434,46 @@ def test_shoulder_peaks_on_blank_sky_and_on_lone_stars():
         shoulder_peaks(maps.snr, fwhm, 0.0, 5.0, px, py, 4)
     with pytest.raises(ValueError, match="shoulder_sigma"):
         DirectDetectConfig(shoulder_sigma=-1.0)
+
+
+# ----------------------------------------------------------------------------- the aperture test
+
+
+@pytest.fixture(scope="module")
+def seeing_pair():
+    """A search with worse seeing than the template: a resolved galaxy's PSF flux rises with the seeing (a Gaussian
+    fit at the wider PSF takes in more of it) though nothing changed; stars, and an isolated transient."""
+    s_fwhm, t_fwhm = 5.0, 3.0
+    s_wcs, t_wcs = _tan_wcs(), _tan_wcs((3.3, -2.1), 0.4)
+    stars = np.array([(60.2, 60.7), (250.3, 90.6), (90.8, 250.1), (230.4, 240.2), (160.5, 60.3), (60.1, 170.7)])
+    galaxy = (150.4, 160.8, 6e4, 3.5)
+    lone = (240.6, 160.3, 4000.0)
+
+    def render(wcs, fwhm, sky_sigma, seed, search):
+        world = s_wcs.pixel_to_world_values(stars[:, 0], stars[:, 1])
+        x, y = (np.asarray(v) for v in wcs.world_to_pixel_values(*world))
+        gx, gy = (float(v) for v in wcs.world_to_pixel_values(*s_wcs.pixel_to_world_values(*galaxy[:2])))
+        img, var = render_gaussians(SHAPE, x, y, np.full(len(stars), 3e4), fwhm, sky_sigma, seed=seed)
+        img = img + _gaussians(SHAPE, [gx], [gy], [galaxy[2]], 2.3548 * np.hypot(fwhm / 2.3548, galaxy[3]))
+        if search:
+            img = img + _gaussians(SHAPE, [lone[0]], [lone[1]], [lone[2]], fwhm)
+        return Exposure(img.astype(np.float32), var, np.zeros(SHAPE, np.int32), wcs, fwhm=fwhm, zero_point=30.0,
+                        name="search" if search else "template")
+
+    return render(s_wcs, s_fwhm, 6.0, 3, True), render(t_wcs, t_fwhm, 6.0, 4, False), galaxy, lone
+
+
+def test_aperture_test_drops_a_galaxy_brightened_by_the_seeing_and_keeps_the_transient(seeing_pair):
+    search, template, galaxy, lone = seeing_pair
+    psf_only = detect_direct(search, template, DirectDetectConfig(aperture_sigma=0.0))
+    k, d = _nearest(psf_only, galaxy[0], galaxy[1])
+    assert d < 2 and float(psf_only["delta_snr"][k]) >= 3  # the PSF flux "brightened": a false candidate
+    both = detect_direct(search, template, DirectDetectConfig())  # aperture_sigma = 2 by default
+    assert _nearest(both, galaxy[0], galaxy[1])[1] > 2  # its aperture flux did not
+    j, d = _nearest(both, lone[0], lone[1])
+    assert d < 0.5 and float(both["flux"][j]) == pytest.approx(lone[2], rel=0.1)
+    assert len(both) < len(psf_only)
+    with pytest.raises(ValueError, match="aperture_sigma"):
+        DirectDetectConfig(aperture_sigma=-1.0)
+    with pytest.raises(ValueError, match="aperture_fwhm"):
+        DirectDetectConfig(aperture_fwhm=0.0)
