@@ -1,8 +1,10 @@
 """Candidate detection without a difference image (direct mode).
 
 :class:`DirectDetectConfig` and :func:`detect_direct`: peaks of the search image's PSF matched
-filter (after its own sky background) are the candidates.  With ``selection="flux"`` (default)
-only peaks whose aperture-corrected PSF flux rose significantly against the template's are kept
+filter (after its own sky background), and the shoulder peaks of that map (local maxima of its curvature:
+sources on the flank of a brighter one, :func:`pipeline.detect.shoulder_peaks`), are the candidates.  With
+``selection="flux"`` (default) only peaks whose aperture-corrected PSF flux rose significantly against the
+template's, and whose aperture flux rose too (a galaxy's PSF flux changes with the seeing), are kept
 (a catalogue-level cut); with ``selection="cnn"`` every peak is one and the two-image CNN that
 scores the stamps is the detector (measured: no more transients for twice the false positives, see
 :class:`DirectDetectConfig`).  With ``selection="dense"`` the candidates are the peaks of the
@@ -45,9 +47,10 @@ class DirectDetectConfig:
     """Parameters of candidate detection without a difference image (direct mode).
 
     Candidates are local maxima of the search image's PSF-matched-filter S/N
-    (peaks on galaxies resolved separately).  With ``selection="flux"`` (default)
-    only peaks whose calibrated point-source flux rose by ``brightening_sigma``
-    are kept.  With ``selection="cnn"`` every such peak is a candidate and the
+    (peaks on galaxies resolved separately), and of its curvature away from them
+    (``shoulder_sigma``).  With ``selection="flux"`` (default) only peaks whose
+    calibrated point-source flux rose by ``brightening_sigma``, and their aperture
+    flux by ``aperture_sigma``, are kept.  With ``selection="cnn"`` every such peak is a candidate and the
     two-image CNN that scores the stamps decides, with no flux-difference cut in
     front of it.  Measured with ``pipeline run --mode direct`` and the shipped ``pair-direct``, before shoulder
     peaks (``shoulder_sigma``) were added (a transient is found when a candidate within 2 px scores >= the
