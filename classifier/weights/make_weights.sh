@@ -43,11 +43,14 @@ fi
 # pair-direct: a direct-stream set of its own, cut with every search peak as a candidate
 # (DirectDetectConfig.selection = "cnn"; the run's default "flux" scores a subset of such peaks, the
 # ones that brightened, so the model sees static stars and galaxies too): the first 96 CCDs of the same survey,
-# ~190 transients and 600 random bogus peaks kept per CCD, classes balanced (~6 min on 2 cores)
+# ~190 transients and 600 random bogus peaks kept per CCD, classes balanced (~6 min on 2 cores).  The peaks as
+# when the shipped weights were made: without the shoulder peaks added to the run's detector on 2026-12-02
+# (shoulder_sigma = 0), so that this script rebuilds the shipped pair-direct
 ccds_direct="${CCDS_DIRECT:-96}"
 if [ ! -f "$work/data-direct/direct.npz" ]; then
     pipeline dataset --out "$work/data-direct" --ccds "$ccds_direct" --seed 1000 --shape 2048x2048 \
-        --density-factor 12 --streams direct --config <(printf '[run.direct]\nselection = "cnn"\n')
+        --density-factor 12 --streams direct \
+        --config <(printf '[run.direct]\nselection = "cnn"\nshoulder_sigma = 0\n')
 fi
 
 train() {  # model stream epochs name [max_train]
