@@ -299,9 +299,9 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
     delta_snr = delta / err
     if config.selection == "flux":
         keep = delta_snr >= config.brightening_sigma
-        if aperture_test and keep.any():
-            keep[keep] = _aperture_change_snr(img_s, search, img_t, template, x[keep], y[keep], zp_scale,
-                                              config.aperture_fwhm) >= config.aperture_sigma
+        if aperture_test and keep.any():  # (an aperture that cannot be measured, S/N NaN, rejects nothing)
+            keep[keep] = ~(_aperture_change_snr(img_s, search, img_t, template, x[keep], y[keep], zp_scale,
+                                                config.aperture_fwhm) < config.aperture_sigma)
         rank = delta_snr
         if aperture_test:
             del img_s
