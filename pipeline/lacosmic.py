@@ -129,19 +129,21 @@ def _laplacian(clean: np.ndarray) -> np.ndarray:
     padded[:, 1:-1, 1:-1] = clean
     c = clean
     left, right, up, down = padded[:, 1:-1, :-2], padded[:, 1:-1, 2:], padded[:, :-2, 1:-1], padded[:, 2:, 1:-1]
+
+    def top_bottom(half):  # a left or right half's upper (- c - u) and lower (- d - c) sub-pixels, in that order
+        top = half - c
+        top -= up
+        bottom = half - down
+        bottom -= c
+        return top, bottom
+
     four = c * _F32(4.0)
     a = four - c
     a -= left  # 4c - c - l
-    tl = a - c
-    tl -= up
-    bl = a - down
-    bl -= c
     b = four - right
     b -= c  # 4c - r - c
-    tr = b - c
-    tr -= up
-    br = b - down
-    br -= c
+    tl, bl = top_bottom(a)
+    tr, br = top_bottom(b)
     # the first sub-row in double precision: 4c - c - l - c and 4c - r - c - c
     c0 = c[:, 0, :].astype(np.float64)
     tl[:, 0, :] = (4.0 * c0 - c0 - left[:, 0, :] - c0).astype(_F32)

@@ -250,9 +250,6 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
     if method == "reference":  # the previous code built the flux and error maps of both images
         filt_s = maps_s.result()
     corr_s = _correction(img_s, search, fs, method)
-    aperture_test = config.selection == "flux" and config.aperture_sigma > 0
-    if not aperture_test:
-        del img_s
     if config.selection == "dense":
         x, y, map_score = (np.asarray(v, float).ravel() for v in positions)
         if not x.size == y.size == map_score.size:
@@ -299,19 +296,17 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
     delta_snr = delta / err
     if config.selection == "flux":
         keep = delta_snr >= config.brightening_sigma
-        if aperture_test and keep.any():  # (an aperture that cannot be measured, S/N NaN, rejects nothing)
+        if config.aperture_sigma > 0 and keep.any():  # (an aperture that cannot be measured, S/N NaN, rejects nothing)
             keep[keep] = ~(_aperture_change_snr(img_s, search, img_t, template, x[keep], y[keep], zp_scale,
                                                 config.aperture_fwhm) < config.aperture_sigma)
         rank = delta_snr
-        if aperture_test:
-            del img_s
     elif config.selection == "dense":  # every peak of the map: the CNN found them
         keep = np.ones(x.size, bool)
         rank = map_score
     else:  # every search peak: the CNN is the detector
         keep = np.ones(x.size, bool)
         rank = peak
-    del img_t
+    del img_s, img_t
     if keep.sum() > config.max_candidates:
         keep &= rank >= np.sort(rank[keep])[-config.max_candidates]
     rank = rank[keep]
@@ -340,21 +335,18 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
 def _aperture_change_snr(img_s, search, img_t, template, x, y, zp_scale: float, radius_fwhm: float) -> np.ndarray:
     """S/N of the change of aperture flux at search pixels ``(x, y)``: search minus zero-point-scaled template, each
     summed on its own sky-subtracted image in a circle of ``radius_fwhm`` times the larger FWHM (in search pixels;
-    the template's circle at the same sky position, scaled by the local pixel scale of the two WCSs)."""
+    the template's circle at the same sky position, scaled by the pixel scale of the two WCSs there: the median
+    over the positions)."""
     world = search.wcs.pixel_to_world_values(x, y)
     tx, ty = (np.asarray(v, float) for v in template.wcs.world_to_pixel_values(*world))
     # template pixels per search pixel at each position, from the mapping of a one-pixel step along each axis
     steps = [np.asarray(template.wcs.world_to_pixel_values(*search.wcs.pixel_to_world_values(x + dx, y + dy)), float)
              for dx, dy in ((1.0, 0.0), (0.0, 1.0))]
     jac = np.stack([steps[0] - np.array([tx, ty]), steps[1] - np.array([tx, ty])], axis=1)  # d(tx, ty) / d(x, y)
-    scale = np.sqrt(np.abs(jac[0, 0] * jac[1, 1] - jac[0, 1] * jac[1, 0]))
-    fwhm = max(float(search.fwhm), float(np.median(template.fwhm / scale)))
-    radius = radius_fwhm * fwhm
+    scale = float(np.median(np.sqrt(np.abs(jac[0, 0] * jac[1, 1] - jac[0, 1] * jac[1, 0]))))
+    radius = radius_fwhm * max(float(search.fwhm), float(template.fwhm) / scale)
     f_s, e_s, _ = aperture_fluxes(img_s, search.variance, search.mask, x, y, radius)
-    f_t, e_t = np.zeros(x.size), np.zeros(x.size)
-    for r in np.unique(np.round(radius * scale, 2)):  # one call per distinct template radius (one, unless rotated)
-        at = np.round(radius * scale, 2) == r
-        f_t[at], e_t[at], _ = aperture_fluxes(img_t, template.variance, template.mask, tx[at], ty[at], float(r))
+    f_t, e_t, _ = aperture_fluxes(img_t, template.variance, template.mask, tx, ty, radius * scale)
     with np.errstate(divide="ignore", invalid="ignore"):
         return (f_s - zp_scale * f_t) / np.hypot(e_s, zp_scale * e_t)
 

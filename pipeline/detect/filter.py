@@ -511,17 +511,23 @@ def shoulder_peaks(snr: np.ndarray, fwhm: float, sigma: float, threshold: float,
     if ny <= 2 * h or nx <= 2 * h:
         return empty
 
-    def curvature(rows: slice, cols: slice, step: int = 1) -> np.ndarray:
-        """``c`` over ``snr[h:-h, h:-h][rows, cols]`` (with ``step``), in float32 as the map."""
-        def at(dy: int, dx: int) -> np.ndarray:
-            return snr[h + dy : ny - h + dy, h + dx : nx - h + dx][rows, cols][::step, ::step]
-
+    def combine(at) -> np.ndarray:  # c from ``at(dy, dx)``, the map shifted by (dy, dx): one order of float32 sums
         around = at(-h, 0) + at(h, 0)
         around += at(0, -h)
         around += at(0, h)
         around *= np.float32(-0.25)
         around += at(0, 0)
         return around
+
+    def curvature(rows: slice, cols: slice, step: int = 1) -> np.ndarray:
+        """``c`` over ``snr[h:-h, h:-h][rows, cols]`` (with ``step``)."""
+        return combine(lambda dy, dx: snr[h + dy : ny - h + dy, h + dx : nx - h + dx][rows, cols][::step, ::step])
+
+    def curvature_at(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+        """``c`` at pixels, 0 within ``h`` of the border (where the block pass does not reach)."""
+        inside = (yy >= h) & (yy < ny - h) & (xx >= h) & (xx < nx - h)
+        yy, xx = np.clip(yy, h, ny - h - 1), np.clip(xx, h, nx - h - 1)
+        return np.where(inside, combine(lambda dy, dx: snr[yy + dy, xx + dx]), np.float32(0))
 
     sample = curvature(slice(None), slice(None), sample_step)
     noise = robust_std(sample[np.isfinite(sample)].ravel()) if sample.size else 0.0
@@ -549,20 +555,11 @@ def shoulder_peaks(snr: np.ndarray, fwhm: float, sigma: float, threshold: float,
         iy, ix = iy[dist > min_separation], ix[dist > min_separation]
     if ix.size == 0:
         return empty
-    # the parabola through c at the peak and its 4 neighbours (a 3 x 3 patch of c around each peak)
-    patch = np.zeros((3, 3, ix.size), np.float32)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if abs(dy) + abs(dx) < 2:
-                yy, xx = iy + dy, ix + dx
-                inner = (yy >= h) & (yy < ny - h) & (xx >= h) & (xx < nx - h)
-                yy, xx = np.clip(yy, h, ny - h - 1), np.clip(xx, h, nx - h - 1)
-                around = 0.25 * (snr[yy - h, xx] + snr[yy + h, xx] + snr[yy, xx - h] + snr[yy, xx + h])
-                patch[dy + 1, dx + 1] = np.where(inner, snr[yy, xx] - around, 0.0)
-    tiles = patch.transpose(0, 2, 1).reshape(3, 3 * ix.size)  # the patches side by side, each peak at its centre
-    centre = 3 * np.arange(ix.size) + 1
-    x, y = _refine_peaks(tiles, centre, np.ones(ix.size, int))
-    return ix + (x - centre), iy + (y - 1), snr[iy, ix].astype(float)
+    # sub-pixel: the parabola through c at the peak and its neighbours, as _refine_peaks does on a map
+    centre = curvature_at(iy, ix)
+    x = ix + _parabola_offset(curvature_at(iy, ix - 1), centre, curvature_at(iy, ix + 1))
+    y = iy + _parabola_offset(curvature_at(iy - 1, ix), centre, curvature_at(iy + 1, ix))
+    return x, y, snr[iy, ix].astype(float)
 
 
 def _plateau_firsts(peaks: np.ndarray, nx: int) -> np.ndarray:
@@ -668,14 +665,16 @@ def _refine_peaks(values: np.ndarray, ix: np.ndarray, iy: np.ndarray, sign: floa
     peak = sign * values[iy, ix]
     left, right, down, up = (sign * values[iy, xm], sign * values[iy, xp], sign * values[ym, ix],
                              sign * values[yp, ix])
+    return ix + _parabola_offset(left, peak, right), iy + _parabola_offset(down, peak, up)
+
+
+def _parabola_offset(lo: np.ndarray, mid: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Vertex of the parabola through ``(-1, lo)``, ``(0, mid)``, ``(1, hi)``, clipped to [-0.5, 0.5]; 0 where it
+    is not a maximum."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        dx_den = left - 2 * peak + right
-        dy_den = down - 2 * peak + up
-        dx = np.where(dx_den < 0, 0.5 * (left - right) / dx_den, 0.0)
-        dy = np.where(dy_den < 0, 0.5 * (down - up) / dy_den, 0.0)
-    dx = np.clip(np.nan_to_num(dx), -0.5, 0.5)
-    dy = np.clip(np.nan_to_num(dy), -0.5, 0.5)
-    return ix + dx, iy + dy
+        den = lo - 2 * mid + hi
+        d = np.where(den < 0, 0.5 * (lo - hi) / den, 0.0)
+    return np.clip(np.nan_to_num(d), -0.5, 0.5)
 
 
 def _segment_peaks(values: np.ndarray, above: np.ndarray, method: str = "fast"):
