@@ -11,7 +11,8 @@ tables -- and returns dicts of numbers, so the report and its test compute them 
   false positives per CCD and per square degree, purity, the 50% completeness magnitude, each
   with its confidence interval, the false positives by kind and the operating curve;
 * :func:`compare_modes`: the difference between two modes on the same transients (completeness
-  paired, false positives per CCD, m50), each with its interval and whether it is significant;
+  paired, false positives per CCD, m50), each with its interval and whether it is significant, and the
+  completeness difference by the transient's brightest neighbour (:func:`neighbour_contrast`);
 * :func:`operating_curve`, :func:`point_at_fp`, :func:`point_at_completeness`: completeness
   versus false positives per CCD as the score threshold sweeps 0..1, and matched operating points.
 
@@ -43,6 +44,10 @@ __all__ = [
     "paired_difference",
     "poisson_difference",
     "transient_outcomes",
+    "neighbour_contrast",
+    "NEIGHBOUR_KINDS",
+    "NEIGHBOUR_EDGES",
+    "NEIGHBOUR_RADIUS_FWHM",
     "operating_curve",
     "point_at_fp",
     "point_at_completeness",
@@ -69,6 +74,16 @@ UNMATCHED = "unmatched"
 
 #: Cost rows of the report, in pipeline order (``psf_fit`` + ``convolve`` = the subtract stage).
 COST_STAGES = ("load", "align", "psf_fit", "convolve", "detect", "stamps", "score", "write")
+
+#: Truth kinds whose light lies under a transient in both exposures: its neighbours (:func:`neighbour_contrast`).
+NEIGHBOUR_KINDS = ("star", "galaxy", "variable")
+
+#: A transient's neighbours are those within this many search-image FWHM (the truth's ``search_fwhm``) of it.
+NEIGHBOUR_RADIUS_FWHM = 2.0
+
+#: Bins of the neighbour contrast (magnitudes by which the brightest neighbour outshines the transient): none
+#: brighter (no neighbour, or only fainter ones), 0-1, 1-2, 2-3 and more than 3 mag brighter.
+NEIGHBOUR_EDGES = (-math.inf, 0.0, 1.0, 2.0, 3.0, math.inf)
 
 #: Sub-timings of :func:`dia.subtract` that belong to the PSF fit (the rest is convolve/subtract).
 _FIT_TIMINGS = ("transfer", "select", "fit")
@@ -479,6 +494,49 @@ def poisson_difference(k_a: int, k_b: int, exposure: float = 1.0, level: float =
 # ----------------------------------------------------------------------------- outcomes against truth
 
 
+def neighbour_contrast(truth: Any, radius_fwhm: float = NEIGHBOUR_RADIUS_FWHM) -> np.ndarray:
+    """How much its brightest neighbour outshines each transient of a truth table, in magnitudes.
+
+    A neighbour is a star, galaxy or variable (:data:`NEIGHBOUR_KINDS`) whose truth position lies within
+    ``radius_fwhm`` times the search image's PSF FWHM (the table's ``search_fwhm`` meta, pixels) of the
+    transient: the host and any other source whose light the transient sits on in both exposures.  Without
+    a difference image that light stays under the transient, and the seeing changes it between the two
+    exposures; this is the number that says how much.  A galaxy counts at its centre: the outskirts of a
+    large one farther away are not seen.
+
+    Parameters
+    ----------
+    truth : astropy.table.Table
+        Truth table (columns ``kind``, ``x``, ``y``, ``mag``; meta ``search_fwhm``).
+    radius_fwhm : float
+        Radius of the neighbourhood in search FWHM (default :data:`NEIGHBOUR_RADIUS_FWHM`).
+
+    Returns
+    -------
+    ndarray
+        One value per row of ``truth``: for a transient, its magnitude minus the brightest neighbour's
+        (positive: the neighbour is brighter; ``-inf``: no neighbour with a magnitude within the radius);
+        NaN for the other rows, and for every row when the table has no valid ``search_fwhm``.
+    """
+    kinds = np.char.strip(np.asarray(truth["kind"]).astype(str))
+    out = np.full(kinds.size, np.nan)
+    fwhm = float(truth.meta.get("search_fwhm", np.nan) or np.nan)
+    if not (math.isfinite(fwhm) and fwhm > 0):
+        return out
+    x, y = np.asarray(truth["x"], float), np.asarray(truth["y"], float)
+    mag = np.asarray(truth["mag"], float)
+    tr = np.flatnonzero(kinds == "transient")
+    nb = np.flatnonzero(np.isin(kinds, NEIGHBOUR_KINDS) & np.isfinite(mag))
+    out[tr] = -np.inf
+    radius2 = (radius_fwhm * fwhm) ** 2
+    for start in range(0, tr.size, 256):  # bounded memory: 256 transients x the neighbours at a time
+        t = tr[start:start + 256]
+        near = (x[nb][None, :] - x[t][:, None]) ** 2 + (y[nb][None, :] - y[t][:, None]) ** 2 <= radius2
+        brightest = np.where(near, mag[nb][None, :], np.inf).min(axis=1, initial=np.inf)
+        out[t] = np.where(np.isfinite(brightest), mag[t] - brightest, -np.inf)
+    return out
+
+
 def transient_outcomes(catalogs: Mapping[str, Any], truths: Mapping[str, Any], edge: int = 0,
                        pixel_scale: float | None = None) -> dict[str, Any]:
     """Per-transient and per-candidate outcomes of one run against truth (arrays, any threshold).
@@ -492,12 +550,13 @@ def transient_outcomes(catalogs: Mapping[str, Any], truths: Mapping[str, Any], e
     -------
     dict
         Per counted transient (truth-table order, CCD by CCD): ``ccd``, ``id``, ``mag``, ``snr``,
-        ``detected`` and ``score`` (highest score of its matched candidates; -inf when not
-        detected).  Per candidate: ``cand_score`` and ``cand_real`` (matched to a transient,
-        counted or not), and for the others ``fp_score`` and ``fp_kind`` (the truth kind they
-        were matched to, :data:`UNMATCHED` for none).  ``n_ccds`` and ``area_deg2``.
+        ``neighbour_dmag`` (:func:`neighbour_contrast`), ``detected`` and ``score`` (highest score of
+        its matched candidates; -inf when not detected).  Per candidate: ``cand_score`` and
+        ``cand_real`` (matched to a transient, counted or not), and for the others ``fp_score`` and
+        ``fp_kind`` (the truth kind they were matched to, :data:`UNMATCHED` for none).  ``n_ccds``
+        and ``area_deg2``.
     """
-    keys_ccd, keys_id, mags, snrs, det, best = [], [], [], [], [], []
+    keys_ccd, keys_id, mags, snrs, contrast, det, best = [], [], [], [], [], [], []
     cand_score, cand_real, fp_score, fp_kind = [], [], [], []
     area_deg2 = 0.0
     for ccd, truth in truths.items():
@@ -530,12 +589,14 @@ def transient_outcomes(catalogs: Mapping[str, Any], truths: Mapping[str, Any], e
         best.append(np.array([top.get(i, -math.inf) for i in ids.tolist()], float))
         mags.append(np.asarray(truth["mag"], float)[real])
         snrs.append(np.asarray(truth["snr"], float)[real] if "snr" in truth.colnames else np.full(ids.size, np.nan))
+        contrast.append(neighbour_contrast(truth)[real])
 
     def cat_(parts, dtype):
         return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
     return {"ccd": cat_(keys_ccd, object), "id": cat_(keys_id, int), "mag": cat_(mags, float),
-            "snr": cat_(snrs, float), "detected": cat_(det, bool), "score": cat_(best, float),
+            "snr": cat_(snrs, float), "neighbour_dmag": cat_(contrast, float),
+            "detected": cat_(det, bool), "score": cat_(best, float),
             "cand_score": cat_(cand_score, float), "cand_real": cat_(cand_real, bool),
             "fp_score": cat_(fp_score, float), "fp_kind": cat_(fp_kind, object).astype(str),
             "n_ccds": len(truths), "area_deg2": area_deg2}
@@ -717,7 +778,9 @@ def completeness_curves(catalogs: Mapping[str, Any], truths: Mapping[str, Any], 
     -------
     dict
         Counts, ``completeness``, ``purity``, ``false_positives_per_ccd`` / ``_per_deg2`` with
-        their ``*_ci``, ``m50``, ``by_mag`` and ``by_snr`` bins, ``false_positives_by_kind``
+        their ``*_ci``, ``m50``, ``by_mag`` and ``by_snr`` bins, ``by_neighbour`` bins (of
+        :func:`neighbour_contrast`, edges :data:`NEIGHBOUR_EDGES`; none when the truth has no
+        ``search_fwhm``) with ``neighbour_radius_fwhm``, ``false_positives_by_kind``
         (:func:`false_positives_by_kind`) and ``operating_curve`` (:func:`operating_curve`).
     """
     o = transient_outcomes(catalogs, truths, edge=edge, pixel_scale=pixel_scale)
@@ -730,6 +793,7 @@ def completeness_curves(catalogs: Mapping[str, Any], truths: Mapping[str, Any], 
     mag_edges = _mag_edges(mag, mag_step)
     by_mag = _bin_counts(mag, flags, mag_edges, level)
     by_snr = _bin_counts(snr, flags, np.asarray(snr_edges, float), level)
+    by_neighbour = _bin_counts(o["neighbour_dmag"], flags, np.asarray(NEIGHBOUR_EDGES, float), level)
     centers = np.array([(r["lo"] + r["hi"]) / 2 for r in by_mag])
     comp = np.array([np.nan if r["completeness"] is None else r["completeness"] for r in by_mag])
     compd = np.array([np.nan if r["detected"] is None else r["detected"] for r in by_mag])
@@ -752,6 +816,8 @@ def completeness_curves(catalogs: Mapping[str, Any], truths: Mapping[str, Any], 
         "m50": magnitude_at_completeness(centers, comp),
         "m50_detected": magnitude_at_completeness(centers, compd),
         "by_mag": by_mag, "by_snr": by_snr,
+        "by_neighbour": by_neighbour if sum(r["n"] for r in by_neighbour) else [],
+        "neighbour_radius_fwhm": NEIGHBOUR_RADIUS_FWHM,
         "false_positives_by_kind": false_positives_by_kind(o["fp_kind"], o["fp_score"], threshold, n_ccds, level),
         "operating_curve": operating_curve(o["score"], o["fp_score"], n_ccds, threshold),
     }
@@ -797,7 +863,11 @@ def compare_modes(reference: Mapping[str, Any], other: Mapping[str, Any], thresh
         percentile ``interval`` (None when either m50 is undefined) and ``significant``;
         ``matched``: rows ``{mode, matched_to, of, target, point}``, the operating point of one
         run (``mode``: ``"reference"`` or ``"other"``) at the other's false positives per CCD
-        (:func:`point_at_fp`) or completeness (:func:`point_at_completeness`) at its threshold.
+        (:func:`point_at_fp`) or completeness (:func:`point_at_completeness`) at its threshold;
+        ``by_neighbour``: the paired completeness difference (:func:`paired_difference`, None for an
+        empty bin) in each bin of :data:`NEIGHBOUR_EDGES` (``lo``, ``hi``, ``difference``), and
+        ``neighbour_groups``: the same for the transients with no brighter neighbour (``"isolated"``) and
+        with one at least 1 mag brighter (``"outshone"``); both empty when the truth has no FWHM.
     """
     ka = list(zip(reference["ccd"].tolist(), reference["id"].tolist()))
     kb = list(zip(other["ccd"].tolist(), other["id"].tolist()))
@@ -847,7 +917,20 @@ def compare_modes(reference: Mapping[str, Any], other: Mapping[str, Any], thresh
         if comp_target is not None:
             matched.append({"mode": role, "matched_to": "completeness", "of": against, "target": float(comp_target),
                             "point": point_at_completeness(curves[role], comp_target, level)})
+    # where the difference comes from: the transients by how much their brightest neighbour outshines them
+    dmag = reference["neighbour_dmag"]
+    by_neighbour, groups = [], {}
+    if (~np.isnan(dmag)).any():
+        idx = np.digitize(dmag, NEIGHBOUR_EDGES) - 1  # NaN (no FWHM in that truth) falls in no bin
+        for b, (lo, hi) in enumerate(zip(NEIGHBOUR_EDGES[:-1], NEIGHBOUR_EDGES[1:])):
+            m = idx == b
+            by_neighbour.append({"lo": lo, "hi": hi, "difference": paired_difference(sel_oth[m], sel_ref[m], level)})
+        with np.errstate(invalid="ignore"):
+            for name, m in (("isolated", dmag < 0), ("outshone", dmag >= 1)):
+                groups[name] = paired_difference(sel_oth[m], sel_ref[m], level)
     return {"level": level, "n_transients": n_tr, "n_ccds": n_ccds, "matched": matched,
+            "by_neighbour": by_neighbour, "neighbour_groups": groups,
+            "neighbour_radius_fwhm": NEIGHBOUR_RADIUS_FWHM,
             "completeness": paired_difference(sel_oth, sel_ref, level),
             "false_positives_per_ccd": poisson_difference(fp_oth, fp_ref, n_ccds, level),
             "m50": m50}

@@ -413,6 +413,81 @@ def test_compare_modes_on_the_same_transients():
         metrics.compare_modes(o_ref, metrics.transient_outcomes({"c": oth}, {"c": other_truth}, edge=25), 0.5, 0.5)
 
 
+def _neighbour_truth():
+    """Four transients (search FWHM 4 px: neighbours within 8 px): one isolated, one 2 mag under a galaxy 3 px away,
+    one beside a star 0.5 mag fainter 5 px away, one 4 mag under a star 7.9 px away and 1 mag under a variable 5 px
+    away; a star 1 mag brighter 9 px from the first is out of reach, and so is a cosmic ray (not a neighbour kind)."""
+    truth = Table({"id": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+                   "kind": ["transient"] * 4 + ["galaxy", "star", "star", "variable", "star", "cosmic_ray"],
+                   "x": [100.0, 200, 300, 400, 203, 305, 400, 400, 109, 201],
+                   "y": [100.0, 200, 300, 400, 200, 300, 407.9, 395, 100, 200],
+                   "mag": [21.0, 22.0, 21.0, 22.0, 20.0, 21.5, 18.0, 21.0, 20.0, np.nan],
+                   "snr": [20.0, 10, 20, 10, np.nan, np.nan, np.nan, np.nan, np.nan, np.nan]})
+    truth.meta.update(shape=[500, 500], pixel_scale=0.5, search_fwhm=4.0)
+    return truth
+
+
+def test_neighbour_contrast_of_known_truth():
+    truth = _neighbour_truth()
+    got = metrics.neighbour_contrast(truth)
+    assert got[:4] == pytest.approx([-np.inf, 2.0, -0.5, 4.0])
+    assert np.isnan(got[4:]).all()  # only transients get a value
+    # a wider neighbourhood reaches the star 9 px from the first; no FWHM in the truth: no value at all
+    assert metrics.neighbour_contrast(truth, radius_fwhm=2.5)[0] == pytest.approx(1.0)
+    truth.meta.pop("search_fwhm")
+    assert np.isnan(metrics.neighbour_contrast(truth)).all()
+
+
+def test_completeness_and_mode_difference_by_neighbour():
+    truth = {"c": _neighbour_truth()}
+    # dia selects all four transients; direct the isolated one and the one beside a fainter star
+    ref = Table({"truth_id": [1, 2, 3, 4], "score": [0.9, 0.9, 0.9, 0.9], "truth_kind": ["transient"] * 4})
+    oth = Table({"truth_id": [1, 2, 3], "score": [0.9, 0.2, 0.9], "truth_kind": ["transient"] * 3})
+    curves = metrics.completeness_curves({"c": oth}, truth, 0.5, edge=25)
+    assert [(b["lo"], b["n"], b["n_completeness"], b["n_detected"]) for b in curves["by_neighbour"]] == [
+        (-np.inf, 2, 2, 2), (0.0, 0, 0, 0), (1.0, 0, 0, 0), (2.0, 1, 0, 1), (3.0, 1, 0, 0)]
+    r = metrics.compare_modes(metrics.transient_outcomes({"c": ref}, truth, edge=25),
+                              metrics.transient_outcomes({"c": oth}, truth, edge=25), 0.5, 0.5, n_boot=20)
+    d = [row["difference"] for row in r["by_neighbour"]]
+    assert [(x["n"], x["k_a"], x["k_b"]) if x else None for x in d] == [(2, 2, 2), None, None, (1, 0, 1), (1, 0, 1)]
+    g = r["neighbour_groups"]
+    assert (g["isolated"]["difference"], g["outshone"]["difference"]) == (0.0, -1.0)
+    assert (g["outshone"]["n"], g["outshone"]["only_b"]) == (2, 2)
+    # a truth without a FWHM: no bins, no groups, and the report leaves the table out
+    bare = _neighbour_truth()
+    bare.meta.pop("search_fwhm")
+    assert metrics.completeness_curves({"c": oth}, {"c": bare}, 0.5, edge=25)["by_neighbour"] == []
+    r2 = metrics.compare_modes(metrics.transient_outcomes({"c": ref}, {"c": bare}, edge=25),
+                               metrics.transient_outcomes({"c": oth}, {"c": bare}, edge=25), 0.5, 0.5, n_boot=20)
+    assert r2["by_neighbour"] == [] and r2["neighbour_groups"] == {}
+
+
+def test_report_shows_completeness_by_neighbour(bench):
+    """The report's neighbour table and answer sentence carry report.json's numbers (the bench's truth has a FWHM)."""
+    from benchmarks.report import _neighbour_label, answer
+
+    out, _ = bench
+    data = json.loads((out / "report.json").read_text())
+    md = (out / "report.md").read_text()
+    e2e = {r["mode"]: r["end_to_end"] for r in data["runs"] if r["workers"] == 2}
+    cmp = data["comparison"]["cpu"]
+    assert "| brightest neighbour | transients |" in md
+    for i, bn in enumerate(e2e["dia"]["by_neighbour"]):
+        assert bn["n"] == e2e["direct"]["by_neighbour"][i]["n"]
+        d = cmp["by_neighbour"][i]["difference"]
+        assert (d is None) == (bn["n"] == 0)
+        if bn["n"]:
+            line = next(row for row in md.split("\n") if row.startswith(f"| {_neighbour_label(bn['lo'], bn['hi'])} |"))
+            assert f"| {bn['n']} |" in line and f"{100 * d['difference']:+.1f} [" in line
+    assert sum(bn["n"] for bn in e2e["dia"]["by_neighbour"]) == cmp["n_transients"]
+    iso = cmp["neighbour_groups"]["isolated"]
+    assert f"on the {iso['n']} with no brighter neighbour direct selects {iso['k_a'] / iso['n']:.1%}" in \
+        data["answer"]["text"]
+    no_fwhm = json.loads(json.dumps(data))
+    no_fwhm["comparison"]["cpu"]["neighbour_groups"] = {}
+    assert "brightest star, galaxy or variable" not in answer(no_fwhm)["text"]
+
+
 def test_answer_follows_the_numbers(bench):
     """The first paragraph of report.md is the answer, its numbers are report.json's, and the
     verdict changes with them (no wording fixed in advance)."""
