@@ -623,7 +623,10 @@ def _open(path: Path, role: str) -> fits.HDUList:
     if not path.exists():
         raise InputError(f"{path}: {role} file does not exist")
     try:
-        hdul = fits.open(path, memmap=False)
+        # memory-mapped: each plane is converted from the mapped file into its native array in one pass
+        # (:func:`_native`), instead of being read into a buffer and then byte-swapped (measured on DECam pairs in a
+        # long run: 0.071-0.078 s a pair against 0.096-0.135)
+        hdul = fits.open(path, memmap=True)
         hdul.verify("silentfix")
         return hdul
     except Exception as exc:  # astropy raises OSError, TypeError, ValueError...
@@ -641,11 +644,11 @@ def _native(data: np.ndarray) -> np.ndarray:
     """``data`` in native byte order, without a copy where possible.
 
     FITS stores big-endian numbers and astropy hands them back as such; every NumPy
-    operation on them pays a conversion.  An array that owns its (writable, in-memory)
-    buffer is byte-swapped in place -- one pass, no second full-frame allocation -- and
-    viewed as native; anything else (a read-only or memory-mapped array) is converted
-    into a new array.  The result is always writable: :func:`read_exposure` works on it
-    in place.
+    operation on them pays a conversion.  A memory-mapped (or read-only) array, as
+    :func:`_open` gives, is converted into a new array in one pass; an array that owns its
+    (writable, in-memory) buffer -- a compressed file's, say -- is byte-swapped in place, with
+    no second full-frame allocation, and viewed as native.  The result is always writable:
+    :func:`read_exposure` works on it in place.
     """
     data = np.asarray(data)
     if data.dtype.isnative:
@@ -664,7 +667,8 @@ def _hdu_data(hdul: fits.HDUList, idx: int, path: Path, role: str) -> np.ndarray
     data part names the file and HDU.
 
     The HDU forgets its data afterwards (the caller owns the array, which may have been
-    byte-swapped in place), so reading the same HDU twice reads the file twice.
+    byte-swapped in place; and a memory map of the file is released with it), so reading the
+    same HDU twice reads the file twice.
     """
     hdu = hdul[idx]
     try:
