@@ -352,7 +352,7 @@ def _neighbour_blocks(e2e: dict, modes: list[str], cmp: dict | None, lv: str) ->
     return [("p", f"By the transient's brightest neighbour: the brightest star, galaxy or variable within {radius:g} "
                   "search-image FWHM of it (truth positions), by how many magnitudes it outshines the transient. "
                   "Without a difference image that light stays under the transient and changes with the seeing; "
-                  "this table shows where the direct mode loses what it loses (Newcombe's paired interval per row)."),
+                  "this table shows where the two modes differ (Newcombe's paired interval per row)."),
             ("table", head, rows)]
 
 
