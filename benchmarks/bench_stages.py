@@ -763,18 +763,13 @@ def _simulate(out: Path, config: StageBenchConfig) -> Path:
     return write_simulation(out / "input", config.n_ccds, config.seed, sim)
 
 
-def _ccd_shape(manifest: Path) -> tuple[int, int]:
+def _manifest_shape_and_count(manifest: Path) -> tuple[tuple[int, int], int]:
+    """The CCD shape and the number of CCD pairs of a manifest (``--input``'s, not ``--ccds``), read once."""
     from benchmarks.suite import _ccd_shape as shape_of
     from pipeline.io import read_manifest
 
-    return shape_of(read_manifest(manifest))
-
-
-def _n_ccds(manifest: Path) -> int:
-    """CCD pairs in the manifest (``--input``'s, not ``--ccds``)."""
-    from pipeline.io import read_manifest
-
-    return len(read_manifest(manifest))
+    entries = read_manifest(manifest)
+    return shape_of(entries), len(entries)
 
 
 def _summaries(results: Sequence[Mapping[str, Any]]) -> dict[str, list[dict]]:
@@ -824,8 +819,7 @@ def run(config: StageBenchConfig, out_dir: str | Path, manifest: str | Path | No
         manifest = _simulate(out, config)
         log(f"simulated {config.n_ccds} DECam CCD pair(s), seed {config.seed} ({time.perf_counter() - t0:.0f} s)")
     manifest = Path(manifest).resolve()
-    shape = _ccd_shape(manifest)
-    n_ccds = _n_ccds(manifest)
+    shape, n_ccds = _manifest_shape_and_count(manifest)
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()

@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from dia.masks import BAD_FOR_FIT, MaskBits
+from pipeline.align import pixel_scale_ratio, template_pixels
 from pipeline.detect.background import estimate_background
 from pipeline.detect.filter import check_method, filter_at, find_peaks, gaussian_psf, matched_filter, shoulder_peaks
 from pipeline.detect.flags import edge_distance_ok_at, near_mask_at
@@ -275,8 +276,7 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
     del maps_s
     img_t = _sky_subtracted(template, config.background_cell)
     corr_t = _correction(img_t, template, ft, method)
-    world = search.wcs.pixel_to_world_values(x, y)
-    tx, ty = (np.asarray(v, float) for v in template.wcs.world_to_pixel_values(*world))
+    tx, ty = template_pixels(search.wcs, template.wcs, x, y)
     tny, tnx = template.shape
     in_t = (tx >= 1) & (tx <= tnx - 2) & (ty >= 1) & (ty <= tny - 2)
     coords = np.array([np.where(in_t, ty, 0), np.where(in_t, tx, 0)])
@@ -297,8 +297,8 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
     if config.selection == "flux":
         keep = delta_snr >= config.brightening_sigma
         if config.aperture_sigma > 0 and keep.any():  # (an aperture that cannot be measured, S/N NaN, rejects nothing)
-            keep[keep] = ~(_aperture_change_snr(img_s, search, img_t, template, x[keep], y[keep], zp_scale,
-                                                config.aperture_fwhm) < config.aperture_sigma)
+            keep[keep] = ~(_aperture_change_snr(img_s, search, img_t, template, x[keep], y[keep], tx[keep], ty[keep],
+                                                zp_scale, config.aperture_fwhm) < config.aperture_sigma)
         rank = delta_snr
     elif config.selection == "dense":  # every peak of the map: the CNN found them
         keep = np.ones(x.size, bool)
@@ -332,18 +332,13 @@ def detect_direct(search, template, config: DirectDetectConfig = DirectDetectCon
     )
 
 
-def _aperture_change_snr(img_s, search, img_t, template, x, y, zp_scale: float, radius_fwhm: float) -> np.ndarray:
-    """S/N of the change of aperture flux at search pixels ``(x, y)``: search minus zero-point-scaled template, each
-    summed on its own sky-subtracted image in a circle of ``radius_fwhm`` times the larger FWHM (in search pixels;
-    the template's circle at the same sky position, scaled by the pixel scale of the two WCSs there: the median
-    over the positions)."""
-    world = search.wcs.pixel_to_world_values(x, y)
-    tx, ty = (np.asarray(v, float) for v in template.wcs.world_to_pixel_values(*world))
-    # template pixels per search pixel at each position, from the mapping of a one-pixel step along each axis
-    steps = [np.asarray(template.wcs.world_to_pixel_values(*search.wcs.pixel_to_world_values(x + dx, y + dy)), float)
-             for dx, dy in ((1.0, 0.0), (0.0, 1.0))]
-    jac = np.stack([steps[0] - np.array([tx, ty]), steps[1] - np.array([tx, ty])], axis=1)  # d(tx, ty) / d(x, y)
-    scale = float(np.median(np.sqrt(np.abs(jac[0, 0] * jac[1, 1] - jac[0, 1] * jac[1, 0]))))
+def _aperture_change_snr(img_s, search, img_t, template, x, y, tx, ty, zp_scale: float,
+                         radius_fwhm: float) -> np.ndarray:
+    """S/N of the change of aperture flux at search pixels ``(x, y)`` (template pixels ``(tx, ty)``, the same sky
+    positions): search minus zero-point-scaled template, each summed on its own sky-subtracted image in a circle of
+    ``radius_fwhm`` times the larger FWHM (in search pixels; the template's circle scaled to its pixels by
+    :func:`pipeline.align.pixel_scale_ratio`)."""
+    scale = pixel_scale_ratio(search, template)
     radius = radius_fwhm * max(float(search.fwhm), float(template.fwhm) / scale)
     f_s, e_s, _ = aperture_fluxes(img_s, search.variance, search.mask, x, y, radius)
     f_t, e_t, _ = aperture_fluxes(img_t, template.variance, template.mask, tx, ty, radius * scale)
